@@ -1,0 +1,267 @@
+//! Arrow Flight SQL for researchers: statement queries (GetFlightInfo, then DoGet with the ticket
+//! authorised again), catalogue browsing limited to the project's grants, and SqlInfo so that
+//! JDBC/ODBC-style tools can connect. Everything else is refused as unimplemented.
+
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::{
+    CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
+    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket};
+use datafusion::arrow::array::{RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use futures::{Stream, TryStreamExt, stream};
+use prost::Message;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{PROJECT_HEADER, RECEIPT_HASH_HEADER, RECEIPT_SEQ_HEADER, status};
+use crate::engine::{CATALOG, SCHEMA};
+use crate::gateway::{CallContext, Core};
+use crate::identity::{Authenticated, IdentityError};
+
+static SQL_INFO: LazyLock<SqlInfoData> = LazyLock::new(|| {
+    let mut b = SqlInfoDataBuilder::new();
+    b.append(SqlInfo::FlightSqlServerName, "sde-gateway");
+    b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    b.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
+    b.append(SqlInfo::FlightSqlServerReadOnly, true);
+    b.append(SqlInfo::FlightSqlServerSql, true);
+    b.append(SqlInfo::FlightSqlServerSubstrait, false);
+    b.append(SqlInfo::FlightSqlServerTransaction, 0_i32);
+    b.append(SqlInfo::FlightSqlServerCancel, false);
+    b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+    b.append(SqlInfo::SqlDdlCatalog, false);
+    b.append(SqlInfo::SqlDdlSchema, false);
+    b.append(SqlInfo::SqlDdlTable, false);
+    b.build().expect("static SqlInfo builds")
+});
+
+/// The Flight SQL service: a thin adapter over [`Core`].
+#[derive(Clone)]
+pub struct FlightSqlApi {
+    core: Arc<Core>,
+}
+
+impl FlightSqlApi {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+type DoGetStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
+
+/// Reads who is calling (set by the authentication layer) and the project header.
+fn call_context<T>(request: &Request<T>) -> CallContext {
+    let authenticated = request
+        .extensions()
+        .get::<Authenticated>()
+        .map(|a| a.0.clone())
+        .unwrap_or(Err(IdentityError::Missing));
+    let project = request
+        .metadata()
+        .get(PROJECT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && p.len() <= 128)
+        .map(str::to_owned);
+    CallContext { authenticated, project }
+}
+
+fn info_for(descriptor: FlightDescriptor, ticket: Vec<u8>, schema: &Schema) -> Result<Response<FlightInfo>, Status> {
+    let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket));
+    let info = FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?
+        .with_endpoint(endpoint)
+        .with_descriptor(descriptor);
+    Ok(Response::new(info))
+}
+
+fn batch_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(stream::iter(batches.into_iter().map(Ok)))
+        .map_err(Status::from);
+    Box::pin(stream)
+}
+
+fn one_batch<E: std::fmt::Display>(schema: SchemaRef, batch: Result<RecordBatch, E>) -> Result<Response<DoGetStream>, Status> {
+    let batch = batch.map_err(|e| Status::internal(format!("cannot build metadata: {e}")))?;
+    Ok(Response::new(batch_stream(schema, vec![batch])))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for FlightSqlApi {
+    type FlightService = FlightSqlApi;
+
+    /// A handshake confirms the bearer token and hands it back, for clients that expect one.
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>, Status> {
+        let call = call_context(&request);
+        let token = request.metadata().get("authorization").cloned();
+        self.core.identify(&call, "handshake").await.map_err(status)?;
+        let reply = HandshakeResponse { protocol_version: 0, payload: Default::default() };
+        let mut response: Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>> =
+            Response::new(Box::pin(stream::iter(vec![Ok(reply)])));
+        if let Some(token) = token {
+            response.metadata_mut().insert("authorization", token);
+        }
+        Ok(response)
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let call = call_context(&request);
+        let planned = self.core.plan_query(&call, &query.query).await.map_err(status)?;
+        let ticket = TicketStatementQuery { statement_handle: planned.handle.into_bytes().into() };
+        info_for(request.into_inner(), ticket.as_any().encode_to_vec(), &planned.schema)
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let call = call_context(&request);
+        let handle = String::from_utf8(ticket.statement_handle.to_vec()).unwrap_or_default();
+        let released = self.core.run_query(&call, &handle).await.map_err(status)?;
+        let mut response = Response::new(batch_stream(released.schema, released.batches));
+        let md = response.metadata_mut();
+        md.insert(RECEIPT_SEQ_HEADER, MetadataValue::from(released.receipt.seq));
+        if let Ok(hash) = MetadataValue::try_from(released.receipt.hash.as_str()) {
+            md.insert(RECEIPT_HASH_HEADER, hash);
+        }
+        Ok(response)
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.core.identify(&call_context(&request), "metadata.catalogs").await.map_err(status)?;
+        let schema = query.clone().into_builder().schema();
+        info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.core.identify(&call_context(&request), "metadata.catalogs").await.map_err(status)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG);
+        one_batch(builder.schema(), builder.build())
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.core.identify(&call_context(&request), "metadata.schemas").await.map_err(status)?;
+        let schema = query.clone().into_builder().schema();
+        info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.core.identify(&call_context(&request), "metadata.schemas").await.map_err(status)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG, SCHEMA);
+        one_batch(builder.schema(), builder.build())
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.core.tables(&call_context(&request)).await.map_err(status)?;
+        let schema = query.clone().into_builder().schema();
+        info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let tables = self.core.tables(&call_context(&request)).await.map_err(status)?;
+        let mut builder = query.into_builder();
+        for table in tables {
+            builder
+                .append(CATALOG, SCHEMA, &table.name, "TABLE", &table.schema)
+                .map_err(|e| Status::internal(format!("cannot list tables: {e}")))?;
+        }
+        one_batch(builder.schema(), builder.build())
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.core.identify(&call_context(&request), "metadata.table_types").await.map_err(status)?;
+        info_for(request.into_inner(), query.as_any().encode_to_vec(), &table_types_schema())
+    }
+
+    async fn do_get_table_types(
+        &self,
+        _query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.core.identify(&call_context(&request), "metadata.table_types").await.map_err(status)?;
+        let schema = Arc::new(table_types_schema());
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(StringArray::from(vec!["TABLE"]))]);
+        one_batch(schema, batch)
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.core.identify(&call_context(&request), "metadata.sql_info").await.map_err(status)?;
+        let schema = query.clone().into_builder(&SQL_INFO).schema();
+        info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.core.identify(&call_context(&request), "metadata.sql_info").await.map_err(status)?;
+        let builder = query.into_builder(&SQL_INFO);
+        one_batch(builder.schema(), builder.build())
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+fn table_types_schema() -> Schema {
+    Schema::new(vec![Field::new("table_type", DataType::Utf8, false)])
+}
+
+/// Ensures the generated service type is what `FlightSqlService` expects.
+#[allow(dead_code)]
+fn assert_service(api: FlightSqlApi) -> impl FlightService {
+    api
+}

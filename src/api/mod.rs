@@ -1,0 +1,74 @@
+//! The transport: thin gRPC adapters over [`crate::gateway::Core`]. This is the only place that
+//! knows gRPC status codes: [`status`] maps every domain error to one, with a message that names
+//! the rule and the fix and never contains data, paths or internal dumps.
+
+pub mod flight_sql;
+
+use tonic::{Code, Status};
+
+use crate::error::Error;
+use crate::identity::{Authenticated, TokenVerifier};
+use crate::registry::{Refusal, RegistryError};
+
+/// The header naming the project a call belongs to.
+pub const PROJECT_HEADER: &str = "x-sde-project";
+/// Response headers carrying the audit receipt of a released result.
+pub const RECEIPT_SEQ_HEADER: &str = "x-sde-audit-seq";
+pub const RECEIPT_HASH_HEADER: &str = "x-sde-audit-hash";
+
+/// Maps a domain error to a gRPC status. Exhaustive on purpose: a new variant must be placed.
+pub fn status(error: Error) -> Status {
+    use crate::engine::EngineError;
+    let (code, message) = match &error {
+        Error::Identity(e) => (Code::Unauthenticated, e.to_string()),
+        Error::Registry(RegistryError::Refused(Refusal::NoProject)) => (Code::InvalidArgument, error.to_string()),
+        Error::Registry(RegistryError::Refused(r)) => (Code::PermissionDenied, r.to_string()),
+        Error::Registry(RegistryError::Database(_) | RegistryError::BadDate { .. }) => {
+            (Code::Internal, "the registry is unavailable; try again later".to_owned())
+        }
+        Error::Policy(e) => (Code::InvalidArgument, e.to_string()),
+        Error::Engine(EngineError::Execution(df)) => match df.find_root() {
+            datafusion::error::DataFusionError::ResourcesExhausted(_) => (
+                Code::ResourceExhausted,
+                "safe-settings/resources: the query needs more memory than it may use; narrow or aggregate it".to_owned(),
+            ),
+            // Execution errors can quote values from the data (a failed cast, say): never sent.
+            _ => (
+                Code::InvalidArgument,
+                "the query failed while running (for example a value could not be converted); check types and casts"
+                    .to_owned(),
+            ),
+        },
+        Error::Engine(_) => (Code::Internal, "the project's data could not be opened; contact the platform team".to_owned()),
+        Error::Audit(_) => (
+            Code::Unavailable,
+            "the audit log is unavailable, so nothing was released; try again later".to_owned(),
+        ),
+        Error::UnknownStatement => (Code::NotFound, error.to_string()),
+        Error::TooManyRows(_) => (Code::ResourceExhausted, error.to_string()),
+        Error::Internal(_) => (Code::Internal, "internal error".to_owned()),
+    };
+    match code {
+        Code::Internal | Code::Unavailable => tracing::error!(error = %error, "call failed"),
+        _ => tracing::debug!(error = %error, "call refused"),
+    }
+    Status::new(code, message)
+}
+
+/// The authentication layer: verifies the bearer token of every request and records the outcome
+/// in the request's extensions. It never rejects by itself, so that refusals are audited by the
+/// service with the rest of the call.
+pub fn authenticate(
+    verifier: std::sync::Arc<TokenVerifier>,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |mut request: tonic::Request<()>| {
+        let header = request.metadata().get("authorization").map(|v| v.to_str().map_err(|_| ()));
+        let outcome = match header {
+            None => verifier.verify_header(None),
+            Some(Err(())) => Err(crate::identity::IdentityError::Malformed),
+            Some(Ok(value)) => verifier.verify_header(Some(value)),
+        };
+        request.extensions_mut().insert(Authenticated(outcome));
+        Ok(request)
+    }
+}

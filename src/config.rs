@@ -1,0 +1,325 @@
+//! Typed configuration: a TOML file, overridden by `SDE_…` environment variables, validated
+//! before any port is bound. Every key is documented in `config/gateway.example.toml`.
+//!
+//! An environment variable names a key by its path in upper case, sections joined by a double
+//! underscore: `SDE_LISTEN`, `SDE_DISCLOSURE__THRESHOLD`, `SDE_TLS__CERT`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var} cannot set `{key}`: {message}")]
+    Env { var: String, key: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address the gRPC port (Flight SQL) listens on.
+    pub listen: SocketAddr,
+    pub tls: TlsConfig,
+    pub identity: IdentityConfig,
+    pub registry: RegistryConfig,
+    pub data: DataConfig,
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub disclosure: DisclosureConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain presented by the server.
+    pub cert: PathBuf,
+    /// PEM private key of the server certificate.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Expected `iss` claim.
+    pub issuer: String,
+    /// Expected `aud` claim.
+    pub audience: String,
+    /// The only signature algorithm accepted: `ES256` or `RS256`.
+    pub algorithm: String,
+    /// PEM public key (or certificate) that verifies token signatures.
+    pub public_key: PathBuf,
+    /// Clock skew tolerated on `exp`, in seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// SQLite database of organisations, users, projects, approvals and grants.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Folder holding one sub-folder of Parquet files per dataset, and `opt_outs/`.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Folder of the append-only, hash-chained audit log.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisclosureConfig {
+    /// Fewest distinct people behind a released group or cell.
+    pub threshold: u64,
+    /// Released counts are rounded to the nearest multiple of this.
+    pub rounding: u64,
+    /// No configuration (gateway, dataset or project) may set `threshold` below this.
+    pub floor_threshold: u64,
+    /// No configuration may set `rounding` below this.
+    pub floor_rounding: u64,
+}
+
+impl Default for DisclosureConfig {
+    fn default() -> Self {
+        Self { threshold: 10, rounding: 5, floor_threshold: 10, floor_rounding: 5 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest SQL text accepted, in bytes.
+    pub max_sql_bytes: usize,
+    /// Most rows a single result may hold.
+    pub max_result_rows: usize,
+    /// How long a planned statement waits for its DoGet before it is forgotten.
+    pub statement_ttl_seconds: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_sql_bytes: 64 * 1024, max_result_rows: 100_000, statement_ttl_seconds: 300 }
+    }
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+impl GatewayConfig {
+    /// Reads `path`, applies `SDE_…` overrides from the environment, resolves relative paths
+    /// against the file's folder and validates the result.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base, std::env::vars(), path)
+    }
+
+    /// Parses TOML text with the given environment; `base` anchors relative paths.
+    pub fn from_toml(
+        text: &str,
+        base: &Path,
+        env: impl Iterator<Item = (String, String)>,
+        origin: &Path,
+    ) -> Result<Self, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse { path: origin.to_owned(), message };
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        apply_env(&mut value, env)?;
+        let mut config: GatewayConfig =
+            toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for path in [
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.identity.public_key,
+            &mut self.registry.path,
+            &mut self.data.dir,
+            &mut self.audit.dir,
+        ] {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+
+    /// Checks every rule a config must meet, naming the key that breaks one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let d = &self.disclosure;
+        if d.floor_threshold < 2 {
+            return invalid("disclosure.floor_threshold", "must be at least 2".into());
+        }
+        if d.floor_rounding < 1 {
+            return invalid("disclosure.floor_rounding", "must be at least 1".into());
+        }
+        if d.threshold < d.floor_threshold {
+            return invalid(
+                "disclosure.threshold",
+                format!("{} is below the floor of {}", d.threshold, d.floor_threshold),
+            );
+        }
+        if d.rounding < d.floor_rounding {
+            return invalid(
+                "disclosure.rounding",
+                format!("{} is below the floor of {}", d.rounding, d.floor_rounding),
+            );
+        }
+        if !matches!(self.identity.algorithm.as_str(), "ES256" | "RS256") {
+            return invalid("identity.algorithm", "must be ES256 or RS256".into());
+        }
+        if self.identity.issuer.is_empty() {
+            return invalid("identity.issuer", "must not be empty".into());
+        }
+        if self.identity.audience.is_empty() {
+            return invalid("identity.audience", "must not be empty".into());
+        }
+        if self.limits.max_sql_bytes == 0 {
+            return invalid("limits.max_sql_bytes", "must be greater than 0".into());
+        }
+        if self.limits.max_result_rows == 0 {
+            return invalid("limits.max_result_rows", "must be greater than 0".into());
+        }
+        for (key, path) in [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("identity.public_key", &self.identity.public_key),
+        ] {
+            if !path.is_file() {
+                return invalid(key, format!("file {} does not exist", path.display()));
+            }
+        }
+        if !self.data.dir.is_dir() {
+            return invalid("data.dir", format!("folder {} does not exist", self.data.dir.display()));
+        }
+        Ok(())
+    }
+
+    /// Writes the config as TOML (paths as given); used by the demo so that
+    /// `serve --config .sde-demo/gateway.toml` serves the same world.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// Sets `SDE_A__B=value` as key `a.b`. Values are parsed as TOML scalars where they can be
+/// (numbers, booleans) and taken as strings otherwise.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl Iterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, raw) in env {
+        let Some(path) = var.strip_prefix("SDE_") else { continue };
+        let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+        let key = keys.join(".");
+        let value = parse_scalar(&raw);
+        let mut node = &mut *table;
+        for section in &keys[..keys.len() - 1] {
+            let entry = node
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var,
+                        key,
+                        message: format!("`{section}` is not a section"),
+                    });
+                }
+            };
+        }
+        node.insert(keys[keys.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_scalar(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = raw.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> String {
+        for f in ["cert.pem", "key.pem", "jwt.pub"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        r#"
+listen = "127.0.0.1:0"
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+[identity]
+issuer = "iss"
+audience = "aud"
+algorithm = "ES256"
+public_key = "jwt.pub"
+[registry]
+path = "registry.db"
+[data]
+dir = "data"
+[audit]
+dir = "audit"
+"#
+        .to_owned()
+    }
+
+    #[test]
+    fn env_overrides_and_floor_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path());
+        let env = vec![("SDE_DISCLOSURE__THRESHOLD".to_owned(), "25".to_owned())];
+        let c = GatewayConfig::from_toml(&text, dir.path(), env.into_iter(), Path::new("t")).unwrap();
+        assert_eq!(c.disclosure.threshold, 25);
+        assert_eq!(c.tls.cert, dir.path().join("cert.pem"));
+
+        let env = vec![("SDE_DISCLOSURE__THRESHOLD".to_owned(), "3".to_owned())];
+        let err = GatewayConfig::from_toml(&text, dir.path(), env.into_iter(), Path::new("t"))
+            .unwrap_err();
+        assert!(err.to_string().contains("disclosure.threshold"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_algorithms_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path()).replace("ES256", "none");
+        let err = GatewayConfig::from_toml(&text, dir.path(), std::iter::empty(), Path::new("t"))
+            .unwrap_err();
+        assert!(err.to_string().contains("identity.algorithm"), "{err}");
+        let text = sample(dir.path()) + "\nbogus = 1\n";
+        let err = GatewayConfig::from_toml(&text, dir.path(), std::iter::empty(), Path::new("t"))
+            .unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+}

@@ -1,0 +1,145 @@
+//! The demo world of `shared/DESIGN.md`, created by `serve --demo` in one step: synthetic
+//! pseudonymised data, a CA and server certificate, a token signing key, a seeded registry and a
+//! signed token for each demo user. Everything is made here, on this machine; nothing is fetched.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256};
+
+use crate::config::{
+    AuditConfig, DataConfig, DisclosureConfig, GatewayConfig, IdentityConfig, LimitsConfig, RegistryConfig, TlsConfig,
+};
+use crate::identity::TokenIssuer;
+use crate::registry::{Registry, seed};
+
+pub mod data;
+
+pub const DEMO_ISSUER: &str = "https://sde-demo.invalid/issuer";
+pub const DEMO_AUDIENCE: &str = "sde-gateway";
+/// Default number of synthetic people.
+pub const DEFAULT_PEOPLE: usize = 20_000;
+pub const DEFAULT_SEED: u64 = 2026;
+/// Demo tokens are valid for a day and re-issued at every start.
+const TOKEN_LIFETIME_SECS: i64 = 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot write the demo world in {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot make demo certificates or keys: {0}")]
+    Crypto(#[from] rcgen::Error),
+    #[error(transparent)]
+    Data(#[from] data::DemoDataError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Where and how big the demo world is.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub people: usize,
+    pub seed: u64,
+    /// Use data from this folder instead of `<dir>/data` (tests share one generated world).
+    pub data_dir: Option<PathBuf>,
+}
+
+fn write(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), DemoError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| DemoError::Io { path: parent.to_owned(), source })?;
+    }
+    std::fs::write(path, contents).map_err(|source| DemoError::Io { path: path.to_owned(), source })
+}
+
+/// Creates whatever part of the demo world is missing in `opts.dir`, re-issues the tokens, and
+/// returns the config that serves it (also written to `<dir>/gateway.toml`).
+pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, DemoError> {
+    let dir = &opts.dir;
+    std::fs::create_dir_all(dir).map_err(|source| DemoError::Io { path: dir.clone(), source })?;
+    let data_dir = opts.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+    ensure_data(&data_dir, opts.people, opts.seed)?;
+
+    let tls = dir.join("tls");
+    if !tls.join("server.pem").exists() {
+        make_certificates(&tls)?;
+    }
+    let keys = dir.join("keys");
+    let private = keys.join("jwt-signing.key");
+    let public = keys.join("jwt-signing.pub.pem");
+    if !private.exists() || !public.exists() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        write(&private, key.serialize_pem())?;
+        write(&public, key.public_key_pem())?;
+    }
+    let registry_path = dir.join("registry.db");
+    if !registry_path.exists() {
+        let registry = Registry::open(&registry_path)?;
+        seed::demo(&registry, now.date_naive())?;
+    }
+    let private_pem = std::fs::read(&private).map_err(|source| DemoError::Io { path: private.clone(), source })?;
+    let issuer = TokenIssuer::new(&private_pem, "ES256", DEMO_ISSUER, DEMO_AUDIENCE)?;
+    for (user, _, _) in seed::DEMO_USERS {
+        write(&dir.join("tokens").join(format!("{user}.jwt")), issuer.issue(user, now.timestamp(), TOKEN_LIFETIME_SECS))?;
+    }
+
+    let config = GatewayConfig {
+        listen: opts.listen,
+        tls: TlsConfig { cert: tls.join("server.pem"), key: tls.join("server.key") },
+        identity: IdentityConfig {
+            issuer: DEMO_ISSUER.into(),
+            audience: DEMO_AUDIENCE.into(),
+            algorithm: "ES256".into(),
+            public_key: public,
+            leeway_seconds: 30,
+        },
+        registry: RegistryConfig { path: registry_path },
+        data: DataConfig { dir: data_dir },
+        audit: AuditConfig { dir: dir.join("audit") },
+        disclosure: DisclosureConfig::default(),
+        limits: LimitsConfig::default(),
+    };
+    config.validate()?;
+    write(&dir.join("gateway.toml"), config.to_toml())?;
+    Ok(config)
+}
+
+/// Generates the synthetic data unless `dir` already holds data of the same size and seed.
+pub fn ensure_data(dir: &Path, people: usize, seed: u64) -> Result<(), DemoError> {
+    let marker = dir.join(".demo-world");
+    let stamp = format!("people={people} seed={seed}\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|s| s == stamp) {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let summary = data::generate(dir, people, seed)?;
+    tracing::info!(people = summary.people, elapsed_ms = started.elapsed().as_millis() as u64, "demo data generated");
+    write(&marker, stamp)
+}
+
+/// A demo CA and a server certificate for `localhost` and `127.0.0.1`.
+fn make_certificates(dir: &Path) -> Result<(), DemoError> {
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "sde-gateway demo CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::from_params(&ca, &ca_key);
+
+    let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+    server.distinguished_name.push(DnType::CommonName, "localhost");
+    let server_cert = server.signed_by(&server_key, &issuer)?;
+
+    write(&dir.join("ca.pem"), ca_cert.pem())?;
+    write(&dir.join("server.pem"), server_cert.pem())?;
+    write(&dir.join("server.key"), server_key.serialize_pem())?;
+    Ok(())
+}

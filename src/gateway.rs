@@ -1,0 +1,287 @@
+//! The walk of one call, independent of transport: authenticate → authorise → plan and check →
+//! execute → disclosure control → audit → release. `api/` adapts it to Flight SQL.
+//!
+//! Every call, accepted or refused, leaves an audit record, and a result is released only after
+//! its record is durable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::writer::StreamWriter;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::prelude::SessionContext;
+use sha2::{Digest, Sha256};
+
+use crate::audit::{AuditLog, Entry, Receipt};
+use crate::clock::SharedClock;
+use crate::config::LimitsConfig;
+use crate::disclosure::Rules;
+use crate::engine::{Engine, EngineError};
+use crate::error::Error;
+use crate::identity::{IdentityError, Subject};
+use crate::policy::{self, Permit};
+use crate::registry::{Principal, ProjectAccess, Refusal, Registry};
+
+/// Who is calling and for which project, as the transport saw it.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub authenticated: Result<Subject, IdentityError>,
+    pub project: Option<String>,
+}
+
+/// A statement planned and checked by GetFlightInfo, waiting for its DoGet.
+struct Pending {
+    user: String,
+    project: String,
+    sql: String,
+    session: SessionContext,
+    permit: Permit,
+    created: Instant,
+}
+
+/// A planned statement: the handle to fetch it with and its result schema.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub handle: String,
+    pub schema: SchemaRef,
+}
+
+/// A released result and its audit receipt.
+#[derive(Debug)]
+pub struct Released {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub receipt: Receipt,
+}
+
+/// A table as a project sees it, for catalogue browsing.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub name: String,
+    pub schema: SchemaRef,
+}
+
+pub struct Core {
+    pub clock: SharedClock,
+    pub registry: Registry,
+    pub engine: Engine,
+    pub audit: AuditLog,
+    pub rules: Rules,
+    pub limits: LimitsConfig,
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("rules", &self.rules).finish_non_exhaustive()
+    }
+}
+
+/// What an audit record says about the caller, filled in as the walk learns it.
+#[derive(Default)]
+struct Who {
+    user: Option<String>,
+    principal: Option<Principal>,
+    project: Option<String>,
+}
+
+impl Who {
+    fn entry(&self, call: &str) -> Entry {
+        let mut entry = Entry { call: call.into(), ..Default::default() };
+        self.fill(&mut entry);
+        entry
+    }
+
+    fn fill(&self, entry: &mut Entry) {
+        entry.user = self.user.clone();
+        entry.organisation = self.principal.as_ref().map(|p| p.organisation.clone());
+        entry.roles = self.principal.as_ref().map(|p| p.roles.clone()).unwrap_or_default();
+        entry.project = self.project.clone();
+    }
+}
+
+impl Core {
+    pub fn new(
+        clock: SharedClock,
+        registry: Registry,
+        engine: Engine,
+        audit: AuditLog,
+        rules: Rules,
+        limits: LimitsConfig,
+    ) -> Self {
+        Self { clock, registry, engine, audit, rules, limits, pending: Mutex::new(HashMap::new()) }
+    }
+
+    /// Safe People for any call.
+    fn principal(&self, call: &CallContext, who: &mut Who) -> Result<Principal, Error> {
+        let subject = call.authenticated.clone()?;
+        who.user = Some(subject.user.clone());
+        let principal = self.registry.principal(&subject.user, self.clock.today())?;
+        who.principal = Some(principal.clone());
+        Ok(principal)
+    }
+
+    /// Safe People and Safe Projects for a data call.
+    fn access(&self, call: &CallContext, who: &mut Who) -> Result<(Principal, ProjectAccess), Error> {
+        let principal = self.principal(call, who)?;
+        let project = call.project.clone().ok_or(Refusal::NoProject).map_err(crate::registry::RegistryError::from)?;
+        who.project = Some(project.clone());
+        let access = self.registry.project_access(&principal, &project, self.clock.today())?;
+        Ok((principal, access))
+    }
+
+    /// Records the outcome of a call; a call whose record cannot be written fails.
+    async fn record<T>(
+        &self,
+        mut entry: Entry,
+        started: Instant,
+        outcome: Result<T, Error>,
+    ) -> Result<(T, Receipt), Error> {
+        entry.duration_ms = Some(started.elapsed().as_millis() as u64);
+        match &outcome {
+            Ok(_) => entry.decision = "accepted".into(),
+            Err(e) => {
+                entry.decision = if e.is_refusal() { "refused" } else { "failed" }.into();
+                entry.rule = Some(e.rule());
+                if e.is_refusal() {
+                    tracing::info!(call = %entry.call, rule = %e.rule(), "refused");
+                } else {
+                    tracing::error!(call = %entry.call, error = %e, "call failed");
+                }
+            }
+        }
+        let receipt = self.audit.append(entry).await?;
+        outcome.map(|t| (t, receipt))
+    }
+
+    /// Confirms the caller's identity (handshake, SqlInfo, catalogue listing).
+    pub async fn identify(&self, call: &CallContext, call_name: &str) -> Result<Principal, Error> {
+        let started = Instant::now();
+        let mut who = Who::default();
+        let outcome = self.principal(call, &mut who);
+        Ok(self.record(who.entry(call_name), started, outcome).await?.0)
+    }
+
+    /// The project's tables, for metadata calls.
+    pub async fn tables(&self, call: &CallContext) -> Result<Vec<TableInfo>, Error> {
+        let started = Instant::now();
+        let mut who = Who::default();
+        let outcome = self
+            .access(call, &mut who)
+            .and_then(|(_, access)| Ok(self.engine.granted_schemas(&access)?))
+            .map(|tables| tables.into_iter().map(|(name, schema)| TableInfo { name, schema }).collect());
+        Ok(self.record(who.entry("metadata.tables"), started, outcome).await?.0)
+    }
+
+    /// GetFlightInfo: authorise, plan and check; nothing is executed yet.
+    pub async fn plan_query(&self, call: &CallContext, sql: &str) -> Result<Planned, Error> {
+        let started = Instant::now();
+        let mut who = Who::default();
+        let outcome = self.plan_inner(call, sql, &mut who).await;
+        let mut entry = who.entry("query.plan");
+        entry.sql = Some(sql.chars().take(self.limits.max_sql_bytes).collect());
+        Ok(self.record(entry, started, outcome).await?.0)
+    }
+
+    async fn plan_inner(&self, call: &CallContext, sql: &str, who: &mut Who) -> Result<Planned, Error> {
+        let (principal, access) = self.access(call, who)?;
+        let session = self.engine.session(&access)?;
+        let permit = policy::plan_and_check(&session, sql, self.rules, self.limits.max_sql_bytes).await?;
+        let schema: SchemaRef = Arc::new(permit.plan().schema().as_arrow().clone());
+        let handle = uuid::Uuid::new_v4().to_string();
+        let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
+        let mut pending = self.pending.lock().expect("pending lock");
+        pending.retain(|_, p| p.created.elapsed() < ttl);
+        pending.insert(
+            handle.clone(),
+            Pending {
+                user: principal.user,
+                project: access.project,
+                sql: sql.to_owned(),
+                session,
+                permit,
+                created: Instant::now(),
+            },
+        );
+        Ok(Planned { handle, schema })
+    }
+
+    /// DoGet: authorise again, execute the permitted plan, apply disclosure control, audit, and
+    /// only then hand the result back for release.
+    pub async fn run_query(&self, call: &CallContext, handle: &str) -> Result<Released, Error> {
+        let started = Instant::now();
+        let mut who = Who::default();
+        let mut entry = Entry { call: "query.release".into(), ..Default::default() };
+        let outcome = self.run_inner(call, handle, &mut who, &mut entry).await;
+        who.fill(&mut entry);
+        let (mut released, receipt) = self.record(entry, started, outcome).await?;
+        released.receipt = receipt;
+        Ok(released)
+    }
+
+    async fn run_inner(
+        &self,
+        call: &CallContext,
+        handle: &str,
+        who: &mut Who,
+        entry: &mut Entry,
+    ) -> Result<Released, Error> {
+        let (principal, access) = self.access(call, who)?;
+        let pending = {
+            let mut pending = self.pending.lock().expect("pending lock");
+            match pending.remove(handle) {
+                // A ticket is bound to the user and project that planned it.
+                Some(p) if p.user == principal.user && p.project == access.project => p,
+                Some(p) => {
+                    pending.insert(handle.to_owned(), p);
+                    return Err(Error::UnknownStatement);
+                }
+                None => return Err(Error::UnknownStatement),
+            }
+        };
+        entry.sql = Some(pending.sql.clone());
+        let df = pending
+            .session
+            .execute_logical_plan(pending.permit.plan().clone())
+            .await
+            .map_err(|e| Error::Engine(EngineError::Execution(e)))?;
+        let batches = df.collect().await.map_err(|e| Error::Engine(EngineError::Execution(e)))?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        if rows > self.limits.max_result_rows {
+            return Err(Error::TooManyRows(self.limits.max_result_rows));
+        }
+        let disclosure = pending.permit.disclosure();
+        let physical = batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(pending.permit.plan().schema().as_arrow().clone()));
+        let schema = Arc::new(
+            physical.as_ref().clone().with_metadata(disclosure.report(pending.permit.checked_columns())),
+        );
+        let batches = batches
+            .into_iter()
+            .map(|b| b.with_schema(Arc::clone(&schema)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let withheld = disclosure.withheld();
+        entry.rows = Some(rows as u64);
+        entry.groups_withheld = Some(withheld.groups());
+        entry.cells_withheld = Some(withheld.cells());
+        entry.rule = Some(serde_json::to_string(&disclosure.rules()).expect("rules serialise"));
+        entry.result_hash = Some(result_hash(&schema, &batches)?);
+        // The receipt is set by `run_query` once the record is durable.
+        Ok(Released { schema, batches, receipt: Receipt { seq: 0, hash: String::new() } })
+    }
+}
+
+/// SHA-256 over the Arrow IPC stream of the result: what a receipt proves was released.
+pub fn result_hash(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, Error> {
+    let mut buf = Vec::new();
+    {
+        let mut w = StreamWriter::try_new(&mut buf, schema).map_err(|e| Error::Internal(e.to_string()))?;
+        for b in batches {
+            w.write(b).map_err(|e| Error::Internal(e.to_string()))?;
+        }
+        w.finish().map_err(|e| Error::Internal(e.to_string()))?;
+    }
+    Ok(hex::encode(Sha256::digest(&buf)))
+}

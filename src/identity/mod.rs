@@ -1,0 +1,232 @@
+//! Safe People, first half: who is asking. A bearer token (JWT) is verified against the key and
+//! the one algorithm in config — signature, `iss`, `aud` and `exp` (judged by the injected
+//! clock) — and yields the subject's user id. Whether that user may do anything is the
+//! registry's question, not the token's: roles and organisation come from the registry.
+
+use std::path::Path;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::SharedClock;
+use crate::config::IdentityConfig;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("no bearer token: send `authorization: Bearer <token>`")]
+    Missing,
+    #[error("the authorization header is not of the form `Bearer <token>`")]
+    Malformed,
+    #[error("the token is not valid: {0}")]
+    Invalid(String),
+    #[error("the token has expired; request a new one")]
+    Expired,
+    #[error("cannot load the token verification key {path}: {message}")]
+    Key { path: String, message: String },
+}
+
+/// The claims sde-gateway reads from a token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub iss: String,
+    pub aud: String,
+    pub exp: i64,
+    pub iat: i64,
+}
+
+/// The identity a verified token proves: only the user id. Everything else about the user is
+/// looked up in the registry at each call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub user: String,
+}
+
+/// The outcome of authentication for one request, set by the transport layer in the request's
+/// extensions so that every call — including refused ones — can be audited.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Result<Subject, IdentityError>);
+
+fn algorithm(name: &str) -> Result<Algorithm, IdentityError> {
+    match name {
+        "ES256" => Ok(Algorithm::ES256),
+        "RS256" => Ok(Algorithm::RS256),
+        other => Err(IdentityError::Invalid(format!("algorithm {other} is not allowed"))),
+    }
+}
+
+/// Verifies bearer tokens with a pinned algorithm and a static public key.
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+    leeway: i64,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier").field("algorithms", &self.validation.algorithms).finish()
+    }
+}
+
+impl TokenVerifier {
+    pub fn from_config(config: &IdentityConfig, clock: SharedClock) -> Result<Self, IdentityError> {
+        let alg = algorithm(&config.algorithm)?;
+        let pem = read_key(&config.public_key)?;
+        let key = match alg {
+            Algorithm::RS256 => DecodingKey::from_rsa_pem(&pem),
+            _ => DecodingKey::from_ec_pem(&pem),
+        }
+        .map_err(|e| IdentityError::Key {
+            path: config.public_key.display().to_string(),
+            message: e.to_string(),
+        })?;
+        // `Validation::new` pins the algorithm: a token whose header names another (or `none`)
+        // is refused before its signature is looked at.
+        let mut validation = Validation::new(alg);
+        validation.set_issuer(&[&config.issuer]);
+        validation.set_audience(&[&config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        // Expiry is judged against the injected clock below, not the library's wall clock.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        Ok(Self { key, validation, leeway: config.leeway_seconds as i64, clock })
+    }
+
+    /// Verifies the value of an `authorization` header.
+    pub fn verify_header(&self, header: Option<&str>) -> Result<Subject, IdentityError> {
+        let header = header.ok_or(IdentityError::Missing)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(IdentityError::Malformed)?;
+        self.verify(token)
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Subject, IdentityError> {
+        if token.len() > 16 * 1024 {
+            return Err(IdentityError::Invalid("token too long".into()));
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        if data.claims.exp + self.leeway <= self.clock.now().timestamp() {
+            return Err(IdentityError::Expired);
+        }
+        if data.claims.sub.is_empty() {
+            return Err(IdentityError::Invalid("empty subject".into()));
+        }
+        Ok(Subject { user: data.claims.sub })
+    }
+}
+
+/// Signs tokens; the demo world uses it to issue a token for each demo user.
+pub struct TokenIssuer {
+    key: EncodingKey,
+    header: Header,
+    issuer: String,
+    audience: String,
+}
+
+impl TokenIssuer {
+    /// `private_pem` is a PKCS#8 PEM key for `algorithm`.
+    pub fn new(
+        private_pem: &[u8],
+        algorithm_name: &str,
+        issuer: &str,
+        audience: &str,
+    ) -> Result<Self, IdentityError> {
+        let alg = algorithm(algorithm_name)?;
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(private_pem),
+            _ => EncodingKey::from_ec_pem(private_pem),
+        }
+        .map_err(|e| IdentityError::Key { path: "<signing key>".into(), message: e.to_string() })?;
+        Ok(Self { key, header: Header::new(alg), issuer: issuer.into(), audience: audience.into() })
+    }
+
+    pub fn issue(&self, user: &str, issued_at: i64, lifetime_secs: i64) -> String {
+        let claims = Claims {
+            sub: user.into(),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            iat: issued_at,
+            exp: issued_at + lifetime_secs,
+        };
+        jsonwebtoken::encode(&self.header, &claims, &self.key).expect("claims always encode")
+    }
+}
+
+fn read_key(path: &Path) -> Result<Vec<u8>, IdentityError> {
+    std::fs::read(path).map_err(|e| IdentityError::Key {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::{TimeZone, Utc};
+    use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn setup() -> (TokenVerifier, TokenIssuer, ManualClock, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(dir.path().join("jwt.pub"), key.public_key_pem()).unwrap();
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap());
+        let config = IdentityConfig {
+            issuer: "iss".into(),
+            audience: "aud".into(),
+            algorithm: "ES256".into(),
+            public_key: dir.path().join("jwt.pub"),
+            leeway_seconds: 0,
+        };
+        let verifier = TokenVerifier::from_config(&config, Arc::new(clock.clone())).unwrap();
+        let issuer = TokenIssuer::new(key.serialize_pem().as_bytes(), "ES256", "iss", "aud").unwrap();
+        (verifier, issuer, clock, dir)
+    }
+
+    #[test]
+    fn valid_token_then_expired_by_the_clock() {
+        let (verifier, issuer, clock, _dir) = setup();
+        let now = clock.now().timestamp();
+        let token = issuer.issue("alice", now, 60);
+        assert_eq!(verifier.verify(&token).unwrap().user, "alice");
+        clock.set(clock.now() + chrono::Duration::seconds(61));
+        assert_eq!(verifier.verify(&token), Err(IdentityError::Expired));
+    }
+
+    #[test]
+    fn wrong_issuer_audience_alg_none_and_tampering_are_refused() {
+        let (verifier, _issuer, clock, _dir) = setup();
+        let now = clock.now().timestamp();
+        let other_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let pem = other_key.serialize_pem();
+        for (iss, aud) in [("other", "aud"), ("iss", "other")] {
+            let token = TokenIssuer::new(pem.as_bytes(), "ES256", iss, aud)
+                .unwrap()
+                .issue("alice", now, 60);
+            assert!(matches!(verifier.verify(&token), Err(IdentityError::Invalid(_))));
+        }
+        // Signed by another key.
+        let forged = TokenIssuer::new(pem.as_bytes(), "ES256", "iss", "aud").unwrap().issue("alice", now, 60);
+        assert!(matches!(verifier.verify(&forged), Err(IdentityError::Invalid(_))));
+        // alg: none with no signature.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let none = format!(
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(format!(r#"{{"sub":"alice","iss":"iss","aud":"aud","exp":{},"iat":0}}"#, now + 60))
+        );
+        assert!(matches!(verifier.verify(&none), Err(IdentityError::Invalid(_))));
+        assert_eq!(verifier.verify_header(None), Err(IdentityError::Missing));
+        assert_eq!(verifier.verify_header(Some("Basic abc")), Err(IdentityError::Malformed));
+    }
+}

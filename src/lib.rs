@@ -1,0 +1,28 @@
+//! sde-gateway: the front door of a Secure Data Environment.
+//!
+//! Researchers send SQL over Arrow Flight SQL; only safe aggregates come back. Every query walks
+//! the same path, top to bottom, and each step lives in its own module:
+//!
+//! `identity` (who is asking) → `registry` (may they, for this project) → `engine` (a catalogue
+//! holding only the project's granted data, opt-outs removed) → `policy` (is the plan
+//! aggregate-only, with identifiers used safely; rewrite it for disclosure control) → execute →
+//! `disclosure` (threshold, rounding) → `audit` (recorded before release) → `api` (gRPC).
+
+pub mod api;
+pub mod audit;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod disclosure;
+pub mod engine;
+pub mod error;
+pub mod gateway;
+pub mod identity;
+pub mod policy;
+pub mod registry;
+pub mod server;
+
+pub use config::GatewayConfig;
+pub use error::Error;
+pub use server::Gateway;

@@ -1,0 +1,543 @@
+//! Safe Outputs, the structural part: checks and rewrites on DataFusion's logical plan, never on
+//! the SQL text, so no spelling of a query (CTEs, subqueries, aliases, casing, comments) can
+//! dodge them.
+//!
+//! What this module guarantees for a plan it permits:
+//! - it is a single read-only query over granted tables;
+//! - no row-level data reaches the output: every path from a table to the result passes through
+//!   an aggregate, and every aggregate over person-level rows is *protected* — rewritten so that
+//!   the same execution counts the distinct people behind each group and each cell, and the
+//!   disclosure rules are applied to its output before anything else can use it;
+//! - only COUNT, COUNT(DISTINCT), SUM and AVG aggregate person-level rows;
+//! - identifiers (`person_id`) appear only as equi-join keys, in `person_id IN (SELECT
+//!   person_id …)`, or inside COUNT(DISTINCT …).
+//!
+//! Identifiers are tracked by lineage: a column is an identifier if it is one in a table, or a
+//! bare pass-through of one. Projections that would drop every identifier of person-level rows
+//! get them appended (as `__sde_pid_N`), so people can always be counted where the rows are
+//! aggregated. A plan is person-level exactly when its output still carries identifiers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchemaRef};
+use datafusion::datasource::source_as_provider;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::SQLOptions;
+use datafusion::functions_aggregate::expr_fn::count_distinct;
+use datafusion::logical_expr::expr::{AggregateFunction, InSubquery};
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{
+    Aggregate, Distinct, Expr, Filter, JoinType, LogicalPlan, Projection, Subquery, lit, when,
+};
+use datafusion::prelude::SessionContext;
+
+use crate::disclosure::{Disclosure, Rules};
+use crate::engine::GuardedTable;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("safe-outputs/single-query: only a single read-only SELECT query is accepted, not {0}")]
+    NotAQuery(String),
+    #[error(
+        "safe-outputs/aggregate-only: the result would contain row-level data; every output column must be a GROUP BY key or an aggregate (COUNT, COUNT(DISTINCT …), SUM, AVG)"
+    )]
+    RowLevel,
+    #[error("safe-outputs/allowed-aggregates: {function} is not allowed: {advice}")]
+    Function { function: String, advice: &'static str },
+    #[error(
+        "safe-outputs/identifiers: {column} is an identifier; it may appear only as an equi-join key (a.person_id = b.person_id), in person_id IN (SELECT person_id …), or inside COUNT(DISTINCT …), not {place}"
+    )]
+    Identifier { column: String, place: &'static str },
+    #[error("safe-outputs/unsupported: {0}")]
+    Unsupported(&'static str),
+    #[error("safe-outputs/query-too-long: the SQL text is {0} bytes; the limit is {1}")]
+    TooLong(usize, usize),
+    #[error("invalid query: {0}")]
+    Sql(String),
+}
+
+impl PolicyError {
+    fn into_df(self) -> DataFusionError {
+        DataFusionError::External(Box::new(self))
+    }
+
+    fn from_df(e: DataFusionError) -> Self {
+        match e {
+            DataFusionError::External(inner) => match inner.downcast::<PolicyError>() {
+                Ok(p) => *p,
+                Err(other) => PolicyError::Sql(other.to_string()),
+            },
+            DataFusionError::Context(_, inner) => Self::from_df(*inner),
+            DataFusionError::SQL(e, _) => PolicyError::Sql(e.to_string()),
+            other => PolicyError::Sql(other.strip_backtrace()),
+        }
+    }
+}
+
+/// A plan that passed every check, rewritten for disclosure control. Only this module can make
+/// one, and only a permit can be executed.
+#[derive(Debug, Clone)]
+pub struct Permit {
+    plan: LogicalPlan,
+    disclosure: Disclosure,
+    checked: Vec<String>,
+}
+
+impl Permit {
+    pub fn plan(&self) -> &LogicalPlan {
+        &self.plan
+    }
+    pub fn disclosure(&self) -> &Disclosure {
+        &self.disclosure
+    }
+    /// Output columns whose values passed through disclosure control.
+    pub fn checked_columns(&self) -> &[String] {
+        &self.checked
+    }
+}
+
+/// Plans `sql` in the project's session and checks it; a refusal names its rule.
+pub async fn plan_and_check(
+    ctx: &SessionContext,
+    sql: &str,
+    rules: Rules,
+    max_sql_bytes: usize,
+) -> Result<Permit, PolicyError> {
+    if sql.len() > max_sql_bytes {
+        return Err(PolicyError::TooLong(sql.len(), max_sql_bytes));
+    }
+    let plan = ctx.state().create_logical_plan(sql).await.map_err(PolicyError::from_df)?;
+    check_statement_kind(&plan)?;
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(|e| PolicyError::NotAQuery(e.strip_backtrace()))?;
+    check(plan, rules)
+}
+
+fn check_statement_kind(plan: &LogicalPlan) -> Result<(), PolicyError> {
+    let kind = match plan {
+        LogicalPlan::Dml(_) => "a data change (INSERT, UPDATE, DELETE)",
+        LogicalPlan::Ddl(_) => "a definition (CREATE, DROP)",
+        LogicalPlan::Copy(_) => "COPY",
+        LogicalPlan::Statement(_) => "a statement (SET, transactions, PREPARE)",
+        LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => "EXPLAIN",
+        LogicalPlan::DescribeTable(_) => "DESCRIBE",
+        _ => return Ok(()),
+    };
+    Err(PolicyError::NotAQuery(kind.into()))
+}
+
+/// Checks and rewrites an (unoptimised) logical plan.
+pub fn check(plan: LogicalPlan, rules: Rules) -> Result<Permit, PolicyError> {
+    check_statement_kind(&plan)?;
+    let mut checker = Checker { disclosure: Disclosure::new(rules), next_id: 0, subquery_masks: HashMap::new(), checked: vec![] };
+    let (plan, mask) = checker.visit(plan)?;
+    if mask.iter().any(|&m| m) {
+        return Err(PolicyError::RowLevel);
+    }
+    Ok(Permit { plan, disclosure: checker.disclosure, checked: checker.checked })
+}
+
+/// For each output field of a plan: is it an identifier?
+type Mask = Vec<bool>;
+
+struct Checker {
+    disclosure: Disclosure,
+    next_id: usize,
+    /// Identifier masks of rewritten subquery plans, keyed by the plan's address.
+    subquery_masks: HashMap<usize, Mask>,
+    checked: Vec<String>,
+}
+
+fn key(plan: &Arc<LogicalPlan>) -> usize {
+    Arc::as_ptr(plan) as usize
+}
+
+/// Looks a column up in a schema and says whether it is an identifier.
+fn is_identifier_column(c: &Column, schema: &DFSchemaRef, mask: &Mask) -> bool {
+    schema.index_of_column(c).map(|i| mask[i]).unwrap_or(false)
+}
+
+/// `expr`, without aliases, is a bare identifier column.
+fn bare_identifier(expr: &Expr, schema: &DFSchemaRef, mask: &Mask) -> bool {
+    match expr.clone().unalias_nested().data {
+        Expr::Column(c) => is_identifier_column(&c, schema, mask),
+        _ => false,
+    }
+}
+
+/// Refuses `expr` if it mentions an identifier column anywhere.
+fn no_identifier(expr: &Expr, schema: &DFSchemaRef, mask: &Mask, place: &'static str) -> Result<(), PolicyError> {
+    let mut found = None;
+    expr.apply(|e| {
+        if let Expr::Column(c) = e {
+            if is_identifier_column(c, schema, mask) {
+                found = Some(c.name.clone());
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(PolicyError::from_df)?;
+    match found {
+        Some(column) => Err(PolicyError::Identifier { column, place }),
+        None => Ok(()),
+    }
+}
+
+fn refuse_function(name: &str) -> PolicyError {
+    let advice = match name {
+        "min" | "max" | "median" | "first_value" | "last_value" | "nth_value" | "percentile_cont"
+        | "percentile_disc" | "approx_percentile_cont" | "approx_percentile_cont_with_weight"
+        | "approx_median" => {
+            "it releases a single person's value; use COUNT, SUM or AVG, or GROUP BY a banded value and count"
+        }
+        "array_agg" | "string_agg" | "list_agg" => "collections release individual values; use COUNT with GROUP BY",
+        _ => "only COUNT, COUNT(DISTINCT …), SUM and AVG may aggregate records about people",
+    };
+    PolicyError::Function { function: name.to_uppercase(), advice }
+}
+
+impl Checker {
+    fn visit(&mut self, plan: LogicalPlan) -> Result<(LogicalPlan, Mask), PolicyError> {
+        check_statement_kind(&plan)?;
+        // Children first: rewrite them and collect their masks.
+        let mut masks: Vec<Mask> = Vec::new();
+        let plan = plan
+            .map_children(|child| {
+                let (child, mask) = self.visit(child).map_err(PolicyError::into_df)?;
+                masks.push(mask);
+                Ok(Transformed::yes(child))
+            })
+            .map_err(PolicyError::from_df)?
+            .data;
+        // Then subqueries inside this node's expressions.
+        let plan = plan
+            .map_subqueries(|sub| match sub {
+                LogicalPlan::Subquery(s) => {
+                    let inner = Arc::unwrap_or_clone(s.subquery);
+                    let (inner, mask) = self.visit(inner).map_err(PolicyError::into_df)?;
+                    let inner = Arc::new(inner);
+                    self.subquery_masks.insert(key(&inner), mask);
+                    Ok(Transformed::yes(LogicalPlan::Subquery(Subquery { subquery: inner, ..s })))
+                }
+                other => Ok(Transformed::no(other)),
+            })
+            .map_err(PolicyError::from_df)?
+            .data;
+        // Rebuild schemas that depend on rewritten children.
+        let plan = plan.recompute_schema().map_err(PolicyError::from_df)?;
+        self.check_expression_kinds(&plan, &masks)?;
+        self.node(plan, masks)
+    }
+
+    /// Refuses expression kinds that no safe query needs, and person-level subqueries outside a
+    /// `person_id IN (…)` semi-join.
+    fn check_expression_kinds(&self, plan: &LogicalPlan, masks: &[Mask]) -> Result<(), PolicyError> {
+        let input_schema = plan.inputs().first().map(|i| Arc::clone(i.schema()));
+        let person_level = |s: &Subquery| self.subquery_masks.get(&key(&s.subquery)).map(|m| m.iter().any(|&x| x)).unwrap_or(true);
+        let mut error = None;
+        plan.apply_expressions(|e| {
+            e.apply(|e| {
+                let refusal = match e {
+                    Expr::WindowFunction(_) => Some(PolicyError::Function {
+                        function: "window functions".into(),
+                        advice: "they release values row by row; use GROUP BY with COUNT, SUM or AVG",
+                    }),
+                    Expr::ScalarVariable(..) => Some(PolicyError::Unsupported("session variables are not available")),
+                    Expr::Placeholder(_) => Some(PolicyError::Unsupported("parameters ($1) are not supported; write values into the query")),
+                    Expr::Unnest(_) => Some(PolicyError::Unsupported("UNNEST is not supported")),
+                    Expr::OuterReferenceColumn(..) => Some(PolicyError::Unsupported(
+                        "correlated subqueries are not supported; use a JOIN on person_id",
+                    )),
+                    Expr::Exists(_) => Some(PolicyError::Unsupported(
+                        "EXISTS is not supported; use person_id IN (SELECT person_id …) or a JOIN",
+                    )),
+                    Expr::SetComparison(_) => Some(PolicyError::Unsupported("ANY/ALL subqueries are not supported")),
+                    Expr::GroupingSet(_) => Some(PolicyError::Unsupported(
+                        "GROUPING SETS, ROLLUP and CUBE are not supported; run one query per grouping",
+                    )),
+                    Expr::ScalarSubquery(s) if person_level(s) => Some(PolicyError::Function {
+                        function: "a scalar subquery over records".into(),
+                        advice: "it returns one row's value; aggregate it (COUNT, SUM, AVG)",
+                    }),
+                    Expr::InSubquery(InSubquery { expr, subquery, .. }) if person_level(subquery) => {
+                        let mask = &self.subquery_masks[&key(&subquery.subquery)];
+                        let semi_join = matches!(plan, LogicalPlan::Filter(_))
+                            && mask.as_slice() == [true]
+                            && input_schema.as_ref().is_some_and(|s| bare_identifier(expr, s, &masks[0]));
+                        (!semi_join).then_some(PolicyError::Unsupported(
+                            "IN (subquery) over records must be person_id IN (SELECT person_id FROM …) with a single table or person_id join",
+                        ))
+                    }
+                    _ => None,
+                };
+                if let Some(r) = refusal {
+                    error = Some(r);
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+        .map_err(PolicyError::from_df)?;
+        error.map_or(Ok(()), Err)
+    }
+
+    fn node(&mut self, plan: LogicalPlan, masks: Vec<Mask>) -> Result<(LogicalPlan, Mask), PolicyError> {
+        let none = |plan: &LogicalPlan| vec![false; plan.schema().fields().len()];
+        match plan {
+            LogicalPlan::TableScan(ref scan) => {
+                let provider = source_as_provider(&scan.source).map_err(PolicyError::from_df)?;
+                let guarded = GuardedTable::as_guarded(provider.as_ref())
+                    .ok_or(PolicyError::Unsupported("only the project's granted tables can be queried"))?;
+                let mask: Mask = scan.projected_schema.fields().iter().map(|f| guarded.is_identifier(f.name())).collect();
+                for f in &scan.filters {
+                    no_identifier(f, &scan.projected_schema, &mask, "in a filter")?;
+                }
+                Ok((plan, mask))
+            }
+            LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => {
+                let mask = none(&plan);
+                Ok((plan, mask))
+            }
+            LogicalPlan::Projection(p) => self.projection(p, &masks[0]),
+            LogicalPlan::Filter(ref f) => {
+                for conjunct in split_conjunction(&f.predicate) {
+                    if let Expr::InSubquery(InSubquery { expr, .. }) = conjunct {
+                        if bare_identifier(expr, f.input.schema(), &masks[0]) {
+                            continue; // a person semi-join, checked with the subquery
+                        }
+                    }
+                    no_identifier(conjunct, f.input.schema(), &masks[0], "in a filter (WHERE or HAVING)")?;
+                }
+                Ok((plan, masks.into_iter().next().expect("filter input")))
+            }
+            LogicalPlan::Sort(ref s) => {
+                for e in &s.expr {
+                    no_identifier(&e.expr, s.input.schema(), &masks[0], "in ORDER BY")?;
+                }
+                Ok((plan, masks.into_iter().next().expect("sort input")))
+            }
+            LogicalPlan::Limit(_) | LogicalPlan::SubqueryAlias(_) | LogicalPlan::Subquery(_) | LogicalPlan::Repartition(_) => {
+                Ok((plan, masks.into_iter().next().expect("one input")))
+            }
+            LogicalPlan::Join(ref j) => {
+                let (left, right) = (&masks[0], &masks[1]);
+                let mut person_key = false;
+                for (l, r) in &j.on {
+                    let l_id = no_identifier(l, j.left.schema(), left, "").is_err();
+                    let r_id = no_identifier(r, j.right.schema(), right, "").is_err();
+                    if l_id || r_id {
+                        if !(bare_identifier(l, j.left.schema(), left) && bare_identifier(r, j.right.schema(), right)) {
+                            let column = if l_id { l } else { r };
+                            return Err(PolicyError::Identifier {
+                                column: column.schema_name().to_string(),
+                                place: "in a join condition other than a.person_id = b.person_id",
+                            });
+                        }
+                        person_key = true;
+                    }
+                }
+                if let Some(filter) = &j.filter {
+                    no_identifier(filter, &j.schema, &[left.clone(), right.clone()].concat(), "in a join filter")?;
+                }
+                let semi_drops = |dropped: &Mask| dropped.iter().any(|&x| x) && !person_key;
+                let mask = match j.join_type {
+                    JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => [left.clone(), right.clone()].concat(),
+                    JoinType::LeftSemi | JoinType::LeftAnti if !semi_drops(right) => left.clone(),
+                    JoinType::RightSemi | JoinType::RightAnti if !semi_drops(left) => right.clone(),
+                    JoinType::LeftSemi | JoinType::LeftAnti | JoinType::RightSemi | JoinType::RightAnti => {
+                        return Err(PolicyError::Unsupported(
+                            "a SEMI or ANTI join against records must join on person_id",
+                        ));
+                    }
+                    JoinType::LeftMark | JoinType::RightMark => {
+                        return Err(PolicyError::Unsupported("mark joins are not supported"));
+                    }
+                };
+                Ok((plan, mask))
+            }
+            LogicalPlan::Aggregate(a) => {
+                if masks[0].iter().any(|&x| x) {
+                    let plan = self.protect(a, &masks[0])?;
+                    let mask = none(&plan);
+                    Ok((plan, mask))
+                } else {
+                    let plan = LogicalPlan::Aggregate(a);
+                    let mask = none(&plan);
+                    Ok((plan, mask))
+                }
+            }
+            LogicalPlan::Distinct(Distinct::All(input)) => {
+                let group = input.schema().columns().into_iter().map(Expr::Column).collect();
+                let agg = Aggregate::try_new(input, group, vec![]).map_err(PolicyError::from_df)?;
+                self.node(LogicalPlan::Aggregate(agg), masks)
+            }
+            LogicalPlan::Distinct(Distinct::On(_)) => Err(PolicyError::Unsupported("DISTINCT ON is not supported")),
+            LogicalPlan::Window(_) => Err(PolicyError::Function {
+                function: "window functions".into(),
+                advice: "they release values row by row; use GROUP BY with COUNT, SUM or AVG",
+            }),
+            LogicalPlan::Union(_) => {
+                if masks.iter().flatten().any(|&x| x) {
+                    return Err(PolicyError::Unsupported(
+                        "UNION of records is not supported; aggregate each part, then combine the aggregates",
+                    ));
+                }
+                let mask = none(&plan);
+                Ok((plan, mask))
+            }
+            LogicalPlan::Unnest(_) => Err(PolicyError::Unsupported("UNNEST is not supported")),
+            LogicalPlan::RecursiveQuery(_) => Err(PolicyError::Unsupported("recursive queries are not supported")),
+            LogicalPlan::Extension(_) => Err(PolicyError::Unsupported("this plan node is not supported")),
+            other => Err(PolicyError::NotAQuery(other.display().to_string())),
+        }
+    }
+
+    /// Checks a projection and makes sure identifiers of person-level rows flow through it.
+    fn projection(&mut self, p: Projection, in_mask: &Mask) -> Result<(LogicalPlan, Mask), PolicyError> {
+        let schema = Arc::clone(p.input.schema());
+        let mut mask = Vec::with_capacity(p.expr.len());
+        for e in &p.expr {
+            if bare_identifier(e, &schema, in_mask) {
+                mask.push(true);
+            } else {
+                no_identifier(e, &schema, in_mask, "in a computed column or output")?;
+                mask.push(false);
+            }
+        }
+        let passed: Vec<Column> = p
+            .expr
+            .iter()
+            .filter_map(|e| match e.clone().unalias_nested().data {
+                Expr::Column(c) if is_identifier_column(&c, &schema, in_mask) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let mut exprs = p.expr;
+        for (i, (qualifier, field)) in schema.iter().enumerate() {
+            let column = Column::new(qualifier.cloned(), field.name());
+            if in_mask[i] && !passed.contains(&column) {
+                let name = format!("__sde_pid_{}", self.next_id);
+                self.next_id += 1;
+                exprs.push(Expr::Column(column).alias(name));
+                mask.push(true);
+            }
+        }
+        let plan = Projection::try_new(exprs, p.input).map_err(PolicyError::from_df)?;
+        Ok((LogicalPlan::Projection(plan), mask))
+    }
+
+    /// Rewrites an aggregate over person-level rows so that disclosure control applies to its
+    /// output. The result has the aggregate's columns, names and order (values may be NULL).
+    fn protect(&mut self, agg: Aggregate, in_mask: &Mask) -> Result<LogicalPlan, PolicyError> {
+        let schema = Arc::clone(agg.input.schema());
+        let ids: Vec<Expr> = schema
+            .iter()
+            .zip(in_mask)
+            .filter(|(_, id)| **id)
+            .map(|((q, f), _)| Expr::Column(Column::new(q.cloned(), f.name())))
+            .collect();
+        for g in &agg.group_expr {
+            if matches!(g, Expr::GroupingSet(_)) {
+                return Err(PolicyError::Unsupported("GROUPING SETS, ROLLUP and CUBE are not supported; run one query per grouping"));
+            }
+            no_identifier(g, &schema, in_mask, "as a GROUP BY key")?;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut aggr = agg.aggr_expr.clone();
+        let people_name = |j: usize| format!("__sde_people_{id}_{j}");
+        for (j, person) in ids.iter().enumerate() {
+            aggr.push(count_distinct(person.clone()).alias(people_name(j)));
+        }
+        let group_people: Vec<Expr> = (0..ids.len()).map(|j| Expr::Column(Column::new_unqualified(people_name(j)))).collect();
+
+        // Per aggregate: its kind and the people counts that govern its cell.
+        let mut cells = Vec::with_capacity(agg.aggr_expr.len());
+        for (i, e) in agg.aggr_expr.iter().enumerate() {
+            let Expr::AggregateFunction(AggregateFunction { func, params }) = e.clone().unalias_nested().data else {
+                return Err(PolicyError::Unsupported("this aggregate expression is not supported"));
+            };
+            let name = func.name().to_lowercase();
+            let is_count = match name.as_str() {
+                "count" => true,
+                "sum" | "avg" | "mean" => false,
+                other => return Err(refuse_function(other)),
+            };
+            for arg in &params.args {
+                let counts_people = is_count && params.distinct && params.args.len() == 1 && bare_identifier(arg, &schema, in_mask);
+                if !counts_people {
+                    no_identifier(arg, &schema, in_mask, "inside an aggregate other than COUNT(DISTINCT …)")?;
+                }
+            }
+            if let Some(filter) = &params.filter {
+                no_identifier(filter, &schema, in_mask, "in an aggregate FILTER")?;
+            }
+            for s in &params.order_by {
+                no_identifier(&s.expr, &schema, in_mask, "in an aggregate ORDER BY")?;
+            }
+            // Who contributes to this cell: people with a row passing the aggregate's FILTER
+            // and, for COUNT(x), a non-NULL x; for SUM and AVG, a non-NULL, non-zero value
+            // (a zero adds nothing, so `SUM(CASE WHEN … THEN x ELSE 0 END)` counts only the
+            // people the CASE selects).
+            let mut conditions: Vec<Expr> = params.filter.iter().map(|f| (**f).clone()).collect();
+            if let Some(arg) = params.args.first() {
+                if !matches!(arg, Expr::Literal(..)) {
+                    conditions.push(arg.clone().is_not_null());
+                    if !is_count {
+                        conditions.push(arg.clone().not_eq(lit(0)));
+                    }
+                }
+            }
+            let people = match conditions.into_iter().reduce(Expr::and) {
+                None => group_people.clone(),
+                Some(condition) => {
+                    let mut cols = Vec::with_capacity(ids.len());
+                    for (j, person) in ids.iter().enumerate() {
+                        let name = format!("__sde_contrib_{id}_{i}_{j}");
+                        let contributor = when(condition.clone(), person.clone()).end().map_err(PolicyError::from_df)?;
+                        aggr.push(count_distinct(contributor).alias(name.clone()));
+                        cols.push(Expr::Column(Column::new_unqualified(name)));
+                    }
+                    cols
+                }
+            };
+            cells.push((is_count, people));
+        }
+
+        let n_group = agg.group_expr.len();
+        let rewritten = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr).map_err(PolicyError::from_df)?;
+        let mut plan = LogicalPlan::Aggregate(rewritten);
+        if n_group > 0 {
+            let keep = self.disclosure.keep_group(group_people);
+            plan = LogicalPlan::Filter(Filter::try_new(keep, Arc::new(plan)).map_err(PolicyError::from_df)?);
+        }
+        let mut exprs = Vec::with_capacity(agg.schema.fields().len());
+        for (idx, (qualifier, field)) in agg.schema.iter().enumerate() {
+            let column = Expr::Column(Column::new(qualifier.cloned(), field.name()));
+            if idx < n_group {
+                exprs.push(column);
+                continue;
+            }
+            let (is_count, people) = &cells[idx - n_group];
+            let cell = if *is_count {
+                self.disclosure.count_cell(column, people.clone())
+            } else {
+                self.disclosure.value_cell(column, people.clone())
+            };
+            exprs.push(cell.alias_qualified(qualifier.cloned(), field.name()));
+            self.checked.push(field.name().clone());
+        }
+        let projection = Projection::try_new(exprs, Arc::new(plan)).map_err(PolicyError::from_df)?;
+        Ok(LogicalPlan::Projection(projection))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,81 @@
+//! Registry schema, migrated forward with SQLite's `user_version`. Each migration runs once, in
+//! order, inside a transaction; a database newer than this binary is refused.
+
+use rusqlite::Connection;
+
+use super::RegistryError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: organisations, users, roles, projects, members, parties, approvals, grants.
+    "CREATE TABLE organisations (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        ico_registration TEXT NOT NULL,
+        dspt_status TEXT NOT NULL CHECK (dspt_status IN ('standards_met', 'approaching_standards', 'not_met')),
+        dspt_expiry TEXT NOT NULL,
+        accreditation TEXT NOT NULL CHECK (accreditation IN ('accredited', 'suspended', 'withdrawn'))
+    );
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        organisation_id TEXT NOT NULL REFERENCES organisations(id),
+        display_name TEXT NOT NULL,
+        accreditation_expiry TEXT NOT NULL,
+        training_date TEXT NOT NULL,
+        suspended INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE user_roles (
+        user_id TEXT NOT NULL REFERENCES users(id),
+        role TEXT NOT NULL,
+        PRIMARY KEY (user_id, role)
+    );
+    CREATE TABLE projects (
+        id TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        lawful_basis TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('draft', 'submitted', 'approved', 'active', 'ended', 'rejected', 'suspended')),
+        start_date TEXT NOT NULL,
+        end_date TEXT NOT NULL,
+        cohort TEXT
+    );
+    CREATE TABLE project_members (
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        user_id TEXT NOT NULL REFERENCES users(id),
+        PRIMARY KEY (project_id, user_id)
+    );
+    CREATE TABLE project_parties (
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        organisation_id TEXT NOT NULL REFERENCES organisations(id),
+        PRIMARY KEY (project_id, organisation_id)
+    );
+    CREATE TABLE approvals (
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        role TEXT NOT NULL,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        decision TEXT NOT NULL CHECK (decision IN ('approved', 'rejected')),
+        decided_at TEXT NOT NULL,
+        PRIMARY KEY (project_id, role)
+    );
+    CREATE TABLE grants (
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        dataset TEXT NOT NULL,
+        column_name TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (project_id, dataset, column_name)
+    );",
+];
+
+pub(super) fn migrate(conn: &Connection) -> Result<(), RegistryError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(RegistryError::Database(rusqlite::Error::InvalidParameterName(format!(
+            "registry schema version {version} is newer than this gateway ({})",
+            MIGRATIONS.len()
+        ))));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        conn.execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;", i + 1))?;
+    }
+    Ok(())
+}
