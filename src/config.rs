@@ -84,7 +84,7 @@ pub struct AuditConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DisclosureConfig {
     /// Fewest distinct people behind a released group or cell.
     pub threshold: u64,
@@ -103,7 +103,7 @@ impl Default for DisclosureConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Longest SQL text accepted, in bytes.
     pub max_sql_bytes: usize,

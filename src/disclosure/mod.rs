@@ -256,7 +256,7 @@ mod tests {
     #[test]
     fn rounding_to_nearest_five() {
         let r: Vec<i64> = [0, 1, 2, 3, 7, 12, 13, 15, 1002].iter().map(|&v| round_to(v, 5)).collect();
-        assert_eq!(r, [0, 0, 5, 5, 5, 10, 15, 15, 1000]);
+        assert_eq!(r, [0, 0, 0, 5, 5, 10, 15, 15, 1000]);
     }
 
     #[test]

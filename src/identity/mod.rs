@@ -173,7 +173,7 @@ mod tests {
     use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock, ManualClock};
 
     fn setup() -> (TokenVerifier, TokenIssuer, ManualClock, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();

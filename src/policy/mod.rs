@@ -29,7 +29,7 @@ use datafusion::functions_aggregate::expr_fn::count_distinct;
 use datafusion::logical_expr::expr::{AggregateFunction, InSubquery};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    Aggregate, Distinct, Expr, Filter, JoinType, LogicalPlan, Projection, Subquery, lit, when,
+    Aggregate, Distinct, Expr, Filter, JoinType, LogicalPlan, Operator, Projection, Subquery, lit, when,
 };
 use datafusion::prelude::SessionContext;
 
@@ -141,6 +141,15 @@ pub fn check(plan: LogicalPlan, rules: Rules) -> Result<Permit, PolicyError> {
         return Err(PolicyError::RowLevel);
     }
     Ok(Permit { plan, disclosure: checker.disclosure, checked: checker.checked })
+}
+
+/// Prefix of identifier columns appended to projections so people can be counted.
+const HIDDEN_PID: &str = "__sde_pid_";
+
+/// The schema a join condition is written against: both inputs, side by side (for every join
+/// type, unlike the join's output schema).
+fn both_sides_schema(j: &datafusion::logical_expr::Join) -> datafusion::error::Result<DFSchemaRef> {
+    Ok(Arc::new(j.left.schema().join(j.right.schema())?))
 }
 
 /// For each output field of a plan: is it an identifier?
@@ -344,7 +353,26 @@ impl Checker {
                     }
                 }
                 if let Some(filter) = &j.filter {
-                    no_identifier(filter, &j.schema, &[left.clone(), right.clone()].concat(), "in a join filter")?;
+                    // Before optimisation, `ON a.person_id = b.person_id` is still a filter.
+                    let both = [left.clone(), right.clone()].concat();
+                    let schema = both_sides_schema(j).map_err(PolicyError::from_df)?;
+                    for conjunct in split_conjunction(filter) {
+                        match conjunct {
+                            Expr::BinaryExpr(b)
+                                if b.op == Operator::Eq
+                                    && bare_identifier(&b.left, &schema, &both)
+                                    && bare_identifier(&b.right, &schema, &both) =>
+                            {
+                                person_key = true;
+                            }
+                            other => no_identifier(
+                                other,
+                                &schema,
+                                &both,
+                                "in a join condition other than a.person_id = b.person_id",
+                            )?,
+                        }
+                    }
                 }
                 let semi_drops = |dropped: &Mask| dropped.iter().any(|&x| x) && !person_key;
                 let mask = match j.join_type {
@@ -374,7 +402,14 @@ impl Checker {
                 }
             }
             LogicalPlan::Distinct(Distinct::All(input)) => {
-                let group = input.schema().columns().into_iter().map(Expr::Column).collect();
+                // Group by what the query selected, not by identifiers this check appended.
+                let group = input
+                    .schema()
+                    .columns()
+                    .into_iter()
+                    .filter(|c| !c.name.starts_with(HIDDEN_PID))
+                    .map(Expr::Column)
+                    .collect();
                 let agg = Aggregate::try_new(input, group, vec![]).map_err(PolicyError::from_df)?;
                 self.node(LogicalPlan::Aggregate(agg), masks)
             }
@@ -423,7 +458,7 @@ impl Checker {
         for (i, (qualifier, field)) in schema.iter().enumerate() {
             let column = Column::new(qualifier.cloned(), field.name());
             if in_mask[i] && !passed.contains(&column) {
-                let name = format!("__sde_pid_{}", self.next_id);
+                let name = format!("{HIDDEN_PID}{}", self.next_id);
                 self.next_id += 1;
                 exprs.push(Expr::Column(column).alias(name));
                 mask.push(true);

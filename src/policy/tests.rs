@@ -1,1 +1,229 @@
+//! Plan checks and rewrites on small in-memory tables.
 
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+
+use super::*;
+use crate::engine::GuardedTable;
+
+const RULES: Rules = Rules { threshold: 10, rounding: 5 };
+
+fn table(schema: Arc<Schema>, columns: Vec<Arc<dyn Array>>) -> Arc<dyn TableProvider> {
+    let batch = RecordBatch::try_new(Arc::clone(&schema), columns).unwrap();
+    Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())
+}
+
+/// District A: 12 people; B: 9 people; C: 31 people of whom one (c30) has opted out.
+/// Person a0 has 20 visits costing 1000 each; everyone else in A has one visit costing 10.
+fn session() -> SessionContext {
+    let mut ids = vec![];
+    let mut districts = vec![];
+    let mut ages = vec![];
+    for (d, n) in [("A", 12), ("B", 9), ("C", 31)] {
+        for i in 0..n {
+            ids.push(format!("{}{i}", d.to_lowercase()));
+            districts.push(d.to_owned());
+            ages.push(20 + i as i64);
+        }
+    }
+    let patients = table(
+        Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Utf8, false),
+            Field::new("district", DataType::Utf8, false),
+            Field::new("age", DataType::Int64, false),
+        ])),
+        vec![Arc::new(StringArray::from(ids)), Arc::new(StringArray::from(districts)), Arc::new(Int64Array::from(ages))],
+    );
+    let mut v_ids = vec!["a0".to_owned(); 20];
+    let mut costs = vec![1000.0; 20];
+    for i in 1..12 {
+        v_ids.push(format!("a{i}"));
+        costs.push(10.0);
+    }
+    let visits = table(
+        Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Utf8, false),
+            Field::new("cost", DataType::Float64, false),
+        ])),
+        vec![Arc::new(StringArray::from(v_ids)), Arc::new(Float64Array::from(costs))],
+    );
+    let opt_outs = table(
+        Arc::new(Schema::new(vec![Field::new("person_id", DataType::Utf8, false)])),
+        vec![Arc::new(StringArray::from(vec!["c30"]))],
+    );
+    let ctx = SessionContext::new();
+    ctx.register_table("patients", Arc::new(GuardedTable::new("patients", patients, Arc::clone(&opt_outs)))).unwrap();
+    ctx.register_table("visits", Arc::new(GuardedTable::new("visits", visits, opt_outs))).unwrap();
+    ctx
+}
+
+async fn refusal(sql: &str) -> PolicyError {
+    match plan_and_check(&session(), sql, RULES, 1 << 16).await {
+        Ok(p) => panic!("{sql} was permitted:\n{}", p.plan().display_indent()),
+        Err(e) => e,
+    }
+}
+
+async fn run(sql: &str) -> String {
+    let ctx = session();
+    let permit = plan_and_check(&ctx, sql, RULES, 1 << 16).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let batches = ctx.execute_logical_plan(permit.plan().clone()).await.unwrap().collect().await.unwrap();
+    pretty_format_batches(&batches).unwrap().to_string()
+}
+
+fn assert_table(actual: &str, expected: &[&str]) {
+    let actual: Vec<&str> = actual.lines().collect();
+    assert_eq!(actual, expected, "\n{}", actual.join("\n"));
+}
+
+#[tokio::test]
+async fn row_level_output_is_refused_in_every_spelling() {
+    for sql in [
+        "SELECT age, district FROM patients",
+        "WITH t AS (SELECT * FROM patients) SELECT district FROM t",
+        "SELECT d FROM (SELECT district AS d FROM patients) x ORDER BY d LIMIT 3",
+        "SELECT p.age FROM patients p JOIN visits v ON p.person_id = v.person_id",
+        "SELECT age FROM patients UNION ALL SELECT age FROM patients",
+    ] {
+        let e = refusal(sql).await;
+        assert!(matches!(e, PolicyError::RowLevel | PolicyError::Unsupported(_)), "{sql}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn identifiers_only_in_joins_and_count_distinct() {
+    for sql in [
+        "SELECT person_id, COUNT(*) FROM visits GROUP BY person_id",
+        "SELECT COUNT(*) FROM patients WHERE person_id = 'a0'",
+        "SELECT COUNT(*) FROM patients WHERE upper(person_id) LIKE 'A%'",
+        "SELECT COUNT(*) FROM (SELECT person_id AS x FROM patients) t WHERE x = 'a0'",
+        "SELECT COUNT(*) FROM patients p JOIN visits v ON p.person_id > v.person_id",
+        "SELECT SUM(length(person_id)) FROM patients",
+        "SELECT COUNT(person_id) FROM patients HAVING COUNT(*) > 1 ORDER BY min(person_id)",
+    ] {
+        let e = refusal(sql).await;
+        assert!(
+            matches!(e, PolicyError::Identifier { .. } | PolicyError::Function { .. }),
+            "{sql}: {e}"
+        );
+    }
+    // Allowed uses.
+    run("SELECT COUNT(DISTINCT person_id) AS people FROM visits").await;
+    run("SELECT COUNT(*) FROM patients p JOIN visits v ON p.person_id = v.person_id").await;
+    run("SELECT COUNT(*) FROM patients WHERE person_id IN (SELECT person_id FROM visits)").await;
+}
+
+#[tokio::test]
+async fn single_value_aggregates_collections_and_windows_are_refused() {
+    for (sql, name) in [
+        ("SELECT MAX(age) FROM patients", "MAX"),
+        ("SELECT district, MIN(age) FROM patients GROUP BY district", "MIN"),
+        ("SELECT median(age) FROM patients", "MEDIAN"),
+        ("SELECT array_agg(district) FROM patients", "ARRAY_AGG"),
+        ("SELECT string_agg(district, ',') FROM patients", "STRING_AGG"),
+    ] {
+        match refusal(sql).await {
+            PolicyError::Function { function, .. } => assert_eq!(function, name, "{sql}"),
+            e => panic!("{sql}: {e}"),
+        }
+    }
+    assert!(matches!(
+        refusal("SELECT age, row_number() OVER (ORDER BY age) FROM patients").await,
+        PolicyError::Function { .. }
+    ));
+    assert!(matches!(
+        refusal("SELECT (SELECT age FROM patients LIMIT 1)").await,
+        PolicyError::Function { .. }
+    ));
+}
+
+#[tokio::test]
+async fn only_single_read_only_queries() {
+    for sql in [
+        "CREATE TABLE x AS SELECT 1",
+        "DROP TABLE patients",
+        "INSERT INTO patients VALUES ('z', 'A', 1)",
+        "SET datafusion.execution.batch_size = 1",
+        "EXPLAIN SELECT COUNT(*) FROM patients",
+        "COPY patients TO '/tmp/x.csv'",
+    ] {
+        let e = refusal(sql).await;
+        assert!(matches!(e, PolicyError::NotAQuery(_) | PolicyError::Sql(_)), "{sql}: {e}");
+    }
+    assert!(matches!(refusal("SELECT 1; SELECT 2").await, PolicyError::Sql(_)));
+    assert!(matches!(refusal("SELECT COUNT(*) FROM opt_outs").await, PolicyError::Sql(_)));
+}
+
+#[tokio::test]
+async fn small_groups_withheld_counts_rounded_opt_outs_excluded() {
+    let out = run("SELECT district, COUNT(*) AS n FROM patients GROUP BY district ORDER BY district").await;
+    // A has 12 → 10; B has 9 → withheld; C has 31, one opted out → 30.
+    assert_table(
+        &out,
+        &["+----------+----+", "| district | n  |", "+----------+----+", "| A        | 10 |", "| C        | 30 |", "+----------+----+"],
+    );
+}
+
+#[tokio::test]
+async fn disclosure_applies_before_arithmetic_and_having() {
+    // 9 people in B: without GROUP BY the cell is NULL, and so is anything computed from it.
+    let out = run("SELECT COUNT(*) * 2 + 1 AS x FROM patients WHERE district = 'B'").await;
+    assert_table(&out, &["+---+", "| x |", "+---+", "|   |", "+---+"]);
+    // 12 people in A: 12 rounds to 10 before the arithmetic.
+    let out = run("SELECT COUNT(*) * 2 + 1 AS x FROM patients WHERE district = 'A'").await;
+    assert_table(&out, &["+----+", "| x  |", "+----+", "| 21 |", "+----+"]);
+    // HAVING sees rounded values and cannot resurrect a withheld group.
+    let out = run("SELECT district, COUNT(*) AS n FROM patients GROUP BY district HAVING COUNT(*) < 11 ORDER BY 1").await;
+    assert_table(&out, &["+----------+----+", "| district | n  |", "+----------+----+", "| A        | 10 |", "+----------+----+"]);
+}
+
+#[tokio::test]
+async fn rows_are_not_people() {
+    // 31 visit rows but only 12 people in A; the threshold is on people.
+    let out = run("SELECT COUNT(*) AS n FROM visits").await;
+    assert_table(&out, &["+----+", "| n  |", "+----+", "| 30 |", "+----+"]);
+    // Visits of people in B: none; of a0 alone: 20 rows, one person → NULL.
+    let out = run(
+        "SELECT COUNT(*) AS n FROM visits v JOIN patients p ON v.person_id = p.person_id WHERE p.age = 20 AND p.district = 'A'",
+    )
+    .await;
+    assert_table(&out, &["+---+", "| n |", "+---+", "|   |", "+---+"]);
+}
+
+#[tokio::test]
+async fn conditional_sums_count_only_selected_people() {
+    // The CASE selects one person (a0); ELSE 0 must not make everyone a contributor.
+    let out = run("SELECT SUM(CASE WHEN v.cost > 100 THEN v.cost ELSE 0 END) AS s FROM visits v").await;
+    assert_table(&out, &["+---+", "| s |", "+---+", "|   |", "+---+"]);
+}
+
+#[tokio::test]
+async fn distinct_combinations_need_enough_people() {
+    let out = run("SELECT DISTINCT district FROM patients ORDER BY district").await;
+    assert_table(&out, &["+----------+", "| district |", "+----------+", "| A        |", "| C        |", "+----------+"]);
+}
+
+#[tokio::test]
+async fn joins_on_other_keys_count_people_on_both_sides() {
+    // Each A patient paired with the one 20-year-old: the right side is a single person.
+    let out = run(
+        "SELECT COUNT(*) AS n FROM patients p1 JOIN patients p2 ON p1.district = p2.district WHERE p2.age = 20 AND p2.district = 'A'",
+    )
+    .await;
+    assert_table(&out, &["+---+", "| n |", "+---+", "|   |", "+---+"]);
+}
+
+#[tokio::test]
+async fn post_processing_of_safe_aggregates_is_allowed() {
+    let out = run(
+        "SELECT COUNT(*) AS districts, SUM(n) AS total FROM (SELECT district, COUNT(*) AS n FROM patients GROUP BY district) t",
+    )
+    .await;
+    assert_table(&out, &["+-----------+-------+", "| districts | total |", "+-----------+-------+", "| 2         | 40    |", "+-----------+-------+"]);
+}
