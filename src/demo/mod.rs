@@ -113,7 +113,8 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
 /// Generates the synthetic data unless `dir` already holds data of the same size and seed.
 pub fn ensure_data(dir: &Path, people: usize, seed: u64) -> Result<(), DemoError> {
     let marker = dir.join(".demo-world");
-    let stamp = format!("people={people} seed={seed}\n");
+    // The stamp names the generator version, so data from an older generator is remade.
+    let stamp = format!("generator=1 people={people} seed={seed}\n");
     if std::fs::read_to_string(&marker).is_ok_and(|s| s == stamp) {
         return Ok(());
     }

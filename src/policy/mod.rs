@@ -140,7 +140,25 @@ pub fn check(plan: LogicalPlan, rules: Rules) -> Result<Permit, PolicyError> {
     if mask.iter().any(|&m| m) {
         return Err(PolicyError::RowLevel);
     }
-    Ok(Permit { plan, disclosure: checker.disclosure, checked: checker.checked })
+    let checked = output_names(&plan, &checker.checked);
+    Ok(Permit { plan, disclosure: checker.disclosure, checked })
+}
+
+/// The names, in the result, of the columns computed from checked aggregate cells.
+fn output_names(plan: &LogicalPlan, checked: &[String]) -> Vec<String> {
+    match plan {
+        LogicalPlan::Projection(p) => p
+            .expr
+            .iter()
+            .zip(p.schema.fields())
+            .filter(|(e, _)| e.column_refs().iter().any(|c| checked.contains(&c.name)))
+            .map(|(_, f)| f.name().clone())
+            .collect(),
+        LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
+            output_names(plan.inputs()[0], checked)
+        }
+        _ => checked.to_vec(),
+    }
 }
 
 /// Prefix of identifier columns appended to projections so people can be counted.

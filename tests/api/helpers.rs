@@ -1,0 +1,138 @@
+//! `spawn_gateway()`: a demo world in a temporary folder (sharing one generated data set), the
+//! gateway serving it on 127.0.0.1:0, and Flight SQL clients for any demo user.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use datafusion::arrow::record_batch::RecordBatch;
+use futures::TryStreamExt;
+use sde_gateway::demo::{self, DemoOptions};
+use sde_gateway::{Gateway, GatewayConfig};
+use tokio::sync::oneshot;
+use tonic::Status;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+pub const PEOPLE: usize = 20_000;
+pub const SEED: u64 = 2026;
+pub const PROJECT: &str = "ews-asc-linkage";
+
+/// The synthetic data, generated once per build and shared by every test.
+pub fn world_data() -> PathBuf {
+    static DATA: OnceLock<PathBuf> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-world-{PEOPLE}-{SEED}"));
+        demo::ensure_data(&dir, PEOPLE, SEED).expect("demo data");
+        dir
+    })
+    .clone()
+}
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: GatewayConfig,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub async fn spawn_gateway() -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = DemoOptions {
+        dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        people: PEOPLE,
+        seed: SEED,
+        data_dir: Some(world_data()),
+    };
+    let config = tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now()))
+        .await
+        .unwrap()
+        .expect("demo world");
+    let gateway = Gateway::build(&config).await.expect("gateway builds");
+    let addr = gateway.local_addr();
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(gateway.run(async {
+        let _ = rx.await;
+    }));
+    TestGateway { addr, dir, config, shutdown: Some(tx) }
+}
+
+impl TestGateway {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("tokens/{user}.jwt"))).unwrap()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        let ca = std::fs::read(self.path("tls/ca.pem")).unwrap();
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost");
+        Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("TLS connection")
+    }
+
+    /// A client with `token` (raw) and `project` headers, either optional.
+    pub async fn client_with(&self, token: Option<String>, project: Option<&str>) -> FlightSqlServiceClient<Channel> {
+        let mut client = FlightSqlServiceClient::new(self.channel().await);
+        if let Some(token) = token {
+            client.set_token(token);
+        }
+        if let Some(project) = project {
+            client.set_header("x-sde-project", project);
+        }
+        client
+    }
+
+    pub async fn client(&self, user: &str, project: &str) -> FlightSqlServiceClient<Channel> {
+        self.client_with(Some(self.token(user)), Some(project)).await
+    }
+
+    pub async fn query_as(&self, user: &str, project: &str, sql: &str) -> Result<Vec<RecordBatch>, Status> {
+        query(&mut self.client(user, project).await, sql).await
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.config.audit.dir.join(sde_gateway::audit::LOG_FILE)
+    }
+}
+
+pub fn status(e: FlightError) -> Status {
+    match e {
+        FlightError::Tonic(s) => *s,
+        other => Status::unknown(other.to_string()),
+    }
+}
+
+/// GetFlightInfo then DoGet on the returned ticket.
+pub async fn query(client: &mut FlightSqlServiceClient<Channel>, sql: &str) -> Result<Vec<RecordBatch>, Status> {
+    let info = client.execute(sql.to_owned(), None).await.map_err(status)?;
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let stream = client.do_get(ticket).await.map_err(status)?;
+    stream.try_collect().await.map_err(status)
+}
+
+/// Plain DataFusion on the raw Parquet files, for independent expected values.
+pub async fn raw(data: &Path, sql: &str) -> Vec<RecordBatch> {
+    let ctx = datafusion::prelude::SessionContext::new();
+    for dataset in ["patients", "gp_events", "asc_services", "ews_referrals", "opt_outs"] {
+        ctx.register_parquet(dataset, data.join(dataset).to_str().unwrap(), Default::default()).await.unwrap();
+    }
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
