@@ -10,7 +10,11 @@ use crate::demo::{self, DemoOptions};
 use crate::server::Gateway;
 
 #[derive(Debug, Parser)]
-#[command(name = "sde-gateway", version, about = "The front door of a Secure Data Environment: Flight SQL with the Five Safes enforced on every query")]
+#[command(
+    name = "sde-gateway",
+    version,
+    about = "The front door of a Secure Data Environment: Flight SQL with the Five Safes enforced on every query"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -50,9 +54,21 @@ pub enum Command {
 /// Runs a parsed command line to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { demo: true, dir, listen, people, .. } => {
+        Command::Serve {
+            demo: true,
+            dir,
+            listen,
+            people,
+            ..
+        } => {
             let started = std::time::Instant::now();
-            let opts = DemoOptions { dir: dir.clone(), listen, people, seed: demo::DEFAULT_SEED, data_dir: None };
+            let opts = DemoOptions {
+                dir: dir.clone(),
+                listen,
+                people,
+                seed: demo::DEFAULT_SEED,
+                data_dir: None,
+            };
             let config = tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now())).await??;
             let gateway = Gateway::build(&config).await?;
             eprintln!(

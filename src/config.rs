@@ -98,7 +98,12 @@ pub struct DisclosureConfig {
 
 impl Default for DisclosureConfig {
     fn default() -> Self {
-        Self { threshold: 10, rounding: 5, floor_threshold: 10, floor_rounding: 5 }
+        Self {
+            threshold: 10,
+            rounding: 5,
+            floor_threshold: 10,
+            floor_rounding: 5,
+        }
     }
 }
 
@@ -115,7 +120,11 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_sql_bytes: 64 * 1024, max_result_rows: 100_000, statement_ttl_seconds: 300 }
+        Self {
+            max_sql_bytes: 64 * 1024,
+            max_result_rows: 100_000,
+            statement_ttl_seconds: 300,
+        }
     }
 }
 
@@ -127,8 +136,10 @@ impl GatewayConfig {
     /// Reads `path`, applies `SDE_…` overrides from the environment, resolves relative paths
     /// against the file's folder and validates the result.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_toml(&text, base, std::env::vars(), path)
     }
@@ -140,11 +151,15 @@ impl GatewayConfig {
         env: impl Iterator<Item = (String, String)>,
         origin: &Path,
     ) -> Result<Self, ConfigError> {
-        let parse_err = |message: String| ConfigError::Parse { path: origin.to_owned(), message };
+        let parse_err = |message: String| ConfigError::Parse {
+            path: origin.to_owned(),
+            message,
+        };
         let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
         apply_env(&mut value, env)?;
-        let mut config: GatewayConfig =
-            toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        let mut config: GatewayConfig = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
         config.resolve_paths(base);
         config.validate()?;
         Ok(config)
@@ -226,10 +241,7 @@ impl GatewayConfig {
 
 /// Sets `SDE_A__B=value` as key `a.b`. Values are parsed as TOML scalars where they can be
 /// (numbers, booleans) and taken as strings otherwise.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl Iterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+fn apply_env(table: &mut toml::Table, env: impl Iterator<Item = (String, String)>) -> Result<(), ConfigError> {
     for (var, raw) in env {
         let Some(path) = var.strip_prefix("SDE_") else { continue };
         let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
@@ -305,8 +317,7 @@ dir = "audit"
         assert_eq!(c.tls.cert, dir.path().join("cert.pem"));
 
         let env = vec![("SDE_DISCLOSURE__THRESHOLD".to_owned(), "3".to_owned())];
-        let err = GatewayConfig::from_toml(&text, dir.path(), env.into_iter(), Path::new("t"))
-            .unwrap_err();
+        let err = GatewayConfig::from_toml(&text, dir.path(), env.into_iter(), Path::new("t")).unwrap_err();
         assert!(err.to_string().contains("disclosure.threshold"), "{err}");
     }
 
@@ -314,12 +325,10 @@ dir = "audit"
     fn unknown_keys_and_bad_algorithms_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let text = sample(dir.path()).replace("ES256", "none");
-        let err = GatewayConfig::from_toml(&text, dir.path(), std::iter::empty(), Path::new("t"))
-            .unwrap_err();
+        let err = GatewayConfig::from_toml(&text, dir.path(), std::iter::empty(), Path::new("t")).unwrap_err();
         assert!(err.to_string().contains("identity.algorithm"), "{err}");
         let text = sample(dir.path()) + "\nbogus = 1\n";
-        let err = GatewayConfig::from_toml(&text, dir.path(), std::iter::empty(), Path::new("t"))
-            .unwrap_err();
+        let err = GatewayConfig::from_toml(&text, dir.path(), std::iter::empty(), Path::new("t")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
     }
 }

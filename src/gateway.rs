@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::prelude::SessionContext;
 use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditLog, Entry, Receipt};
@@ -21,7 +20,7 @@ use crate::disclosure::Rules;
 use crate::engine::{Engine, EngineError};
 use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
-use crate::policy::{self, Permit};
+use crate::policy;
 use crate::registry::{Principal, ProjectAccess, Refusal, Registry};
 
 /// Who is calling and for which project, as the transport saw it.
@@ -31,21 +30,30 @@ pub struct CallContext {
     pub project: Option<String>,
 }
 
-/// A statement planned and checked by GetFlightInfo, waiting for its DoGet.
+/// A result computed by GetFlightInfo, not yet released.
+struct Computed {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    hash: String,
+    rows: u64,
+    entry: Entry,
+}
+
+/// A statement executed by GetFlightInfo, waiting for its DoGet.
 struct Pending {
     user: String,
     project: String,
     sql: String,
-    session: SessionContext,
-    permit: Permit,
+    result: Computed,
     created: Instant,
 }
 
-/// A planned statement: the handle to fetch it with and its result schema.
+/// An executed statement: the handle to fetch it with, its result schema and size.
 #[derive(Debug, Clone)]
 pub struct Planned {
     pub handle: String,
     pub schema: SchemaRef,
+    pub rows: u64,
 }
 
 /// A released result and its audit receipt.
@@ -75,7 +83,9 @@ pub struct Core {
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").field("rules", &self.rules).finish_non_exhaustive()
+        f.debug_struct("Core")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,7 +99,10 @@ struct Who {
 
 impl Who {
     fn entry(&self, call: &str) -> Entry {
-        let mut entry = Entry { call: call.into(), ..Default::default() };
+        let mut entry = Entry {
+            call: call.into(),
+            ..Default::default()
+        };
         self.fill(&mut entry);
         entry
     }
@@ -111,7 +124,15 @@ impl Core {
         rules: Rules,
         limits: LimitsConfig,
     ) -> Self {
-        Self { clock, registry, engine, audit, rules, limits, pending: Mutex::new(HashMap::new()) }
+        Self {
+            clock,
+            registry,
+            engine,
+            audit,
+            rules,
+            limits,
+            pending: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Safe People for any call.
@@ -126,7 +147,11 @@ impl Core {
     /// Safe People and Safe Projects for a data call.
     fn access(&self, call: &CallContext, who: &mut Who) -> Result<(Principal, ProjectAccess), Error> {
         let principal = self.principal(call, who)?;
-        let project = call.project.clone().ok_or(Refusal::NoProject).map_err(crate::registry::RegistryError::from)?;
+        let project = call
+            .project
+            .clone()
+            .ok_or(Refusal::NoProject)
+            .map_err(crate::registry::RegistryError::from)?;
         who.project = Some(project.clone());
         let access = self.registry.project_access(&principal, &project, self.clock.today())?;
         Ok((principal, access))
@@ -171,91 +196,55 @@ impl Core {
         let outcome = self
             .access(call, &mut who)
             .and_then(|(_, access)| Ok(self.engine.granted_schemas(&access)?))
-            .map(|tables| tables.into_iter().map(|(name, schema)| TableInfo { name, schema }).collect());
+            .map(|tables| {
+                tables
+                    .into_iter()
+                    .map(|(name, schema)| TableInfo { name, schema })
+                    .collect()
+            });
         Ok(self.record(who.entry("metadata.tables"), started, outcome).await?.0)
     }
 
-    /// GetFlightInfo: authorise, plan and check; nothing is executed yet.
+    /// GetFlightInfo: authorise, plan, check, execute and apply disclosure control. The result
+    /// waits, bound to this user and project, for its DoGet; nothing is released yet.
     pub async fn plan_query(&self, call: &CallContext, sql: &str) -> Result<Planned, Error> {
         let started = Instant::now();
         let mut who = Who::default();
-        let outcome = self.plan_inner(call, sql, &mut who).await;
-        let mut entry = who.entry("query.plan");
+        let mut entry = Entry {
+            call: "query.execute".into(),
+            ..Default::default()
+        };
         entry.sql = Some(sql.chars().take(self.limits.max_sql_bytes).collect());
+        let outcome = self.execute(call, sql, &mut who, &mut entry).await;
+        who.fill(&mut entry);
         Ok(self.record(entry, started, outcome).await?.0)
     }
 
-    async fn plan_inner(&self, call: &CallContext, sql: &str, who: &mut Who) -> Result<Planned, Error> {
+    async fn execute(&self, call: &CallContext, sql: &str, who: &mut Who, entry: &mut Entry) -> Result<Planned, Error> {
         let (principal, access) = self.access(call, who)?;
         let session = self.engine.session(&access)?;
         let permit = policy::plan_and_check(&session, sql, self.rules, self.limits.max_sql_bytes).await?;
-        let schema: SchemaRef = Arc::new(permit.plan().schema().as_arrow().clone());
-        let handle = uuid::Uuid::new_v4().to_string();
-        let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
-        let mut pending = self.pending.lock().expect("pending lock");
-        pending.retain(|_, p| p.created.elapsed() < ttl);
-        pending.insert(
-            handle.clone(),
-            Pending {
-                user: principal.user,
-                project: access.project,
-                sql: sql.to_owned(),
-                session,
-                permit,
-                created: Instant::now(),
-            },
-        );
-        Ok(Planned { handle, schema })
-    }
-
-    /// DoGet: authorise again, execute the permitted plan, apply disclosure control, audit, and
-    /// only then hand the result back for release.
-    pub async fn run_query(&self, call: &CallContext, handle: &str) -> Result<Released, Error> {
-        let started = Instant::now();
-        let mut who = Who::default();
-        let mut entry = Entry { call: "query.release".into(), ..Default::default() };
-        let outcome = self.run_inner(call, handle, &mut who, &mut entry).await;
-        who.fill(&mut entry);
-        let (mut released, receipt) = self.record(entry, started, outcome).await?;
-        released.receipt = receipt;
-        Ok(released)
-    }
-
-    async fn run_inner(
-        &self,
-        call: &CallContext,
-        handle: &str,
-        who: &mut Who,
-        entry: &mut Entry,
-    ) -> Result<Released, Error> {
-        let (principal, access) = self.access(call, who)?;
-        let pending = {
-            let mut pending = self.pending.lock().expect("pending lock");
-            match pending.remove(handle) {
-                // A ticket is bound to the user and project that planned it.
-                Some(p) if p.user == principal.user && p.project == access.project => p,
-                Some(p) => {
-                    pending.insert(handle.to_owned(), p);
-                    return Err(Error::UnknownStatement);
-                }
-                None => return Err(Error::UnknownStatement),
-            }
-        };
-        entry.sql = Some(pending.sql.clone());
-        let df = pending
-            .session
-            .execute_logical_plan(pending.permit.plan().clone())
+        let execution = |e| Error::Engine(EngineError::Execution(e));
+        let df = session
+            .execute_logical_plan(permit.plan().clone())
             .await
-            .map_err(|e| Error::Engine(EngineError::Execution(e)))?;
-        let batches = df.collect().await.map_err(|e| Error::Engine(EngineError::Execution(e)))?;
+            .map_err(execution)?;
+        let batches = df.collect().await.map_err(execution)?;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if rows > self.limits.max_result_rows {
             return Err(Error::TooManyRows(self.limits.max_result_rows));
         }
-        let disclosure = pending.permit.disclosure();
-        let physical = batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(pending.permit.plan().schema().as_arrow().clone()));
-        let schema = Arc::new(
-            physical.as_ref().clone().with_metadata(disclosure.report(pending.permit.checked_columns())),
+        // The result describes itself: rules applied, columns checked, what was withheld.
+        let disclosure = permit.disclosure();
+        let output = batches
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| Arc::new(permit.plan().schema().as_arrow().clone()));
+        let schema: SchemaRef = Arc::new(
+            output
+                .as_ref()
+                .clone()
+                .with_metadata(disclosure.report(permit.checked_columns())),
         );
         let batches = batches
             .into_iter()
@@ -263,13 +252,81 @@ impl Core {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Internal(e.to_string()))?;
         let withheld = disclosure.withheld();
+        let hash = result_hash(&schema, &batches)?;
         entry.rows = Some(rows as u64);
         entry.groups_withheld = Some(withheld.groups());
         entry.cells_withheld = Some(withheld.cells());
         entry.rule = Some(serde_json::to_string(&disclosure.rules()).expect("rules serialise"));
-        entry.result_hash = Some(result_hash(&schema, &batches)?);
-        // The receipt is set by `run_query` once the record is durable.
-        Ok(Released { schema, batches, receipt: Receipt { seq: 0, hash: String::new() } })
+        entry.result_hash = Some(hash.clone());
+
+        let handle = uuid::Uuid::new_v4().to_string();
+        let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
+        let mut pending = self.pending.lock().expect("pending lock");
+        pending.retain(|_, p| p.created.elapsed() < ttl);
+        let result = Computed {
+            schema: Arc::clone(&schema),
+            batches,
+            hash,
+            rows: rows as u64,
+            entry: entry.clone(),
+        };
+        pending.insert(
+            handle.clone(),
+            Pending {
+                user: principal.user,
+                project: access.project,
+                sql: sql.to_owned(),
+                result,
+                created: Instant::now(),
+            },
+        );
+        Ok(Planned {
+            handle,
+            schema,
+            rows: rows as u64,
+        })
+    }
+
+    /// DoGet: authorise again, check the ticket belongs to this user and project, record the
+    /// release durably, and only then hand the result over.
+    pub async fn run_query(&self, call: &CallContext, handle: &str) -> Result<Released, Error> {
+        let started = Instant::now();
+        let mut who = Who::default();
+        let mut entry = Entry {
+            call: "query.release".into(),
+            ..Default::default()
+        };
+        let outcome = self.take(call, handle, &mut who, &mut entry);
+        who.fill(&mut entry);
+        let (result, receipt) = self.record(entry, started, outcome).await?;
+        Ok(Released {
+            schema: result.schema,
+            batches: result.batches,
+            receipt,
+        })
+    }
+
+    fn take(&self, call: &CallContext, handle: &str, who: &mut Who, entry: &mut Entry) -> Result<Computed, Error> {
+        let (principal, access) = self.access(call, who)?;
+        let mut pending = self.pending.lock().expect("pending lock");
+        let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
+        match pending.remove(handle) {
+            // A ticket is bound to the user and project that planned it, and used once.
+            Some(p) if p.user == principal.user && p.project == access.project && p.created.elapsed() < ttl => {
+                entry.sql = Some(p.sql);
+                entry.rows = Some(p.result.rows);
+                entry.groups_withheld = p.result.entry.groups_withheld;
+                entry.cells_withheld = p.result.entry.cells_withheld;
+                entry.rule = p.result.entry.rule.clone();
+                entry.result_hash = Some(p.result.hash.clone());
+                Ok(p.result)
+            }
+            Some(p) if p.created.elapsed() < ttl => {
+                pending.insert(handle.to_owned(), p);
+                Err(Error::UnknownStatement)
+            }
+            _ => Err(Error::UnknownStatement),
+        }
     }
 }
 

@@ -28,7 +28,11 @@ use crate::registry::Registry;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot read {what} {path}: {source}")]
-    Read { what: &'static str, path: String, source: std::io::Error },
+    Read {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot bind {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("TLS configuration is invalid: {0}")]
@@ -49,7 +53,11 @@ pub struct Gateway {
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
-    std::fs::read(path).map_err(|source| ServerError::Read { what, path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| ServerError::Read {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 impl Gateway {
@@ -64,7 +72,8 @@ impl Gateway {
         let cert = read("TLS certificate", &config.tls.cert)?;
         let key = read("TLS key", &config.tls.key)?;
         let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-        let verifier = Arc::new(TokenVerifier::from_config(&config.identity, Arc::clone(&clock)).map_err(crate::Error::from)?);
+        let verifier =
+            Arc::new(TokenVerifier::from_config(&config.identity, Arc::clone(&clock)).map_err(crate::Error::from)?);
         let registry = Registry::open(&config.registry.path).map_err(crate::Error::from)?;
         let engine = Engine::open(&config.data.dir).await.map_err(crate::Error::from)?;
         let audit = AuditLog::open(&config.audit.dir).map_err(crate::Error::from)?;
@@ -72,9 +81,21 @@ impl Gateway {
         let core = Arc::new(Core::new(clock, registry, engine, audit, rules, config.limits.clone()));
         let listener = TcpListener::bind(config.listen)
             .await
-            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
-        Ok(Self { listener, local_addr, tls, core, verifier })
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        Ok(Self {
+            listener,
+            local_addr,
+            tls,
+            core,
+            verifier,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -92,7 +92,10 @@ fn batch_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
     Box::pin(stream)
 }
 
-fn one_batch<E: std::fmt::Display>(schema: SchemaRef, batch: Result<RecordBatch, E>) -> Result<Response<DoGetStream>, Status> {
+fn one_batch<E: std::fmt::Display>(
+    schema: SchemaRef,
+    batch: Result<RecordBatch, E>,
+) -> Result<Response<DoGetStream>, Status> {
     let batch = batch.map_err(|e| Status::internal(format!("cannot build metadata: {e}")))?;
     Ok(Response::new(batch_stream(schema, vec![batch])))
 }
@@ -109,7 +112,10 @@ impl FlightSqlService for FlightSqlApi {
         let call = call_context(&request);
         let token = request.metadata().get("authorization").cloned();
         self.core.identify(&call, "handshake").await.map_err(status)?;
-        let reply = HandshakeResponse { protocol_version: 0, payload: Default::default() };
+        let reply = HandshakeResponse {
+            protocol_version: 0,
+            payload: Default::default(),
+        };
         let mut response: Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>> =
             Response::new(Box::pin(stream::iter(vec![Ok(reply)])));
         if let Some(token) = token {
@@ -125,8 +131,12 @@ impl FlightSqlService for FlightSqlApi {
     ) -> Result<Response<FlightInfo>, Status> {
         let call = call_context(&request);
         let planned = self.core.plan_query(&call, &query.query).await.map_err(status)?;
-        let ticket = TicketStatementQuery { statement_handle: planned.handle.into_bytes().into() };
-        info_for(request.into_inner(), ticket.as_any().encode_to_vec(), &planned.schema)
+        let ticket = TicketStatementQuery {
+            statement_handle: planned.handle.into_bytes().into(),
+        };
+        let mut info = info_for(request.into_inner(), ticket.as_any().encode_to_vec(), &planned.schema)?;
+        info.get_mut().total_records = planned.rows as i64;
+        Ok(info)
     }
 
     async fn do_get_statement(
@@ -151,7 +161,10 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.core.identify(&call_context(&request), "metadata.catalogs").await.map_err(status)?;
+        self.core
+            .identify(&call_context(&request), "metadata.catalogs")
+            .await
+            .map_err(status)?;
         let schema = query.clone().into_builder().schema();
         info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
     }
@@ -161,7 +174,10 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetCatalogs,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.core.identify(&call_context(&request), "metadata.catalogs").await.map_err(status)?;
+        self.core
+            .identify(&call_context(&request), "metadata.catalogs")
+            .await
+            .map_err(status)?;
         let mut builder = query.into_builder();
         builder.append(CATALOG);
         one_batch(builder.schema(), builder.build())
@@ -172,7 +188,10 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.core.identify(&call_context(&request), "metadata.schemas").await.map_err(status)?;
+        self.core
+            .identify(&call_context(&request), "metadata.schemas")
+            .await
+            .map_err(status)?;
         let schema = query.clone().into_builder().schema();
         info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
     }
@@ -182,7 +201,10 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetDbSchemas,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.core.identify(&call_context(&request), "metadata.schemas").await.map_err(status)?;
+        self.core
+            .identify(&call_context(&request), "metadata.schemas")
+            .await
+            .map_err(status)?;
         let mut builder = query.into_builder();
         builder.append(CATALOG, SCHEMA);
         one_batch(builder.schema(), builder.build())
@@ -218,8 +240,15 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.core.identify(&call_context(&request), "metadata.table_types").await.map_err(status)?;
-        info_for(request.into_inner(), query.as_any().encode_to_vec(), &table_types_schema())
+        self.core
+            .identify(&call_context(&request), "metadata.table_types")
+            .await
+            .map_err(status)?;
+        info_for(
+            request.into_inner(),
+            query.as_any().encode_to_vec(),
+            &table_types_schema(),
+        )
     }
 
     async fn do_get_table_types(
@@ -227,7 +256,10 @@ impl FlightSqlService for FlightSqlApi {
         _query: CommandGetTableTypes,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.core.identify(&call_context(&request), "metadata.table_types").await.map_err(status)?;
+        self.core
+            .identify(&call_context(&request), "metadata.table_types")
+            .await
+            .map_err(status)?;
         let schema = Arc::new(table_types_schema());
         let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(StringArray::from(vec!["TABLE"]))]);
         one_batch(schema, batch)
@@ -238,7 +270,10 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.core.identify(&call_context(&request), "metadata.sql_info").await.map_err(status)?;
+        self.core
+            .identify(&call_context(&request), "metadata.sql_info")
+            .await
+            .map_err(status)?;
         let schema = query.clone().into_builder(&SQL_INFO).schema();
         info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
     }
@@ -248,7 +283,10 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetSqlInfo,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.core.identify(&call_context(&request), "metadata.sql_info").await.map_err(status)?;
+        self.core
+            .identify(&call_context(&request), "metadata.sql_info")
+            .await
+            .map_err(status)?;
         let builder = query.into_builder(&SQL_INFO);
         one_batch(builder.schema(), builder.build())
     }

@@ -23,14 +23,16 @@ pub fn status(error: Error) -> Status {
         Error::Identity(e) => (Code::Unauthenticated, e.to_string()),
         Error::Registry(RegistryError::Refused(Refusal::NoProject)) => (Code::InvalidArgument, error.to_string()),
         Error::Registry(RegistryError::Refused(r)) => (Code::PermissionDenied, r.to_string()),
-        Error::Registry(RegistryError::Database(_) | RegistryError::BadDate { .. }) => {
-            (Code::Internal, "the registry is unavailable; try again later".to_owned())
-        }
+        Error::Registry(RegistryError::Database(_) | RegistryError::BadDate { .. }) => (
+            Code::Internal,
+            "the registry is unavailable; try again later".to_owned(),
+        ),
         Error::Policy(e) => (Code::InvalidArgument, e.to_string()),
         Error::Engine(EngineError::Execution(df)) => match df.find_root() {
             datafusion::error::DataFusionError::ResourcesExhausted(_) => (
                 Code::ResourceExhausted,
-                "safe-settings/resources: the query needs more memory than it may use; narrow or aggregate it".to_owned(),
+                "safe-settings/resources: the query needs more memory than it may use; narrow or aggregate it"
+                    .to_owned(),
             ),
             // Execution errors can quote values from the data (a failed cast, say): never sent.
             _ => (
@@ -39,7 +41,10 @@ pub fn status(error: Error) -> Status {
                     .to_owned(),
             ),
         },
-        Error::Engine(_) => (Code::Internal, "the project's data could not be opened; contact the platform team".to_owned()),
+        Error::Engine(_) => (
+            Code::Internal,
+            "the project's data could not be opened; contact the platform team".to_owned(),
+        ),
         Error::Audit(_) => (
             Code::Unavailable,
             "the audit log is unavailable, so nothing was released; try again later".to_owned(),
@@ -62,7 +67,10 @@ pub fn authenticate(
     verifier: std::sync::Arc<TokenVerifier>,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Clone + Send + Sync + 'static {
     move |mut request: tonic::Request<()>| {
-        let header = request.metadata().get("authorization").map(|v| v.to_str().map_err(|_| ()));
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.to_str().map_err(|_| ()));
         let outcome = match header {
             None => verifier.verify_header(None),
             Some(Err(())) => Err(crate::identity::IdentityError::Malformed),

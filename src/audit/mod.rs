@@ -94,16 +94,29 @@ impl AuditLog {
     /// Opens the log in `dir`, verifying the existing chain to find where to continue.
     pub fn open(dir: &Path) -> Result<Self, AuditError> {
         let path = dir.join(LOG_FILE);
-        let io = |source| AuditError::Io { path: path.clone(), source };
+        let io = |source| AuditError::Io {
+            path: path.clone(),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         let (next_seq, last_hash) = if path.exists() {
             let records = verify(&path)?;
-            records.last().map(|r| (r.seq + 1, r.hash.clone())).unwrap_or((0, GENESIS.to_owned()))
+            records
+                .last()
+                .map(|r| (r.seq + 1, r.hash.clone()))
+                .unwrap_or((0, GENESIS.to_owned()))
         } else {
             (0, GENESIS.to_owned())
         };
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
-        Ok(Self { path, writer: Arc::new(Mutex::new(Writer { file, next_seq, last_hash })) })
+        Ok(Self {
+            path,
+            writer: Arc::new(Mutex::new(Writer {
+                file,
+                next_seq,
+                last_hash,
+            })),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -112,14 +125,26 @@ impl AuditLog {
 
     /// Appends `entry` and syncs it to disk; returns only once the record is durable.
     pub fn append_blocking(&self, entry: Entry) -> Result<Receipt, AuditError> {
-        let mut w = self.writer.lock().map_err(|_| AuditError::Unavailable("writer lock poisoned".into()))?;
+        let mut w = self
+            .writer
+            .lock()
+            .map_err(|_| AuditError::Unavailable("writer lock poisoned".into()))?;
         let seq = w.next_seq;
         let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let hash = record_hash(seq, &time, &w.last_hash, &entry);
-        let record = Record { seq, time, prev_hash: w.last_hash.clone(), entry, hash: hash.clone() };
+        let record = Record {
+            seq,
+            time,
+            prev_hash: w.last_hash.clone(),
+            entry,
+            hash: hash.clone(),
+        };
         let mut line = serde_json::to_vec(&record).expect("record serialises");
         line.push(b'\n');
-        let io = |source| AuditError::Io { path: self.path.clone(), source };
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
         w.file.write_all(&line).map_err(io)?;
         w.file.sync_data().map_err(io)?;
         w.next_seq = seq + 1;
@@ -139,13 +164,23 @@ impl AuditLog {
 /// Reads and checks a whole log: every record's hash, its link to the one before and its
 /// sequence number. Returns the records, or the first damaged one.
 pub fn verify(path: &Path) -> Result<Vec<Record>, AuditError> {
-    let file = File::open(path).map_err(|source| AuditError::Io { path: path.to_owned(), source })?;
-    let damaged = |seq, reason: String| AuditError::Damaged { path: path.to_owned(), seq, reason };
+    let file = File::open(path).map_err(|source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let damaged = |seq, reason: String| AuditError::Damaged {
+        path: path.to_owned(),
+        seq,
+        reason,
+    };
     let mut records: Vec<Record> = Vec::new();
     let mut prev = GENESIS.to_owned();
     for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
         let seq = i as u64;
-        let line = line.map_err(|source| AuditError::Io { path: path.to_owned(), source })?;
+        let line = line.map_err(|source| AuditError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         let record: Record = serde_json::from_slice(&line)
             .map_err(|e| damaged(seq, format!("unreadable record (torn write or edit): {e}")))?;
         if record.seq != seq {
@@ -168,7 +203,12 @@ mod tests {
     use super::*;
 
     fn entry(n: u64) -> Entry {
-        Entry { call: "query.release".into(), decision: "accepted".into(), rows: Some(n), ..Default::default() }
+        Entry {
+            call: "query.release".into(),
+            decision: "accepted".into(),
+            rows: Some(n),
+            ..Default::default()
+        }
     }
 
     #[test]

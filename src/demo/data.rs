@@ -55,9 +55,7 @@ use std::sync::Arc;
 
 use datafusion::arrow;
 
-use arrow::array::{
-    ArrayBuilder, ArrayRef, Date32Builder, Float64Builder, Int32Builder, StringBuilder,
-};
+use arrow::array::{ArrayBuilder, ArrayRef, Date32Builder, Float64Builder, Int32Builder, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -97,10 +95,7 @@ pub struct DemoDataSummary {
 pub enum DemoDataError {
     /// A directory or file could not be created, listed or removed.
     #[error("cannot write demo data to {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// Parquet encoding or writing failed.
     #[error("cannot encode demo data: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
@@ -138,11 +133,7 @@ pub fn generate(out: &Path, people: usize, seed: u64) -> Result<DemoDataSummary,
             .collect();
         handles
             .into_iter()
-            .map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
+            .map(|handle| handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
             .collect()
     });
 
@@ -177,13 +168,7 @@ pub fn person_id(seed: u64, index: usize) -> String {
 // Layout, sizes and calendar
 // ---------------------------------------------------------------------------------------
 
-const DATASETS: [&str; 5] = [
-    "patients",
-    "gp_events",
-    "asc_services",
-    "ews_referrals",
-    "opt_outs",
-];
+const DATASETS: [&str; 5] = ["patients", "gp_events", "asc_services", "ews_referrals", "opt_outs"];
 
 /// Rows per Arrow batch handed to the Parquet writer.
 const BATCH_ROWS: usize = 256 * 1024;
@@ -252,15 +237,14 @@ const fn district_shape(older: f64, young_adults: f64, minorities: f64, imd: f64
 
 /// Five-year age bands as written to `patients.age_band`; the last is open-ended.
 const AGE_BANDS: [&str; 21] = [
-    "0-4", "5-9", "10-14", "15-19", "20-24", "25-29", "30-34", "35-39", "40-44", "45-49", "50-54",
-    "55-59", "60-64", "65-69", "70-74", "75-79", "80-84", "85-89", "90-94", "95-99", "100+",
+    "0-4", "5-9", "10-14", "15-19", "20-24", "25-29", "30-34", "35-39", "40-44", "45-49", "50-54", "55-59", "60-64",
+    "65-69", "70-74", "75-79", "80-84", "85-89", "90-94", "95-99", "100+",
 ];
 
 /// Share of the population in each band of [`AGE_BANDS`], in per cent (England and Wales,
 /// 2021 census, rounded).
 const AGE_BAND_SHARES: [f64; 21] = [
-    5.4, 5.9, 6.0, 5.6, 5.9, 6.6, 6.8, 6.6, 6.2, 6.5, 7.0, 6.8, 5.9, 5.1, 5.1, 3.7, 2.6, 1.6, 0.7,
-    0.2, 0.02,
+    5.4, 5.9, 6.0, 5.6, 5.9, 6.6, 6.8, 6.6, 6.2, 6.5, 7.0, 6.8, 5.9, 5.1, 5.1, 3.7, 2.6, 1.6, 0.7, 0.2, 0.02,
 ];
 
 /// ONS 2021 broad ethnic groups.
@@ -361,12 +345,12 @@ const REASONS_OLDEST: [f64; 6] = [58.0, 6.0, 28.0, 0.5, 3.0, 4.5];
 /// Service type weights per support reason, rows in [`SUPPORT_REASONS`] order, columns
 /// in [`SERVICE_TYPES`] order.
 const SERVICE_MIX: [[f64; 8]; 6] = [
-    [10.0, 8.0, 40.0, 2.0, 10.0, 0.0, 15.0, 15.0], // Physical support
-    [3.0, 1.0, 30.0, 10.0, 20.0, 2.0, 4.0, 30.0],  // Sensory support
-    [28.0, 20.0, 30.0, 15.0, 3.0, 0.0, 4.0, 0.0],  // Memory and cognition
-    [10.0, 2.0, 5.0, 20.0, 25.0, 38.0, 0.0, 0.0],  // Learning disability
+    [10.0, 8.0, 40.0, 2.0, 10.0, 0.0, 15.0, 15.0],  // Physical support
+    [3.0, 1.0, 30.0, 10.0, 20.0, 2.0, 4.0, 30.0],   // Sensory support
+    [28.0, 20.0, 30.0, 15.0, 3.0, 0.0, 4.0, 0.0],   // Memory and cognition
+    [10.0, 2.0, 5.0, 20.0, 25.0, 38.0, 0.0, 0.0],   // Learning disability
     [12.0, 2.0, 20.0, 10.0, 20.0, 26.0, 10.0, 0.0], // Mental health
-    [3.0, 0.0, 30.0, 35.0, 17.0, 10.0, 5.0, 0.0],  // Social support
+    [3.0, 0.0, 30.0, 35.0, 17.0, 10.0, 5.0, 0.0],   // Social support
 ];
 
 /// Median weekly cost in pounds and log-scale spread per service type, in
@@ -404,30 +388,15 @@ const EWS_SERVICES: [&str; 6] = [
     "Falls prevention",
     "Carers support",
 ];
-const EWS_OUTCOMES: [&str; 5] = [
-    "Completed",
-    "Declined",
-    "Did not engage",
-    "Referred to ASC",
-    "Ongoing",
-];
+const EWS_OUTCOMES: [&str; 5] = ["Completed", "Declined", "Did not engage", "Referred to ASC", "Ongoing"];
 const COMPLETED: usize = 0;
 const REFERRED_TO_ASC: usize = 3;
 const ONGOING: usize = 4;
 
 /// EWS weights for people under 65 (first row) and 65 and over (second row).
-const EWS_SOURCE_MIX: [[f64; 6]; 2] = [
-    [40.0, 5.0, 30.0, 5.0, 10.0, 10.0],
-    [35.0, 20.0, 10.0, 12.0, 15.0, 8.0],
-];
-const EWS_SERVICE_MIX: [[f64; 6]; 2] = [
-    [30.0, 20.0, 25.0, 15.0, 1.0, 9.0],
-    [15.0, 5.0, 8.0, 30.0, 30.0, 12.0],
-];
-const EWS_OUTCOME_MIX: [[f64; 5]; 2] = [
-    [50.0, 12.0, 22.0, 5.0, 11.0],
-    [45.0, 10.0, 12.0, 20.0, 13.0],
-];
+const EWS_SOURCE_MIX: [[f64; 6]; 2] = [[40.0, 5.0, 30.0, 5.0, 10.0, 10.0], [35.0, 20.0, 10.0, 12.0, 15.0, 8.0]];
+const EWS_SERVICE_MIX: [[f64; 6]; 2] = [[30.0, 20.0, 25.0, 15.0, 1.0, 9.0], [15.0, 5.0, 8.0, 30.0, 30.0, 12.0]];
+const EWS_OUTCOME_MIX: [[f64; 5]; 2] = [[50.0, 12.0, 22.0, 5.0, 11.0], [45.0, 10.0, 12.0, 20.0, 13.0]];
 
 /// Share of people with a national data opt-out.
 const OPT_OUT_SHARE: f64 = 0.03;
@@ -659,11 +628,7 @@ struct GpEventColumns {
 
 impl Columns for GpEventColumns {
     fn schema() -> SchemaRef {
-        schema(vec![
-            utf8("person_id"),
-            date("event_date", false),
-            utf8("snomed_code"),
-        ])
+        schema(vec![utf8("person_id"), date("event_date", false), utf8("snomed_code")])
     }
 
     fn len(&self) -> usize {
@@ -960,16 +925,10 @@ impl Model {
             85..=94 => 0.63,
             _ => 0.75,
         };
-        let sex = if rng.random_bool(female_share) {
-            "F"
-        } else {
-            "M"
-        };
+        let sex = if rng.random_bool(female_share) { "F" } else { "M" };
         let ethnicity = self.ethnicity[district].sample(rng);
         let shape = &DISTRICT_SHAPES[district];
-        let imd_decile = (shape.imd_centre + 2.0 * standard_normal(rng))
-            .round()
-            .clamp(1.0, 10.0) as i32;
+        let imd_decile = (shape.imd_centre + 2.0 * standard_normal(rng)).round().clamp(1.0, 10.0) as i32;
 
         out.person_id.append_value(id);
         out.sex.append_value(sex);
@@ -1064,9 +1023,7 @@ impl Model {
             _ => 3,
         };
         scratch.referrals.clear();
-        scratch
-            .referrals
-            .extend((0..count).map(|_| random_day(rng)));
+        scratch.referrals.extend((0..count).map(|_| random_day(rng)));
         scratch.referrals.sort_unstable();
         let group = usize::from(person.age >= 65);
         for &day in &scratch.referrals {
@@ -1148,13 +1105,7 @@ impl Model {
 
     /// Writes a run of consecutive care episodes from `start`, stopping at the first one
     /// still open at the extract date.
-    fn care_episodes(
-        &self,
-        rng: &mut SmallRng,
-        person_id: &str,
-        run: CareRun,
-        out: &mut AscColumns,
-    ) {
+    fn care_episodes(&self, rng: &mut SmallRng, person_id: &str, run: CareRun, out: &mut AscColumns) {
         let CareRun {
             start,
             episodes,
@@ -1181,13 +1132,10 @@ impl Model {
                 (exponential(rng, mean_days) as i32).max(7)
             };
             let open = day + length > LAST_DAY
-                || (episode + 1 == episodes
-                    && service != REABLEMENT
-                    && rng.random_bool(LAST_EPISODE_ONGOING));
+                || (episode + 1 == episodes && service != REABLEMENT && rng.random_bool(LAST_EPISODE_ONGOING));
             out.person_id.append_value(person_id);
             out.service_type.append_value(SERVICE_TYPES[service]);
-            out.primary_support_reason
-                .append_value(SUPPORT_REASONS[reason]);
+            out.primary_support_reason.append_value(SUPPORT_REASONS[reason]);
             out.start_date.append_value(day);
             out.end_date.append_option((!open).then_some(day + length));
             out.weekly_cost.append_value(weekly_cost(rng, service));
@@ -1251,10 +1199,7 @@ mod tests {
             .iter()
             .flat_map(|batch| {
                 let array = batch.column_by_name(column).unwrap().as_string::<i32>();
-                array
-                    .iter()
-                    .map(|value| value.unwrap().to_owned())
-                    .collect::<Vec<_>>()
+                array.iter().map(|value| value.unwrap().to_owned()).collect::<Vec<_>>()
             })
             .collect()
     }
@@ -1264,10 +1209,7 @@ mod tests {
             .iter()
             .flat_map(|batch| {
                 let array = batch.column_by_name(column).unwrap();
-                array
-                    .as_primitive::<Date32Type>()
-                    .iter()
-                    .collect::<Vec<_>>()
+                array.as_primitive::<Date32Type>().iter().collect::<Vec<_>>()
             })
             .collect()
     }
@@ -1322,12 +1264,7 @@ mod tests {
 
         generate(c.path(), PEOPLE, SEED + 1).unwrap();
         let other = all_bytes(c.path());
-        assert!(
-            bytes
-                .iter()
-                .zip(&other)
-                .all(|(x, y)| x.0 == y.0 && x.1 != y.1)
-        );
+        assert!(bytes.iter().zip(&other).all(|(x, y)| x.0 == y.0 && x.1 != y.1));
 
         // Regenerating in place with fewer people leaves no stale parts behind.
         let summary = generate(a.path(), 10, SEED).unwrap();
@@ -1374,21 +1311,12 @@ mod tests {
 
         let bands = strings(&patients, "age_band");
         assert!(bands.iter().any(|band| band == "100+" || band == "95-99"));
-        let females = strings(&patients, "sex")
-            .iter()
-            .filter(|s| *s == "F")
-            .count();
+        let females = strings(&patients, "sex").iter().filter(|s| *s == "F").count();
         assert!((0.49..0.53).contains(&(females as f64 / PEOPLE as f64)));
-        let white = strings(&patients, "ethnicity")
-            .iter()
-            .filter(|e| *e == "White")
-            .count();
+        let white = strings(&patients, "ethnicity").iter().filter(|e| *e == "White").count();
         assert!((0.86..0.93).contains(&(white as f64 / PEOPLE as f64)));
         for batch in &patients {
-            let ages = batch
-                .column_by_name("age")
-                .unwrap()
-                .as_primitive::<Int32Type>();
+            let ages = batch.column_by_name("age").unwrap().as_primitive::<Int32Type>();
             assert!(ages.values().iter().all(|age| (0..=105).contains(age)));
             let imd = batch.column_by_name("imd_decile").unwrap();
             let imd = imd.as_primitive::<Int32Type>();
@@ -1398,10 +1326,7 @@ mod tests {
         // gp_events
         let gp = read(out, "gp_events");
         let gp_rows = rows(&gp);
-        assert!(
-            (5 * PEOPLE..=20 * PEOPLE).contains(&gp_rows),
-            "{gp_rows} GP events"
-        );
+        assert!((5 * PEOPLE..=20 * PEOPLE).contains(&gp_rows), "{gp_rows} GP events");
         assert!(
             days(&gp, "event_date")
                 .iter()
@@ -1416,13 +1341,7 @@ mod tests {
 
         // asc_services
         let asc = read(out, "asc_services");
-        assert!(
-            asc[0]
-                .schema()
-                .field_with_name("end_date")
-                .unwrap()
-                .is_nullable()
-        );
+        assert!(asc[0].schema().field_with_name("end_date").unwrap().is_nullable());
         let costs: Vec<f64> = asc
             .iter()
             .flat_map(|batch| {

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
 
 use crate::config::{
     AuditConfig, DataConfig, DisclosureConfig, GatewayConfig, IdentityConfig, LimitsConfig, RegistryConfig, TlsConfig,
@@ -53,16 +55,25 @@ pub struct DemoOptions {
 
 fn write(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), DemoError> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| DemoError::Io { path: parent.to_owned(), source })?;
+        std::fs::create_dir_all(parent).map_err(|source| DemoError::Io {
+            path: parent.to_owned(),
+            source,
+        })?;
     }
-    std::fs::write(path, contents).map_err(|source| DemoError::Io { path: path.to_owned(), source })
+    std::fs::write(path, contents).map_err(|source| DemoError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Creates whatever part of the demo world is missing in `opts.dir`, re-issues the tokens, and
 /// returns the config that serves it (also written to `<dir>/gateway.toml`).
 pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, DemoError> {
     let dir = &opts.dir;
-    std::fs::create_dir_all(dir).map_err(|source| DemoError::Io { path: dir.clone(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| DemoError::Io {
+        path: dir.clone(),
+        source,
+    })?;
     let data_dir = opts.data_dir.clone().unwrap_or_else(|| dir.join("data"));
     ensure_data(&data_dir, opts.people, opts.seed)?;
 
@@ -83,15 +94,24 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         let registry = Registry::open(&registry_path)?;
         seed::demo(&registry, now.date_naive())?;
     }
-    let private_pem = std::fs::read(&private).map_err(|source| DemoError::Io { path: private.clone(), source })?;
+    let private_pem = std::fs::read(&private).map_err(|source| DemoError::Io {
+        path: private.clone(),
+        source,
+    })?;
     let issuer = TokenIssuer::new(&private_pem, "ES256", DEMO_ISSUER, DEMO_AUDIENCE)?;
     for (user, _, _) in seed::DEMO_USERS {
-        write(&dir.join("tokens").join(format!("{user}.jwt")), issuer.issue(user, now.timestamp(), TOKEN_LIFETIME_SECS))?;
+        write(
+            &dir.join("tokens").join(format!("{user}.jwt")),
+            issuer.issue(user, now.timestamp(), TOKEN_LIFETIME_SECS),
+        )?;
     }
 
     let config = GatewayConfig {
         listen: opts.listen,
-        tls: TlsConfig { cert: tls.join("server.pem"), key: tls.join("server.key") },
+        tls: TlsConfig {
+            cert: tls.join("server.pem"),
+            key: tls.join("server.key"),
+        },
         identity: IdentityConfig {
             issuer: DEMO_ISSUER.into(),
             audience: DEMO_AUDIENCE.into(),
@@ -120,7 +140,11 @@ pub fn ensure_data(dir: &Path, people: usize, seed: u64) -> Result<(), DemoError
     }
     let started = std::time::Instant::now();
     let summary = data::generate(dir, people, seed)?;
-    tracing::info!(people = summary.people, elapsed_ms = started.elapsed().as_millis() as u64, "demo data generated");
+    tracing::info!(
+        people = summary.people,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "demo data generated"
+    );
     write(&marker, stamp)
 }
 
@@ -130,7 +154,11 @@ fn make_certificates(dir: &Path) -> Result<(), DemoError> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, "sde-gateway demo CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::from_params(&ca, &ca_key);
 

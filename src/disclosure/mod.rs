@@ -40,7 +40,10 @@ pub struct Rules {
 
 impl From<&DisclosureConfig> for Rules {
     fn from(c: &DisclosureConfig) -> Self {
-        Self { threshold: c.threshold, rounding: c.rounding }
+        Self {
+            threshold: c.threshold,
+            rounding: c.rounding,
+        }
     }
 }
 
@@ -69,7 +72,10 @@ pub struct Disclosure {
 
 impl Disclosure {
     pub fn new(rules: Rules) -> Self {
-        Self { rules, withheld: Arc::default() }
+        Self {
+            rules,
+            withheld: Arc::default(),
+        }
     }
 
     pub fn rules(&self) -> Rules {
@@ -109,7 +115,10 @@ impl Disclosure {
     /// Describes the rules and what was withheld, for the result's schema metadata.
     pub fn report(&self, checked_columns: &[String]) -> HashMap<String, String> {
         HashMap::from([
-            ("sde.rules".to_owned(), serde_json::to_string(&self.rules).expect("rules serialise")),
+            (
+                "sde.rules".to_owned(),
+                serde_json::to_string(&self.rules).expect("rules serialise"),
+            ),
             ("sde.checked_columns".to_owned(), checked_columns.join(",")),
             ("sde.groups_withheld".to_owned(), self.withheld.groups().to_string()),
             ("sde.cells_suppressed".to_owned(), self.withheld.cells().to_string()),
@@ -157,7 +166,9 @@ impl Hash for CellRule {
 fn fewest_people(counts: &[ArrayRef], rows: usize) -> DFResult<Int64Array> {
     let mut fewest = vec![i64::MAX; rows];
     if counts.is_empty() {
-        return Err(DataFusionError::Internal("disclosure rule called without people counts".into()));
+        return Err(DataFusionError::Internal(
+            "disclosure rule called without people counts".into(),
+        ));
     }
     for count in counts {
         let count = cast(count, &DataType::Int64)?;
@@ -255,13 +266,19 @@ mod tests {
 
     #[test]
     fn rounding_to_nearest_five() {
-        let r: Vec<i64> = [0, 1, 2, 3, 7, 12, 13, 15, 1002].iter().map(|&v| round_to(v, 5)).collect();
+        let r: Vec<i64> = [0, 1, 2, 3, 7, 12, 13, 15, 1002]
+            .iter()
+            .map(|&v| round_to(v, 5))
+            .collect();
         assert_eq!(r, [0, 0, 0, 5, 5, 10, 15, 15, 1000]);
     }
 
     #[test]
     fn cells_with_few_people_are_null_and_tallied() {
-        let d = Disclosure::new(Rules { threshold: 10, rounding: 5 });
+        let d = Disclosure::new(Rules {
+            threshold: 10,
+            rounding: 5,
+        });
         let udf = CellRule {
             kind: Kind::CountCell,
             rules: d.rules,

@@ -65,11 +65,17 @@ pub struct Engine {
 impl Engine {
     /// Opens every sub-folder of `dir` as a Parquet dataset. `opt_outs/` must exist.
     pub async fn open(dir: &Path) -> Result<Self, EngineError> {
-        let io = |source| EngineError::Io { path: dir.display().to_string(), source };
+        let io = |source| EngineError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
         let ctx = SessionContext::new();
         let mut datasets = BTreeMap::new();
         let mut opt_outs = None;
-        let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<Result<_, _>>().map_err(io)?;
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .collect::<Result<_, _>>()
+            .map_err(io)?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             if !entry.file_type().map_err(io)?.is_dir() {
@@ -81,7 +87,10 @@ impl Engine {
             }
             let table = open_listing(&ctx, &entry.path())
                 .await
-                .map_err(|source| EngineError::Dataset { dataset: name.clone(), source })?;
+                .map_err(|source| EngineError::Dataset {
+                    dataset: name.clone(),
+                    source,
+                })?;
             if table.schema().field_with_name(PERSON_ID).is_err() {
                 return Err(EngineError::NoPersonId(name));
             }
@@ -126,7 +135,10 @@ impl Engine {
                 }),
             };
             ctx.register_table(dataset.as_str(), Arc::new(table))
-                .map_err(|e| EngineError::Dataset { dataset: dataset.clone(), source: e })?;
+                .map_err(|e| EngineError::Dataset {
+                    dataset: dataset.clone(),
+                    source: e,
+                })?;
         }
         Ok(ctx)
     }
@@ -137,7 +149,10 @@ impl Engine {
             .grants
             .iter()
             .map(|(dataset, columns)| {
-                let source = self.datasets.get(dataset).ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
+                let source = self
+                    .datasets
+                    .get(dataset)
+                    .ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
                 Ok((dataset.clone(), granted_schema(dataset, &source.schema(), columns)?))
             })
             .collect()
@@ -149,7 +164,9 @@ impl Engine {
             .get(POPULATION)
             .ok_or_else(|| EngineError::UnknownDataset(POPULATION.into()))?;
         let schema = DFSchema::try_from(population.schema().as_ref().clone()).map_err(EngineError::Cohort)?;
-        ctx.state().create_logical_expr(sql, &schema).map_err(EngineError::Cohort)
+        ctx.state()
+            .create_logical_expr(sql, &schema)
+            .map_err(EngineError::Cohort)
     }
 }
 
@@ -158,10 +175,12 @@ fn granted_schema(dataset: &str, full: &SchemaRef, columns: &[String]) -> Result
     let fields = columns
         .iter()
         .map(|column| {
-            full.field_with_name(column).cloned().map_err(|_| EngineError::UnknownColumn {
-                dataset: dataset.to_owned(),
-                column: column.clone(),
-            })
+            full.field_with_name(column)
+                .cloned()
+                .map_err(|_| EngineError::UnknownColumn {
+                    dataset: dataset.to_owned(),
+                    column: column.clone(),
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Arc::new(Schema::new(fields)))
@@ -170,7 +189,10 @@ fn granted_schema(dataset: &str, full: &SchemaRef, columns: &[String]) -> Result
 async fn open_listing(ctx: &SessionContext, dir: &Path) -> DFResult<Arc<ListingTable>> {
     let url = ListingTableUrl::parse(dir.to_string_lossy())?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new(url).with_listing_options(options).infer_schema(&ctx.state()).await?;
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .infer_schema(&ctx.state())
+        .await?;
     Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
@@ -195,7 +217,13 @@ pub struct GuardedTable {
 impl GuardedTable {
     /// Guards `source` (every column granted, no cohort); for tests and tools.
     pub fn new(name: &str, source: Arc<dyn TableProvider>, opt_outs: Arc<dyn TableProvider>) -> Self {
-        Self { name: name.to_owned(), schema: source.schema(), source, opt_outs, cohort: None }
+        Self {
+            name: name.to_owned(),
+            schema: source.schema(),
+            source,
+            opt_outs,
+            cohort: None,
+        }
     }
 
     /// The dataset name, as granted.
@@ -245,16 +273,28 @@ impl TableProvider for GuardedTable {
         let key = |table: &str| Column::new(Some(table), PERSON_ID);
         let mut plan = LogicalPlanBuilder::scan(name, provider_as_source(Arc::clone(&self.source)), None)?;
         if let Some(cohort) = &self.cohort {
-            let people = LogicalPlanBuilder::scan("__sde_cohort", provider_as_source(Arc::clone(&cohort.population)), None)?
-                .filter(cohort.expr.clone())?
-                .project(vec![Expr::Column(key("__sde_cohort"))])?
-                .build()?;
-            plan = plan.join(people, JoinType::LeftSemi, (vec![key(name)], vec![key("__sde_cohort")]), None)?;
+            let people =
+                LogicalPlanBuilder::scan("__sde_cohort", provider_as_source(Arc::clone(&cohort.population)), None)?
+                    .filter(cohort.expr.clone())?
+                    .project(vec![Expr::Column(key("__sde_cohort"))])?
+                    .build()?;
+            plan = plan.join(
+                people,
+                JoinType::LeftSemi,
+                (vec![key(name)], vec![key("__sde_cohort")]),
+                None,
+            )?;
         }
-        let opt_outs = LogicalPlanBuilder::scan("__sde_opt_outs", provider_as_source(Arc::clone(&self.opt_outs)), None)?
-            .project(vec![Expr::Column(key("__sde_opt_outs"))])?
-            .build()?;
-        plan = plan.join(opt_outs, JoinType::LeftAnti, (vec![key(name)], vec![key("__sde_opt_outs")]), None)?;
+        let opt_outs =
+            LogicalPlanBuilder::scan("__sde_opt_outs", provider_as_source(Arc::clone(&self.opt_outs)), None)?
+                .project(vec![Expr::Column(key("__sde_opt_outs"))])?
+                .build()?;
+        plan = plan.join(
+            opt_outs,
+            JoinType::LeftAnti,
+            (vec![key(name)], vec![key("__sde_opt_outs")]),
+            None,
+        )?;
         for filter in filters {
             plan = plan.filter(unqualify(filter)?)?;
         }
@@ -263,7 +303,12 @@ impl TableProvider for GuardedTable {
                 .iter()
                 .map(|&i| Expr::Column(Column::new(Some(name), self.schema.field(i).name())))
                 .collect(),
-            None => self.schema.fields().iter().map(|f| Expr::Column(Column::new(Some(name), f.name()))).collect(),
+            None => self
+                .schema
+                .fields()
+                .iter()
+                .map(|f| Expr::Column(Column::new(Some(name), f.name())))
+                .collect(),
         };
         let plan = plan.project(columns)?.build()?;
         state.create_physical_plan(&plan).await

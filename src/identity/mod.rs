@@ -65,7 +65,9 @@ pub struct TokenVerifier {
 
 impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenVerifier").field("algorithms", &self.validation.algorithms).finish()
+        f.debug_struct("TokenVerifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
     }
 }
 
@@ -90,7 +92,12 @@ impl TokenVerifier {
         // Expiry is judged against the injected clock below, not the library's wall clock.
         validation.validate_exp = false;
         validation.validate_nbf = false;
-        Ok(Self { key, validation, leeway: config.leeway_seconds as i64, clock })
+        Ok(Self {
+            key,
+            validation,
+            leeway: config.leeway_seconds as i64,
+            clock,
+        })
     }
 
     /// Verifies the value of an `authorization` header.
@@ -131,19 +138,22 @@ pub struct TokenIssuer {
 
 impl TokenIssuer {
     /// `private_pem` is a PKCS#8 PEM key for `algorithm`.
-    pub fn new(
-        private_pem: &[u8],
-        algorithm_name: &str,
-        issuer: &str,
-        audience: &str,
-    ) -> Result<Self, IdentityError> {
+    pub fn new(private_pem: &[u8], algorithm_name: &str, issuer: &str, audience: &str) -> Result<Self, IdentityError> {
         let alg = algorithm(algorithm_name)?;
         let key = match alg {
             Algorithm::RS256 => EncodingKey::from_rsa_pem(private_pem),
             _ => EncodingKey::from_ec_pem(private_pem),
         }
-        .map_err(|e| IdentityError::Key { path: "<signing key>".into(), message: e.to_string() })?;
-        Ok(Self { key, header: Header::new(alg), issuer: issuer.into(), audience: audience.into() })
+        .map_err(|e| IdentityError::Key {
+            path: "<signing key>".into(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            key,
+            header: Header::new(alg),
+            issuer: issuer.into(),
+            audience: audience.into(),
+        })
     }
 
     pub fn issue(&self, user: &str, issued_at: i64, lifetime_secs: i64) -> String {
@@ -215,7 +225,9 @@ mod tests {
             assert!(matches!(verifier.verify(&token), Err(IdentityError::Invalid(_))));
         }
         // Signed by another key.
-        let forged = TokenIssuer::new(pem.as_bytes(), "ES256", "iss", "aud").unwrap().issue("alice", now, 60);
+        let forged = TokenIssuer::new(pem.as_bytes(), "ES256", "iss", "aud")
+            .unwrap()
+            .issue("alice", now, 60);
         assert!(matches!(verifier.verify(&forged), Err(IdentityError::Invalid(_))));
         // alg: none with no signature.
         use base64::Engine;
@@ -223,7 +235,10 @@ mod tests {
         let none = format!(
             "{}.{}.",
             b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
-            b64.encode(format!(r#"{{"sub":"alice","iss":"iss","aud":"aud","exp":{},"iat":0}}"#, now + 60))
+            b64.encode(format!(
+                r#"{{"sub":"alice","iss":"iss","aud":"aud","exp":{},"iat":0}}"#,
+                now + 60
+            ))
         );
         assert!(matches!(verifier.verify(&none), Err(IdentityError::Invalid(_))));
         assert_eq!(verifier.verify_header(None), Err(IdentityError::Missing));

@@ -108,7 +108,11 @@ pub async fn plan_and_check(
     if sql.len() > max_sql_bytes {
         return Err(PolicyError::TooLong(sql.len(), max_sql_bytes));
     }
-    let plan = ctx.state().create_logical_plan(sql).await.map_err(PolicyError::from_df)?;
+    let plan = ctx
+        .state()
+        .create_logical_plan(sql)
+        .await
+        .map_err(PolicyError::from_df)?;
     check_statement_kind(&plan)?;
     SQLOptions::new()
         .with_allow_ddl(false)
@@ -135,13 +139,22 @@ fn check_statement_kind(plan: &LogicalPlan) -> Result<(), PolicyError> {
 /// Checks and rewrites an (unoptimised) logical plan.
 pub fn check(plan: LogicalPlan, rules: Rules) -> Result<Permit, PolicyError> {
     check_statement_kind(&plan)?;
-    let mut checker = Checker { disclosure: Disclosure::new(rules), next_id: 0, subquery_masks: HashMap::new(), checked: vec![] };
+    let mut checker = Checker {
+        disclosure: Disclosure::new(rules),
+        next_id: 0,
+        subquery_masks: HashMap::new(),
+        checked: vec![],
+    };
     let (plan, mask) = checker.visit(plan)?;
     if mask.iter().any(|&m| m) {
         return Err(PolicyError::RowLevel);
     }
     let checked = output_names(&plan, &checker.checked);
-    Ok(Permit { plan, disclosure: checker.disclosure, checked })
+    Ok(Permit {
+        plan,
+        disclosure: checker.disclosure,
+        checked,
+    })
 }
 
 /// The names, in the result, of the columns computed from checked aggregate cells.
@@ -219,15 +232,26 @@ fn no_identifier(expr: &Expr, schema: &DFSchemaRef, mask: &Mask, place: &'static
 
 fn refuse_function(name: &str) -> PolicyError {
     let advice = match name {
-        "min" | "max" | "median" | "first_value" | "last_value" | "nth_value" | "percentile_cont"
-        | "percentile_disc" | "approx_percentile_cont" | "approx_percentile_cont_with_weight"
+        "min"
+        | "max"
+        | "median"
+        | "first_value"
+        | "last_value"
+        | "nth_value"
+        | "percentile_cont"
+        | "percentile_disc"
+        | "approx_percentile_cont"
+        | "approx_percentile_cont_with_weight"
         | "approx_median" => {
             "it releases a single person's value; use COUNT, SUM or AVG, or GROUP BY a banded value and count"
         }
         "array_agg" | "string_agg" | "list_agg" => "collections release individual values; use COUNT with GROUP BY",
         _ => "only COUNT, COUNT(DISTINCT …), SUM and AVG may aggregate records about people",
     };
-    PolicyError::Function { function: name.to_uppercase(), advice }
+    PolicyError::Function {
+        function: name.to_uppercase(),
+        advice,
+    }
 }
 
 impl Checker {
@@ -251,7 +275,10 @@ impl Checker {
                     let (inner, mask) = self.visit(inner).map_err(PolicyError::into_df)?;
                     let inner = Arc::new(inner);
                     self.subquery_masks.insert(key(&inner), mask);
-                    Ok(Transformed::yes(LogicalPlan::Subquery(Subquery { subquery: inner, ..s })))
+                    Ok(Transformed::yes(LogicalPlan::Subquery(Subquery {
+                        subquery: inner,
+                        ..s
+                    })))
                 }
                 other => Ok(Transformed::no(other)),
             })
@@ -267,7 +294,12 @@ impl Checker {
     /// `person_id IN (…)` semi-join.
     fn check_expression_kinds(&self, plan: &LogicalPlan, masks: &[Mask]) -> Result<(), PolicyError> {
         let input_schema = plan.inputs().first().map(|i| Arc::clone(i.schema()));
-        let person_level = |s: &Subquery| self.subquery_masks.get(&key(&s.subquery)).map(|m| m.iter().any(|&x| x)).unwrap_or(true);
+        let person_level = |s: &Subquery| {
+            self.subquery_masks
+                .get(&key(&s.subquery))
+                .map(|m| m.iter().any(|&x| x))
+                .unwrap_or(true)
+        };
         let mut error = None;
         plan.apply_expressions(|e| {
             e.apply(|e| {
@@ -320,9 +352,15 @@ impl Checker {
         match plan {
             LogicalPlan::TableScan(ref scan) => {
                 let provider = source_as_provider(&scan.source).map_err(PolicyError::from_df)?;
-                let guarded = GuardedTable::as_guarded(provider.as_ref())
-                    .ok_or(PolicyError::Unsupported("only the project's granted tables can be queried"))?;
-                let mask: Mask = scan.projected_schema.fields().iter().map(|f| guarded.is_identifier(f.name())).collect();
+                let guarded = GuardedTable::as_guarded(provider.as_ref()).ok_or(PolicyError::Unsupported(
+                    "only the project's granted tables can be queried",
+                ))?;
+                let mask: Mask = scan
+                    .projected_schema
+                    .fields()
+                    .iter()
+                    .map(|f| guarded.is_identifier(f.name()))
+                    .collect();
                 for f in &scan.filters {
                     no_identifier(f, &scan.projected_schema, &mask, "in a filter")?;
                 }
@@ -350,9 +388,10 @@ impl Checker {
                 }
                 Ok((plan, masks.into_iter().next().expect("sort input")))
             }
-            LogicalPlan::Limit(_) | LogicalPlan::SubqueryAlias(_) | LogicalPlan::Subquery(_) | LogicalPlan::Repartition(_) => {
-                Ok((plan, masks.into_iter().next().expect("one input")))
-            }
+            LogicalPlan::Limit(_)
+            | LogicalPlan::SubqueryAlias(_)
+            | LogicalPlan::Subquery(_)
+            | LogicalPlan::Repartition(_) => Ok((plan, masks.into_iter().next().expect("one input"))),
             LogicalPlan::Join(ref j) => {
                 let (left, right) = (&masks[0], &masks[1]);
                 let mut person_key = false;
@@ -394,7 +433,9 @@ impl Checker {
                 }
                 let semi_drops = |dropped: &Mask| dropped.iter().any(|&x| x) && !person_key;
                 let mask = match j.join_type {
-                    JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => [left.clone(), right.clone()].concat(),
+                    JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => {
+                        [left.clone(), right.clone()].concat()
+                    }
                     JoinType::LeftSemi | JoinType::LeftAnti if !semi_drops(right) => left.clone(),
                     JoinType::RightSemi | JoinType::RightAnti if !semi_drops(left) => right.clone(),
                     JoinType::LeftSemi | JoinType::LeftAnti | JoinType::RightSemi | JoinType::RightAnti => {
@@ -498,7 +539,9 @@ impl Checker {
             .collect();
         for g in &agg.group_expr {
             if matches!(g, Expr::GroupingSet(_)) {
-                return Err(PolicyError::Unsupported("GROUPING SETS, ROLLUP and CUBE are not supported; run one query per grouping"));
+                return Err(PolicyError::Unsupported(
+                    "GROUPING SETS, ROLLUP and CUBE are not supported; run one query per grouping",
+                ));
             }
             no_identifier(g, &schema, in_mask, "as a GROUP BY key")?;
         }
@@ -509,7 +552,9 @@ impl Checker {
         for (j, person) in ids.iter().enumerate() {
             aggr.push(count_distinct(person.clone()).alias(people_name(j)));
         }
-        let group_people: Vec<Expr> = (0..ids.len()).map(|j| Expr::Column(Column::new_unqualified(people_name(j)))).collect();
+        let group_people: Vec<Expr> = (0..ids.len())
+            .map(|j| Expr::Column(Column::new_unqualified(people_name(j))))
+            .collect();
 
         // Per aggregate: its kind and the people counts that govern its cell.
         let mut cells = Vec::with_capacity(agg.aggr_expr.len());
@@ -524,9 +569,15 @@ impl Checker {
                 other => return Err(refuse_function(other)),
             };
             for arg in &params.args {
-                let counts_people = is_count && params.distinct && params.args.len() == 1 && bare_identifier(arg, &schema, in_mask);
+                let counts_people =
+                    is_count && params.distinct && params.args.len() == 1 && bare_identifier(arg, &schema, in_mask);
                 if !counts_people {
-                    no_identifier(arg, &schema, in_mask, "inside an aggregate other than COUNT(DISTINCT …)")?;
+                    no_identifier(
+                        arg,
+                        &schema,
+                        in_mask,
+                        "inside an aggregate other than COUNT(DISTINCT …)",
+                    )?;
                 }
             }
             if let Some(filter) = &params.filter {
@@ -554,7 +605,9 @@ impl Checker {
                     let mut cols = Vec::with_capacity(ids.len());
                     for (j, person) in ids.iter().enumerate() {
                         let name = format!("__sde_contrib_{id}_{i}_{j}");
-                        let contributor = when(condition.clone(), person.clone()).end().map_err(PolicyError::from_df)?;
+                        let contributor = when(condition.clone(), person.clone())
+                            .end()
+                            .map_err(PolicyError::from_df)?;
                         aggr.push(count_distinct(contributor).alias(name.clone()));
                         cols.push(Expr::Column(Column::new_unqualified(name)));
                     }
@@ -565,7 +618,8 @@ impl Checker {
         }
 
         let n_group = agg.group_expr.len();
-        let rewritten = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr).map_err(PolicyError::from_df)?;
+        let rewritten =
+            Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr).map_err(PolicyError::from_df)?;
         let mut plan = LogicalPlan::Aggregate(rewritten);
         if n_group > 0 {
             let keep = self.disclosure.keep_group(group_people);

@@ -12,7 +12,10 @@ use datafusion::prelude::SessionContext;
 use super::*;
 use crate::engine::GuardedTable;
 
-const RULES: Rules = Rules { threshold: 10, rounding: 5 };
+const RULES: Rules = Rules {
+    threshold: 10,
+    rounding: 5,
+};
 
 fn table(schema: Arc<Schema>, columns: Vec<Arc<dyn Array>>) -> Arc<dyn TableProvider> {
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns).unwrap();
@@ -38,7 +41,11 @@ fn session() -> SessionContext {
             Field::new("district", DataType::Utf8, false),
             Field::new("age", DataType::Int64, false),
         ])),
-        vec![Arc::new(StringArray::from(ids)), Arc::new(StringArray::from(districts)), Arc::new(Int64Array::from(ages))],
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(StringArray::from(districts)),
+            Arc::new(Int64Array::from(ages)),
+        ],
     );
     let mut v_ids = vec!["a0".to_owned(); 20];
     let mut costs = vec![1000.0; 20];
@@ -58,8 +65,13 @@ fn session() -> SessionContext {
         vec![Arc::new(StringArray::from(vec!["c30"]))],
     );
     let ctx = SessionContext::new();
-    ctx.register_table("patients", Arc::new(GuardedTable::new("patients", patients, Arc::clone(&opt_outs)))).unwrap();
-    ctx.register_table("visits", Arc::new(GuardedTable::new("visits", visits, opt_outs))).unwrap();
+    ctx.register_table(
+        "patients",
+        Arc::new(GuardedTable::new("patients", patients, Arc::clone(&opt_outs))),
+    )
+    .unwrap();
+    ctx.register_table("visits", Arc::new(GuardedTable::new("visits", visits, opt_outs)))
+        .unwrap();
     ctx
 }
 
@@ -72,8 +84,16 @@ async fn refusal(sql: &str) -> PolicyError {
 
 async fn run(sql: &str) -> String {
     let ctx = session();
-    let permit = plan_and_check(&ctx, sql, RULES, 1 << 16).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let batches = ctx.execute_logical_plan(permit.plan().clone()).await.unwrap().collect().await.unwrap();
+    let permit = plan_and_check(&ctx, sql, RULES, 1 << 16)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let batches = ctx
+        .execute_logical_plan(permit.plan().clone())
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     pretty_format_batches(&batches).unwrap().to_string()
 }
 
@@ -92,7 +112,10 @@ async fn row_level_output_is_refused_in_every_spelling() {
         "SELECT age FROM patients UNION ALL SELECT age FROM patients",
     ] {
         let e = refusal(sql).await;
-        assert!(matches!(e, PolicyError::RowLevel | PolicyError::Unsupported(_)), "{sql}: {e}");
+        assert!(
+            matches!(e, PolicyError::RowLevel | PolicyError::Unsupported(_)),
+            "{sql}: {e}"
+        );
     }
 }
 
@@ -154,10 +177,16 @@ async fn only_single_read_only_queries() {
         "COPY patients TO '/tmp/x.csv'",
     ] {
         let e = refusal(sql).await;
-        assert!(matches!(e, PolicyError::NotAQuery(_) | PolicyError::Sql(_)), "{sql}: {e}");
+        assert!(
+            matches!(e, PolicyError::NotAQuery(_) | PolicyError::Sql(_)),
+            "{sql}: {e}"
+        );
     }
     assert!(matches!(refusal("SELECT 1; SELECT 2").await, PolicyError::Sql(_)));
-    assert!(matches!(refusal("SELECT COUNT(*) FROM opt_outs").await, PolicyError::Sql(_)));
+    assert!(matches!(
+        refusal("SELECT COUNT(*) FROM opt_outs").await,
+        PolicyError::Sql(_)
+    ));
 }
 
 #[tokio::test]
@@ -166,7 +195,14 @@ async fn small_groups_withheld_counts_rounded_opt_outs_excluded() {
     // A has 12 → 10; B has 9 → withheld; C has 31, one opted out → 30.
     assert_table(
         &out,
-        &["+----------+----+", "| district | n  |", "+----------+----+", "| A        | 10 |", "| C        | 30 |", "+----------+----+"],
+        &[
+            "+----------+----+",
+            "| district | n  |",
+            "+----------+----+",
+            "| A        | 10 |",
+            "| C        | 30 |",
+            "+----------+----+",
+        ],
     );
 }
 
@@ -179,8 +215,18 @@ async fn disclosure_applies_before_arithmetic_and_having() {
     let out = run("SELECT COUNT(*) * 2 + 1 AS x FROM patients WHERE district = 'A'").await;
     assert_table(&out, &["+----+", "| x  |", "+----+", "| 21 |", "+----+"]);
     // HAVING sees rounded values and cannot resurrect a withheld group.
-    let out = run("SELECT district, COUNT(*) AS n FROM patients GROUP BY district HAVING COUNT(*) < 11 ORDER BY 1").await;
-    assert_table(&out, &["+----------+----+", "| district | n  |", "+----------+----+", "| A        | 10 |", "+----------+----+"]);
+    let out =
+        run("SELECT district, COUNT(*) AS n FROM patients GROUP BY district HAVING COUNT(*) < 11 ORDER BY 1").await;
+    assert_table(
+        &out,
+        &[
+            "+----------+----+",
+            "| district | n  |",
+            "+----------+----+",
+            "| A        | 10 |",
+            "+----------+----+",
+        ],
+    );
 }
 
 #[tokio::test]
@@ -206,7 +252,17 @@ async fn conditional_sums_count_only_selected_people() {
 #[tokio::test]
 async fn distinct_combinations_need_enough_people() {
     let out = run("SELECT DISTINCT district FROM patients ORDER BY district").await;
-    assert_table(&out, &["+----------+", "| district |", "+----------+", "| A        |", "| C        |", "+----------+"]);
+    assert_table(
+        &out,
+        &[
+            "+----------+",
+            "| district |",
+            "+----------+",
+            "| A        |",
+            "| C        |",
+            "+----------+",
+        ],
+    );
 }
 
 #[tokio::test]
@@ -225,5 +281,14 @@ async fn post_processing_of_safe_aggregates_is_allowed() {
         "SELECT COUNT(*) AS districts, SUM(n) AS total FROM (SELECT district, COUNT(*) AS n FROM patients GROUP BY district) t",
     )
     .await;
-    assert_table(&out, &["+-----------+-------+", "| districts | total |", "+-----------+-------+", "| 2         | 40    |", "+-----------+-------+"]);
+    assert_table(
+        &out,
+        &[
+            "+-----------+-------+",
+            "| districts | total |",
+            "+-----------+-------+",
+            "| 2         | 40    |",
+            "+-----------+-------+",
+        ],
+    );
 }

@@ -17,8 +17,7 @@ mod schema;
 pub mod seed;
 
 /// The three board roles whose approval a project needs.
-pub const BOARD_ROLES: [&str; 3] =
-    ["board:caldicott_guardian", "board:ccio", "board:public_representative"];
+pub const BOARD_ROLES: [&str; 3] = ["board:caldicott_guardian", "board:ccio", "board:public_representative"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -38,13 +37,19 @@ pub enum Refusal {
     UnknownUser(String),
     #[error("safe-people/user-suspended: your access is suspended; contact the platform administrators")]
     UserSuspended,
-    #[error("safe-people/accreditation-expired: your accreditation expired on {0}; renew it with the platform administrators")]
+    #[error(
+        "safe-people/accreditation-expired: your accreditation expired on {0}; renew it with the platform administrators"
+    )]
     AccreditationExpired(NaiveDate),
-    #[error("safe-people/training-lapsed: your data protection training ({0}) is older than {1} months; complete it again")]
+    #[error(
+        "safe-people/training-lapsed: your data protection training ({0}) is older than {1} months; complete it again"
+    )]
     TrainingLapsed(NaiveDate, u32),
     #[error("safe-people/organisation-not-accredited: your organisation {0} is not accredited ({1})")]
     OrganisationNotAccredited(String, String),
-    #[error("safe-people/organisation-dspt: your organisation {0} does not hold a current Data Security and Protection Toolkit ({1})")]
+    #[error(
+        "safe-people/organisation-dspt: your organisation {0} does not hold a current Data Security and Protection Toolkit ({1})"
+    )]
     OrganisationDspt(String, String),
     #[error("safe-people/role: this call needs the {0} role")]
     MissingRole(&'static str),
@@ -113,7 +118,10 @@ impl Registry {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::migrate(&conn)?;
-        Ok(Self { conn: Mutex::new(conn), training_months: 12 })
+        Ok(Self {
+            conn: Mutex::new(conn),
+            training_months: 12,
+        })
     }
 
     pub(crate) fn with_conn<T>(
@@ -176,7 +184,11 @@ impl Registry {
             let roles = stmt
                 .query_map(params![user], |r| r.get::<_, String>(0))?
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(Principal { user: user.to_owned(), organisation: org, roles })
+            Ok(Principal {
+                user: user.to_owned(),
+                organisation: org,
+                roles,
+            })
         })
     }
 
@@ -242,11 +254,17 @@ impl Registry {
                 "SELECT dataset, column_name FROM grants WHERE project_id = ?1 ORDER BY dataset, position",
             )?;
             let mut grants: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for row in stmt.query_map(params![project], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            for row in stmt.query_map(params![project], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })? {
                 let (dataset, column) = row?;
                 grants.entry(dataset).or_default().push(column);
             }
-            Ok(ProjectAccess { project: project.to_owned(), grants, cohort })
+            Ok(ProjectAccess {
+                project: project.to_owned(),
+                grants,
+                cohort,
+            })
         })
     }
 }
@@ -304,9 +322,18 @@ mod tests {
     #[test]
     fn each_demo_refusal_names_its_rule() {
         let (reg, _d) = demo_registry();
-        assert!(matches!(refusal(reg.principal("bob", today()).unwrap_err()), Refusal::AccreditationExpired(_)));
-        assert!(matches!(refusal(reg.principal("carol", today()).unwrap_err()), Refusal::OrganisationDspt(..)));
-        assert!(matches!(refusal(reg.principal("mallory", today()).unwrap_err()), Refusal::UnknownUser(_)));
+        assert!(matches!(
+            refusal(reg.principal("bob", today()).unwrap_err()),
+            Refusal::AccreditationExpired(_)
+        ));
+        assert!(matches!(
+            refusal(reg.principal("carol", today()).unwrap_err()),
+            Refusal::OrganisationDspt(..)
+        ));
+        assert!(matches!(
+            refusal(reg.principal("mallory", today()).unwrap_err()),
+            Refusal::UnknownUser(_)
+        ));
         let dave = reg.principal("dave", today()).unwrap();
         assert!(matches!(
             refusal(reg.project_access(&dave, "ews-asc-linkage", today()).unwrap_err()),

@@ -8,13 +8,34 @@ use super::{BOARD_ROLES, Registry, RegistryError};
 
 /// Demo datasets and their columns, in table order.
 pub const DEMO_DATASETS: [(&str, &[&str]); 4] = [
-    ("patients", &["person_id", "sex", "age", "age_band", "ethnicity", "district", "imd_decile"]),
+    (
+        "patients",
+        &[
+            "person_id",
+            "sex",
+            "age",
+            "age_band",
+            "ethnicity",
+            "district",
+            "imd_decile",
+        ],
+    ),
     ("gp_events", &["person_id", "event_date", "snomed_code"]),
     (
         "asc_services",
-        &["person_id", "service_type", "primary_support_reason", "start_date", "end_date", "weekly_cost"],
+        &[
+            "person_id",
+            "service_type",
+            "primary_support_reason",
+            "start_date",
+            "end_date",
+            "weekly_cost",
+        ],
     ),
-    ("ews_referrals", &["person_id", "referral_date", "referral_source", "service", "outcome"]),
+    (
+        "ews_referrals",
+        &["person_id", "referral_date", "referral_source", "service", "outcome"],
+    ),
 ];
 
 /// Demo users: id, organisation, roles.

@@ -18,7 +18,13 @@ fn rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
             out.push(
                 b.columns()
                     .iter()
-                    .map(|c| if c.is_null(r) { String::new() } else { array_value_to_string(c, r).unwrap() })
+                    .map(|c| {
+                        if c.is_null(r) {
+                            String::new()
+                        } else {
+                            array_value_to_string(c, r).unwrap()
+                        }
+                    })
                     .collect(),
             );
         }
@@ -60,15 +66,25 @@ async fn worked_example_gives_safe_correct_counts() {
     .await;
     assert_eq!(rows(&got), want);
     // Disclosure control was needed (some groups are small) and is described in the schema.
-    let all_groups = raw(&world_data(), "SELECT COUNT(*) FROM (SELECT DISTINCT age_band, sex FROM patients)").await;
+    let all_groups = raw(
+        &world_data(),
+        "SELECT COUNT(*) FROM (SELECT DISTINCT age_band, sex FROM patients)",
+    )
+    .await;
     let all_groups = all_groups[0].column(0).as_primitive::<Int64Type>().value(0) as usize;
-    assert!(want.len() < all_groups, "the demo data should have small groups to withhold");
+    assert!(
+        want.len() < all_groups,
+        "the demo data should have small groups to withhold"
+    );
     let metadata = got[0].schema().metadata().clone();
     assert_eq!(metadata["sde.groups_withheld"], (all_groups - want.len()).to_string());
     assert_eq!(metadata["sde.checked_columns"], "n");
     assert!(metadata["sde.rules"].contains("\"threshold\":10"));
     // Opted-out people are not counted: the released total is below the raw total.
-    let released: i64 = got.iter().map(|b| b.column(2).as_primitive::<Int64Type>().iter().flatten().sum::<i64>()).sum();
+    let released: i64 = got
+        .iter()
+        .map(|b| b.column(2).as_primitive::<Int64Type>().iter().flatten().sum::<i64>())
+        .sum();
     assert!(released < PEOPLE as i64 * 99 / 100, "released {released} of {PEOPLE}");
 }
 
@@ -101,7 +117,10 @@ async fn row_level_and_identifier_queries_are_refused_with_the_rule() {
     let gw = spawn_gateway().await;
     for (sql, rule) in [
         ("SELECT age, district FROM patients", "safe-outputs/aggregate-only"),
-        ("SELECT person_id, COUNT(*) FROM asc_services GROUP BY person_id", "safe-outputs/identifiers"),
+        (
+            "SELECT person_id, COUNT(*) FROM asc_services GROUP BY person_id",
+            "safe-outputs/identifiers",
+        ),
         ("SELECT MAX(age) FROM patients", "safe-outputs/allowed-aggregates"),
         ("DROP TABLE patients", "safe-outputs/single-query"),
     ] {
@@ -114,12 +133,27 @@ async fn row_level_and_identifier_queries_are_refused_with_the_rule() {
 #[tokio::test]
 async fn tables_not_granted_look_like_tables_that_do_not_exist() {
     let gw = spawn_gateway().await;
-    let not_granted = gw.query_as("alice", PROJECT, "SELECT COUNT(*) FROM gp_events").await.unwrap_err();
-    let absent = gw.query_as("alice", PROJECT, "SELECT COUNT(*) FROM gp_eventz").await.unwrap_err();
-    let opt_outs = gw.query_as("alice", PROJECT, "SELECT COUNT(*) FROM opt_outs").await.unwrap_err();
+    let not_granted = gw
+        .query_as("alice", PROJECT, "SELECT COUNT(*) FROM gp_events")
+        .await
+        .unwrap_err();
+    let absent = gw
+        .query_as("alice", PROJECT, "SELECT COUNT(*) FROM gp_eventz")
+        .await
+        .unwrap_err();
+    let opt_outs = gw
+        .query_as("alice", PROJECT, "SELECT COUNT(*) FROM opt_outs")
+        .await
+        .unwrap_err();
     assert_eq!(not_granted.code(), Code::InvalidArgument);
-    assert_eq!(not_granted.message().replace("gp_events", "X"), absent.message().replace("gp_eventz", "X"));
-    assert_eq!(opt_outs.message().replace("opt_outs", "X"), absent.message().replace("gp_eventz", "X"));
+    assert_eq!(
+        not_granted.message().replace("gp_events", "X"),
+        absent.message().replace("gp_eventz", "X")
+    );
+    assert_eq!(
+        opt_outs.message().replace("opt_outs", "X"),
+        absent.message().replace("gp_eventz", "X")
+    );
 }
 
 #[tokio::test]
@@ -153,20 +187,32 @@ async fn users_without_the_right_are_permission_denied() {
         assert!(err.message().starts_with(rule), "{user}/{project}: {}", err.message());
     }
     let mut no_project = gw.client_with(Some(gw.token("alice")), None).await;
-    assert_eq!(query(&mut no_project, sql).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        query(&mut no_project, sql).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 }
 
 #[tokio::test]
 async fn a_ticket_alone_is_not_trusted() {
     let gw = spawn_gateway().await;
     let mut alice = gw.client("alice", PROJECT).await;
-    let info = alice.execute("SELECT COUNT(*) AS n FROM patients".into(), None).await.unwrap();
+    let info = alice
+        .execute("SELECT COUNT(*) AS n FROM patients".into(), None)
+        .await
+        .unwrap();
     let ticket = info.endpoint[0].ticket.clone().unwrap();
     // Without a token, or as another (even authorised-looking) user, the ticket is refused.
     let mut anonymous = gw.client_with(None, Some(PROJECT)).await;
-    assert_eq!(status(anonymous.do_get(ticket.clone()).await.err().unwrap()).code(), Code::Unauthenticated);
+    assert_eq!(
+        status(anonymous.do_get(ticket.clone()).await.err().unwrap()).code(),
+        Code::Unauthenticated
+    );
     let mut dave = gw.client("dave", PROJECT).await;
-    assert_eq!(status(dave.do_get(ticket.clone()).await.err().unwrap()).code(), Code::PermissionDenied);
+    assert_eq!(
+        status(dave.do_get(ticket.clone()).await.err().unwrap()).code(),
+        Code::PermissionDenied
+    );
     // Alice can still use it once; then it is spent.
     let stream = alice.do_get(ticket.clone()).await.unwrap();
     let receipt = stream.headers().get("x-sde-audit-seq").cloned();
@@ -180,7 +226,10 @@ async fn catalogue_shows_only_granted_tables() {
     let gw = spawn_gateway().await;
     let mut alice = gw.client("alice", PROJECT).await;
     let info = alice
-        .get_tables(CommandGetTables { include_schema: true, ..Default::default() })
+        .get_tables(CommandGetTables {
+            include_schema: true,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let stream = alice.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap();
@@ -188,15 +237,24 @@ async fn catalogue_shows_only_granted_tables() {
     let names: Vec<String> = rows(&batches).into_iter().map(|r| r[2].clone()).collect();
     assert_eq!(names, ["asc_services", "ews_referrals", "patients"]);
     let mut dave = gw.client("dave", PROJECT).await;
-    assert_eq!(status(dave.get_tables(CommandGetTables::default()).await.unwrap_err()).code(), Code::PermissionDenied);
+    assert_eq!(
+        status(dave.get_tables(CommandGetTables::default()).await.unwrap_err()).code(),
+        Code::PermissionDenied
+    );
 }
 
 #[tokio::test]
 async fn every_call_is_audited_in_a_verified_chain_before_release() {
     let gw = spawn_gateway().await;
-    gw.query_as("alice", PROJECT, "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex").await.unwrap();
-    gw.query_as("alice", PROJECT, "SELECT age FROM patients").await.unwrap_err();
-    gw.query_as("bob", PROJECT, "SELECT COUNT(*) FROM patients").await.unwrap_err();
+    gw.query_as("alice", PROJECT, "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
+        .await
+        .unwrap();
+    gw.query_as("alice", PROJECT, "SELECT age FROM patients")
+        .await
+        .unwrap_err();
+    gw.query_as("bob", PROJECT, "SELECT COUNT(*) FROM patients")
+        .await
+        .unwrap_err();
     let records = sde_gateway::audit::verify(&gw.audit_log()).expect("chain verifies");
     let summary: Vec<(String, String, Option<String>)> = records
         .iter()
@@ -206,25 +264,38 @@ async fn every_call_is_audited_in_a_verified_chain_before_release() {
     assert_eq!(
         summary,
         [
-            ("query.plan".into(), "accepted".into(), alice.clone()),
+            ("query.execute".into(), "accepted".into(), alice.clone()),
             ("query.release".into(), "accepted".into(), alice.clone()),
-            ("query.plan".into(), "refused".into(), alice),
-            ("query.plan".into(), "refused".into(), Some("bob".into())),
+            ("query.execute".into(), "refused".into(), alice),
+            ("query.execute".into(), "refused".into(), Some("bob".into())),
         ]
     );
     let release = &records[1].entry;
     assert!(release.result_hash.is_some());
-    assert_eq!(release.sql.as_deref(), Some("SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"));
+    assert_eq!(
+        release.sql.as_deref(),
+        Some("SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
+    );
     assert_eq!(records[2].entry.rule.as_deref(), Some("safe-outputs/aggregate-only"));
-    assert_eq!(records[3].entry.rule.as_deref(), Some("safe-people/accreditation-expired"));
+    assert_eq!(
+        records[3].entry.rule.as_deref(),
+        Some("safe-people/accreditation-expired")
+    );
 }
 
 #[tokio::test]
 async fn malformed_and_huge_queries_get_clear_errors_and_the_server_stays_up() {
     let gw = spawn_gateway().await;
-    for sql in ["SELEC nonsense", "", "SELECT COUNT(* FROM patients", &format!("SELECT {} ", "1+".repeat(40_000))] {
+    for sql in [
+        "SELEC nonsense",
+        "",
+        "SELECT COUNT(* FROM patients",
+        &format!("SELECT {} ", "1+".repeat(40_000)),
+    ] {
         let err = gw.query_as("alice", PROJECT, sql).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{:.40}: {err:?}", sql);
     }
-    gw.query_as("alice", PROJECT, "SELECT COUNT(*) AS n FROM patients").await.expect("still serving");
+    gw.query_as("alice", PROJECT, "SELECT COUNT(*) AS n FROM patients")
+        .await
+        .expect("still serving");
 }

@@ -64,7 +64,12 @@ pub async fn spawn_gateway() -> TestGateway {
     tokio::spawn(gateway.run(async {
         let _ = rx.await;
     }));
-    TestGateway { addr, dir, config, shutdown: Some(tx) }
+    TestGateway {
+        addr,
+        dir,
+        config,
+        shutdown: Some(tx),
+    }
 }
 
 impl TestGateway {
@@ -78,7 +83,9 @@ impl TestGateway {
 
     pub async fn channel(&self) -> Channel {
         let ca = std::fs::read(self.path("tls/ca.pem")).unwrap();
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost");
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("localhost");
         Endpoint::from_shared(format!("https://{}", self.addr))
             .unwrap()
             .tls_config(tls)
@@ -132,7 +139,9 @@ pub async fn query(client: &mut FlightSqlServiceClient<Channel>, sql: &str) -> R
 pub async fn raw(data: &Path, sql: &str) -> Vec<RecordBatch> {
     let ctx = datafusion::prelude::SessionContext::new();
     for dataset in ["patients", "gp_events", "asc_services", "ews_referrals", "opt_outs"] {
-        ctx.register_parquet(dataset, data.join(dataset).to_str().unwrap(), Default::default()).await.unwrap();
+        ctx.register_parquet(dataset, data.join(dataset).to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
     }
     ctx.sql(sql).await.unwrap().collect().await.unwrap()
 }
