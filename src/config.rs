@@ -90,6 +90,12 @@ pub struct DisclosureConfig {
     pub threshold: u64,
     /// Released counts are rounded to the nearest multiple of this.
     pub rounding: u64,
+    /// N-K dominance (n = 2): suppress a sum or mean where the two largest contributors make
+    /// up more than this percentage of it.
+    pub dominance_percent: u64,
+    /// p% rule: suppress a sum or mean where the rest, after the two largest contributors, is
+    /// less than this percentage of the largest.
+    pub p_percent: u64,
     /// No configuration (gateway, dataset or project) may set `threshold` below this.
     pub floor_threshold: u64,
     /// No configuration may set `rounding` below this.
@@ -101,6 +107,8 @@ impl Default for DisclosureConfig {
         Self {
             threshold: 10,
             rounding: 5,
+            dominance_percent: 90,
+            p_percent: 10,
             floor_threshold: 10,
             floor_rounding: 5,
         }
@@ -201,6 +209,12 @@ impl GatewayConfig {
                 "disclosure.rounding",
                 format!("{} is below the floor of {}", d.rounding, d.floor_rounding),
             );
+        }
+        if d.dominance_percent == 0 || d.dominance_percent > 100 {
+            return invalid("disclosure.dominance_percent", "must be between 1 and 100".into());
+        }
+        if d.p_percent > 100 {
+            return invalid("disclosure.p_percent", "must be between 0 and 100".into());
         }
         if !matches!(self.identity.algorithm.as_str(), "ES256" | "RS256") {
             return invalid("identity.algorithm", "must be ES256 or RS256".into());

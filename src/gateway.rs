@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::audit::{AuditLog, Entry, Receipt};
 use crate::clock::SharedClock;
 use crate::config::LimitsConfig;
-use crate::disclosure::Rules;
+use crate::disclosure::{DifferencingRefused, Rules};
 use crate::engine::{Engine, EngineError};
 use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
@@ -224,7 +224,14 @@ impl Core {
         let (principal, access) = self.access(call, who)?;
         let session = self.engine.session(&access)?;
         let permit = policy::plan_and_check(&session, sql, self.rules, self.limits.max_sql_bytes).await?;
-        let execution = |e| Error::Engine(EngineError::Execution(e));
+        let execution = |e: datafusion::error::DataFusionError| match e.find_root() {
+            // Disclosure control can refuse while the query runs (differencing).
+            datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
+                Some(refused) => Error::Policy(refused.clone().into()),
+                None => Error::Engine(EngineError::Execution(e)),
+            },
+            _ => Error::Engine(EngineError::Execution(e)),
+        };
         let df = session
             .execute_logical_plan(permit.plan().clone())
             .await

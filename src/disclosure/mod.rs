@@ -23,7 +23,7 @@ use datafusion::arrow::compute::{cast, nullif};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::logical_expr::{
-    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, lit,
 };
 use serde::Serialize;
 
@@ -36,6 +36,22 @@ pub struct Rules {
     pub threshold: u64,
     /// Released counts are rounded to the nearest multiple of this.
     pub rounding: u64,
+    /// N-K dominance (n = 2): a sum or mean is suppressed where the two largest contributors
+    /// make up more than this percentage of it.
+    pub dominance_percent: u64,
+    /// p% rule: a sum or mean is suppressed where what is left after the two largest
+    /// contributors is less than this percentage of the largest.
+    pub p_percent: u64,
+}
+
+impl Rules {
+    /// The defaults of DESIGN.md: 10 people, rounding to 5, N-K (2, 90 %), p = 10 %.
+    pub const DEFAULT: Rules = Rules {
+        threshold: 10,
+        rounding: 5,
+        dominance_percent: 90,
+        p_percent: 10,
+    };
 }
 
 impl From<&DisclosureConfig> for Rules {
@@ -43,8 +59,21 @@ impl From<&DisclosureConfig> for Rules {
         Self {
             threshold: c.threshold,
             rounding: c.rounding,
+            dominance_percent: c.dominance_percent,
+            p_percent: c.p_percent,
         }
     }
+}
+
+/// Raised while a query runs when its filters single out a small group: the people a filter
+/// removes from a released group (or from the whole population) must be none, or at least the
+/// threshold, or "everyone" minus "everyone but X" would describe X.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error(
+    "safe-outputs/differencing: the query's filters exclude fewer than {threshold} people from a group it would otherwise cover; remove the filter or make it exclude more people"
+)]
+pub struct DifferencingRefused {
+    pub threshold: u64,
 }
 
 /// What disclosure control withheld while one query ran.
@@ -102,14 +131,39 @@ impl Disclosure {
         self.call(Kind::KeepGroup, people)
     }
 
-    /// A count, rounded, or NULL where fewer than `threshold` people contribute.
-    pub fn count_cell(&self, value: Expr, people: Vec<Expr>) -> Expr {
-        self.call(Kind::CountCell, [vec![value], people].concat())
+    /// A count, rounded; or NULL where it fails its own check. `contributors[j]` and
+    /// `group_people[j]` are, per identifier, the people behind the cell and behind its group.
+    pub fn count_cell(&self, value: Expr, contributors: Vec<Expr>, group_people: Vec<Expr>) -> Expr {
+        self.call(
+            Kind::CountCell,
+            [vec![value, lit(false)], contributors, group_people].concat(),
+        )
     }
 
-    /// A sum or mean, or NULL where fewer than `threshold` people contribute.
-    pub fn value_cell(&self, value: Expr, people: Vec<Expr>) -> Expr {
-        self.call(Kind::ValueCell, [vec![value], people].concat())
+    /// A sum or mean; or NULL where it fails its own check, or `dominated` is true.
+    pub fn value_cell(&self, value: Expr, dominated: Expr, contributors: Vec<Expr>, group_people: Vec<Expr>) -> Expr {
+        self.call(
+            Kind::ValueCell,
+            [vec![value, dominated], contributors, group_people].concat(),
+        )
+    }
+
+    /// True, or a [`DifferencingRefused`] error where a group's filtered people (`people[j]`)
+    /// fall short of its unfiltered people (`unfiltered[j]`) by fewer than the threshold.
+    pub fn no_differencing(&self, people: Vec<Expr>, unfiltered: Vec<Expr>) -> Expr {
+        self.call(Kind::NoDifferencing, [people, unfiltered].concat())
+    }
+
+    /// Whether per-person contributions `total`, `top1`, `top2` (magnitudes, Float64) fail the
+    /// N-K or p% rule. NULL totals (no contributions) are not dominated.
+    pub fn dominated(&self, total: Expr, top1: Expr, top2: Expr) -> Expr {
+        let top2 = datafusion::functions::core::expr_fn::coalesce(vec![top2, lit(0.0)]);
+        let top_two = top1.clone() + top2;
+        let nk = top_two
+            .clone()
+            .gt(lit(self.rules.dominance_percent as f64 / 100.0) * total.clone());
+        let p = (total - top_two).lt(lit(self.rules.p_percent as f64 / 100.0) * top1);
+        datafusion::functions::core::expr_fn::coalesce(vec![nk.or(p), lit(false)])
     }
 
     /// Describes the rules and what was withheld, for the result's schema metadata.
@@ -138,6 +192,7 @@ enum Kind {
     KeepGroup,
     CountCell,
     ValueCell,
+    NoDifferencing,
 }
 
 #[derive(Debug)]
@@ -187,6 +242,7 @@ impl ScalarUDFImpl for CellRule {
             Kind::KeepGroup => "sde_keep_group",
             Kind::CountCell => "sde_count_cell",
             Kind::ValueCell => "sde_value_cell",
+            Kind::NoDifferencing => "sde_no_differencing",
         }
     }
 
@@ -196,7 +252,7 @@ impl ScalarUDFImpl for CellRule {
 
     fn return_type(&self, arg_types: &[DataType]) -> DFResult<DataType> {
         Ok(match self.kind {
-            Kind::KeepGroup => DataType::Boolean,
+            Kind::KeepGroup | Kind::NoDifferencing => DataType::Boolean,
             Kind::CountCell => DataType::Int64,
             Kind::ValueCell => arg_types
                 .first()
@@ -209,43 +265,60 @@ impl ScalarUDFImpl for CellRule {
         let rows = args.number_rows;
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let threshold = self.rules.threshold as i64;
-        let (value, counts) = match self.kind {
-            Kind::KeepGroup => (None, &arrays[..]),
-            _ => (Some(&arrays[0]), &arrays[1..]),
-        };
-        let fewest = fewest_people(counts, rows)?;
-        // `small[i]` is true where row i is backed by too few people.
-        let small = BooleanArray::from_iter(fewest.values().iter().map(|&n| Some(n < threshold)));
-        let n_small = small.true_count() as u64;
         let out: ArrayRef = match self.kind {
             Kind::KeepGroup => {
-                self.withheld.groups.fetch_add(n_small, Ordering::Relaxed);
-                Arc::new(BooleanArray::from_iter(small.values().iter().map(|s| Some(!s))))
+                let people = fewest_people(&arrays, rows)?;
+                let keep = BooleanArray::from_iter(people.values().iter().map(|&n| Some(n >= threshold)));
+                self.withheld
+                    .groups
+                    .fetch_add((rows - keep.true_count()) as u64, Ordering::Relaxed);
+                Arc::new(keep)
             }
-            Kind::CountCell => {
-                let value = cast(value.expect("count"), &DataType::Int64)?;
-                let value = value.as_primitive::<Int64Type>();
-                let base = self.rules.rounding as i64;
-                let mut suppressed = 0;
-                let rounded: Int64Array = (0..rows)
-                    .map(|i| {
-                        if small.value(i) {
-                            suppressed += 1;
-                            None
-                        } else if value.is_null(i) {
-                            None
-                        } else {
-                            Some(round_to(value.value(i), base))
+            Kind::NoDifferencing => {
+                let (people, unfiltered) = arrays.split_at(arrays.len() / 2);
+                for (p, u) in people.iter().zip(unfiltered) {
+                    let p = cast(p, &DataType::Int64)?;
+                    let u = cast(u, &DataType::Int64)?;
+                    let (p, u) = (p.as_primitive::<Int64Type>(), u.as_primitive::<Int64Type>());
+                    for i in 0..rows {
+                        let (p, u) = (p.value(i), if u.is_null(i) { 0 } else { u.value(i) });
+                        let excluded = u - p;
+                        if p >= threshold && excluded > 0 && excluded < threshold {
+                            return Err(DataFusionError::External(Box::new(DifferencingRefused {
+                                threshold: self.rules.threshold,
+                            })));
                         }
-                    })
-                    .collect();
-                self.withheld.cells.fetch_add(suppressed, Ordering::Relaxed);
-                Arc::new(rounded)
+                    }
+                }
+                Arc::new(BooleanArray::from(vec![true; rows]))
             }
-            Kind::ValueCell => {
-                let value = value.expect("value");
-                self.withheld.cells.fetch_add(n_small, Ordering::Relaxed);
-                nullif(value.as_ref(), &small)?
+            Kind::CountCell | Kind::ValueCell => {
+                let (value, dominated) = (&arrays[0], arrays[1].as_boolean());
+                let (contributors, group_people) = arrays[2..].split_at((arrays.len() - 2) / 2);
+                let contributors = fewest_people(contributors, rows)?;
+                let group_people = fewest_people(group_people, rows)?;
+                // A cell is withheld if few people contribute to it, if the people its own
+                // condition leaves out of the group are a small (non-empty) set — that set is
+                // described by the difference with the group — or if a few people dominate it.
+                let withhold = BooleanArray::from_iter((0..rows).map(|i| {
+                    let (c, g) = (contributors.value(i), group_people.value(i));
+                    let left_out = g - c;
+                    Some(c < threshold || (left_out > 0 && left_out < threshold) || dominated.value(i))
+                }));
+                self.withheld
+                    .cells
+                    .fetch_add(withhold.true_count() as u64, Ordering::Relaxed);
+                if self.kind == Kind::CountCell {
+                    let value = cast(value, &DataType::Int64)?;
+                    let value = value.as_primitive::<Int64Type>();
+                    let base = self.rules.rounding as i64;
+                    let rounded: Int64Array = (0..rows)
+                        .map(|i| (!withhold.value(i) && !value.is_null(i)).then(|| round_to(value.value(i), base)))
+                        .collect();
+                    Arc::new(rounded)
+                } else {
+                    nullif(value.as_ref(), &withhold)?
+                }
             }
         };
         Ok(ColumnarValue::Array(out))
@@ -275,28 +348,33 @@ mod tests {
 
     #[test]
     fn cells_with_few_people_are_null_and_tallied() {
-        let d = Disclosure::new(Rules {
-            threshold: 10,
-            rounding: 5,
-        });
+        let d = Disclosure::new(Rules::DEFAULT);
         let udf = CellRule {
             kind: Kind::CountCell,
             rules: d.rules,
             withheld: d.withheld(),
             signature: Signature::variadic_any(Volatility::Volatile),
         };
-        let counts: ArrayRef = Arc::new(Int64Array::from(vec![12, 9, 40]));
-        let people: ArrayRef = Arc::new(Int64Array::from(vec![10, 9, 3]));
+        let counts: ArrayRef = Arc::new(Int64Array::from(vec![12, 9, 40, 40]));
+        let people: ArrayRef = Arc::new(Int64Array::from(vec![10, 9, 3, 30]));
+        let group: ArrayRef = Arc::new(Int64Array::from(vec![10, 9, 3, 31]));
         let args = ScalarFunctionArgs {
-            args: vec![ColumnarValue::Array(counts), ColumnarValue::Array(people)],
+            args: vec![
+                ColumnarValue::Array(counts),
+                ColumnarValue::Scalar(false.into()),
+                ColumnarValue::Array(people),
+                ColumnarValue::Array(group),
+            ],
             arg_fields: vec![],
-            number_rows: 3,
+            number_rows: 4,
             return_field: Arc::new(datafusion::arrow::datatypes::Field::new("c", DataType::Int64, true)),
             config_options: Default::default(),
         };
-        let out = udf.invoke_with_args(args).unwrap().into_array(3).unwrap();
+        let out = udf.invoke_with_args(args).unwrap().into_array(4).unwrap();
         let out = out.as_primitive::<Int64Type>();
-        assert_eq!(out.iter().collect::<Vec<_>>(), [Some(10), None, None]);
-        assert_eq!(d.withheld().cells(), 2);
+        // 12 → 10; 9 people → NULL; 3 people → NULL; 30 of a group of 31 → NULL (the one left
+        // out would be revealed by the difference with the group).
+        assert_eq!(out.iter().collect::<Vec<_>>(), [Some(10), None, None, None]);
+        assert_eq!(d.withheld().cells(), 3);
     }
 }

@@ -20,17 +20,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::NullEquality;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchemaRef};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
-use datafusion::functions_aggregate::expr_fn::count_distinct;
+use datafusion::functions_aggregate::expr_fn::{count_distinct, max, nth_value, sum};
 use datafusion::logical_expr::expr::{AggregateFunction, InSubquery};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
     Aggregate, Distinct, Expr, Filter, JoinType, LogicalPlan, Operator, Projection, Subquery, lit, when,
 };
+use datafusion::logical_expr::{LogicalPlanBuilder, cast};
 use datafusion::prelude::SessionContext;
 
 use crate::disclosure::{Disclosure, Rules};
@@ -52,6 +55,8 @@ pub enum PolicyError {
     Identifier { column: String, place: &'static str },
     #[error("safe-outputs/unsupported: {0}")]
     Unsupported(&'static str),
+    #[error(transparent)]
+    Differencing(#[from] crate::disclosure::DifferencingRefused),
     #[error("safe-outputs/query-too-long: the SQL text is {0} bytes; the limit is {1}")]
     TooLong(usize, usize),
     #[error("invalid query: {0}")]
@@ -528,7 +533,15 @@ impl Checker {
     }
 
     /// Rewrites an aggregate over person-level rows so that disclosure control applies to its
-    /// output. The result has the aggregate's columns, names and order (values may be NULL).
+    /// output. The result has the aggregate's columns, names and order (values may be NULL):
+    ///
+    /// ```text
+    /// Projection   cells → sde_count_cell / sde_value_cell (threshold, rounding, dominance)
+    ///   Filter     sde_keep_group (groups backed by too few people are withheld)
+    ///     Filter   sde_no_differencing (only if the input is filtered)
+    ///       Join   on group keys with the side aggregates (per-person dominance, unfiltered people)
+    ///         Aggregate  the original aggregates + distinct people per group and per cell
+    /// ```
     fn protect(&mut self, agg: Aggregate, in_mask: &Mask) -> Result<LogicalPlan, PolicyError> {
         let schema = Arc::clone(agg.input.schema());
         let ids: Vec<Expr> = schema
@@ -547,17 +560,19 @@ impl Checker {
         }
         let id = self.next_id;
         self.next_id += 1;
+        let df = PolicyError::from_df;
+        let col = |name: String| Expr::Column(Column::new_unqualified(name));
         let mut aggr = agg.aggr_expr.clone();
         let people_name = |j: usize| format!("__sde_people_{id}_{j}");
         for (j, person) in ids.iter().enumerate() {
             aggr.push(count_distinct(person.clone()).alias(people_name(j)));
         }
-        let group_people: Vec<Expr> = (0..ids.len())
-            .map(|j| Expr::Column(Column::new_unqualified(people_name(j))))
-            .collect();
+        let group_people: Vec<Expr> = (0..ids.len()).map(|j| col(people_name(j))).collect();
 
-        // Per aggregate: its kind and the people counts that govern its cell.
+        // Per aggregate: whether it is a count, the people who contribute to it, and (for SUM
+        // and AVG) the expression and condition whose per-person totals dominance judges.
         let mut cells = Vec::with_capacity(agg.aggr_expr.len());
+        let mut sums: Vec<(usize, Expr)> = Vec::new();
         for (i, e) in agg.aggr_expr.iter().enumerate() {
             let Expr::AggregateFunction(AggregateFunction { func, params }) = e.clone().unalias_nested().data else {
                 return Err(PolicyError::Unsupported("this aggregate expression is not supported"));
@@ -599,31 +614,113 @@ impl Checker {
                     }
                 }
             }
-            let people = match conditions.into_iter().reduce(Expr::and) {
+            let condition = conditions.into_iter().reduce(Expr::and);
+            if !is_count {
+                let arg = params.args.first().cloned().unwrap_or(lit(0));
+                let value = match &condition {
+                    Some(c) => when(c.clone(), arg).end().map_err(df)?,
+                    None => arg,
+                };
+                sums.push((i, cast(value, DataType::Float64)));
+            }
+            let contributors = match condition {
                 None => group_people.clone(),
                 Some(condition) => {
                     let mut cols = Vec::with_capacity(ids.len());
                     for (j, person) in ids.iter().enumerate() {
                         let name = format!("__sde_contrib_{id}_{i}_{j}");
-                        let contributor = when(condition.clone(), person.clone())
-                            .end()
-                            .map_err(PolicyError::from_df)?;
+                        let contributor = when(condition.clone(), person.clone()).end().map_err(df)?;
                         aggr.push(count_distinct(contributor).alias(name.clone()));
-                        cols.push(Expr::Column(Column::new_unqualified(name)));
+                        cols.push(col(name));
                     }
                     cols
                 }
             };
-            cells.push((is_count, people));
+            cells.push((is_count, contributors));
         }
 
         let n_group = agg.group_expr.len();
-        let rewritten =
-            Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr).map_err(PolicyError::from_df)?;
-        let mut plan = LogicalPlan::Aggregate(rewritten);
+        let main = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr).map_err(df)?;
+        let group_cols: Vec<Column> = agg
+            .schema
+            .iter()
+            .take(n_group)
+            .map(|(q, f)| Column::new(q.cloned(), f.name()))
+            .collect();
+        let mut plan = LogicalPlan::Aggregate(main);
+
+        // Dominance: per identifier, each person's total contribution to each SUM/AVG cell,
+        // then per group the total, largest and second largest of those (as magnitudes).
+        let mut dominated: HashMap<usize, Expr> = HashMap::new();
+        for (j, person) in ids.iter().enumerate() {
+            if sums.is_empty() {
+                break;
+            }
+            let keys: Vec<Expr> = agg
+                .group_expr
+                .iter()
+                .enumerate()
+                .map(|(k, g)| g.clone().alias(format!("__k{k}")))
+                .collect();
+            let per_person = Aggregate::try_new(
+                Arc::clone(&agg.input),
+                [keys, vec![person.clone().alias("__person")]].concat(),
+                sums.iter()
+                    .map(|(i, v)| sum(v.clone()).alias(format!("__c{i}")))
+                    .collect(),
+            )
+            .map_err(df)?;
+            let mut per_group = Vec::new();
+            for (i, _) in &sums {
+                let c = col(format!("__c{i}"));
+                let magnitude = when(c.clone().lt(lit(0.0)), -c.clone()).otherwise(c).map_err(df)?;
+                let order = vec![magnitude.clone().sort(false, true)];
+                let tag = |what: &str| format!("__sde_{what}_{id}_{i}_{j}");
+                per_group.push(sum(magnitude.clone()).alias(tag("total")));
+                per_group.push(max(magnitude.clone()).alias(tag("top1")));
+                per_group.push(nth_value(magnitude, 2, order).alias(tag("top2")));
+                let verdict = self
+                    .disclosure
+                    .dominated(col(tag("total")), col(tag("top1")), col(tag("top2")));
+                let either = match dominated.remove(i) {
+                    Some(previous) => previous.or(verdict),
+                    None => verdict,
+                };
+                dominated.insert(*i, either);
+            }
+            let side_keys: Vec<Expr> = (0..n_group).map(|k| col(format!("__k{k}"))).collect();
+            let side =
+                Aggregate::try_new(Arc::new(LogicalPlan::Aggregate(per_person)), side_keys, per_group).map_err(df)?;
+            plan = self.join_side(plan, LogicalPlan::Aggregate(side), &group_cols, id, j, "d")?;
+        }
+
+        // Differencing: the same groups without the query's filters, counting people.
+        let unfiltered = without_filters(Arc::unwrap_or_clone(Arc::clone(&agg.input))).map_err(df)?;
+        if unfiltered.transformed {
+            let unfiltered = Arc::new(unfiltered.data);
+            let keys: Vec<Expr> = agg
+                .group_expr
+                .iter()
+                .enumerate()
+                .map(|(k, g)| g.clone().alias(format!("__k{k}")))
+                .collect();
+            let counts: Vec<Expr> = ids
+                .iter()
+                .enumerate()
+                .map(|(j, p)| count_distinct(p.clone()).alias(format!("__sde_unfiltered_{id}_{j}")))
+                .collect();
+            let side = Aggregate::try_new(unfiltered, keys, counts).map_err(df)?;
+            plan = self.join_side(plan, LogicalPlan::Aggregate(side), &group_cols, id, 0, "u")?;
+            let unfiltered_people = (0..ids.len())
+                .map(|j| col(format!("__sde_unfiltered_{id}_{j}")))
+                .collect();
+            let check = self.disclosure.no_differencing(group_people.clone(), unfiltered_people);
+            plan = LogicalPlan::Filter(Filter::try_new(check, Arc::new(plan)).map_err(df)?);
+        }
+
         if n_group > 0 {
-            let keep = self.disclosure.keep_group(group_people);
-            plan = LogicalPlan::Filter(Filter::try_new(keep, Arc::new(plan)).map_err(PolicyError::from_df)?);
+            let keep = self.disclosure.keep_group(group_people.clone());
+            plan = LogicalPlan::Filter(Filter::try_new(keep, Arc::new(plan)).map_err(df)?);
         }
         let mut exprs = Vec::with_capacity(agg.schema.fields().len());
         for (idx, (qualifier, field)) in agg.schema.iter().enumerate() {
@@ -632,18 +729,72 @@ impl Checker {
                 exprs.push(column);
                 continue;
             }
-            let (is_count, people) = &cells[idx - n_group];
+            let i = idx - n_group;
+            let (is_count, contributors) = &cells[i];
             let cell = if *is_count {
-                self.disclosure.count_cell(column, people.clone())
+                self.disclosure
+                    .count_cell(column, contributors.clone(), group_people.clone())
             } else {
-                self.disclosure.value_cell(column, people.clone())
+                let dominated = dominated.remove(&i).unwrap_or(lit(false));
+                self.disclosure
+                    .value_cell(column, dominated, contributors.clone(), group_people.clone())
             };
             exprs.push(cell.alias_qualified(qualifier.cloned(), field.name()));
             self.checked.push(field.name().clone());
         }
-        let projection = Projection::try_new(exprs, Arc::new(plan)).map_err(PolicyError::from_df)?;
+        let projection = Projection::try_new(exprs, Arc::new(plan)).map_err(df)?;
         Ok(LogicalPlan::Projection(projection))
     }
+
+    /// Left-joins a side aggregate (group keys `__k0…` first) to the main aggregate on its group
+    /// keys, NULL matching NULL; without group keys both have one row and are cross-joined.
+    fn join_side(
+        &mut self,
+        main: LogicalPlan,
+        side: LogicalPlan,
+        group_cols: &[Column],
+        id: usize,
+        j: usize,
+        tag: &str,
+    ) -> Result<LogicalPlan, PolicyError> {
+        let df = PolicyError::from_df;
+        let alias = format!("__sde_side_{id}_{tag}{j}");
+        let side = LogicalPlanBuilder::from(side)
+            .alias(alias.clone())
+            .map_err(df)?
+            .build()
+            .map_err(df)?;
+        let builder = LogicalPlanBuilder::from(main);
+        let joined = if group_cols.is_empty() {
+            builder.cross_join(side)
+        } else {
+            let side_keys: Vec<Column> = (0..group_cols.len())
+                .map(|k| Column::new(Some(alias.as_str()), format!("__k{k}")))
+                .collect();
+            builder.join_detailed(
+                side,
+                JoinType::Left,
+                (group_cols.to_vec(), side_keys),
+                None,
+                NullEquality::NullEqualsNull,
+            )
+        };
+        joined.map_err(df)?.build().map_err(df)
+    }
+}
+
+/// The plan without its row filters (WHERE, HAVING below this point, IN-subquery filters and
+/// the extra conditions of inner joins): the population the query would otherwise cover.
+fn without_filters(plan: LogicalPlan) -> datafusion::error::Result<Transformed<LogicalPlan>> {
+    plan.transform_up(|node| match node {
+        LogicalPlan::Filter(f) => Ok(Transformed::yes(Arc::unwrap_or_clone(f.input))),
+        LogicalPlan::Join(mut j) if j.join_type == JoinType::Inner && j.filter.is_some() => {
+            // Keep equality on person identifiers (a join, not a filter); drop the rest.
+            j.filter = None;
+            Ok(Transformed::yes(LogicalPlan::Join(j)))
+        }
+        other => Ok(Transformed::no(other)),
+    })
 }
 
 #[cfg(test)]

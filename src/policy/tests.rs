@@ -12,10 +12,7 @@ use datafusion::prelude::SessionContext;
 use super::*;
 use crate::engine::GuardedTable;
 
-const RULES: Rules = Rules {
-    threshold: 10,
-    rounding: 5,
-};
+const RULES: Rules = Rules::DEFAULT;
 
 fn table(schema: Arc<Schema>, columns: Vec<Arc<dyn Array>>) -> Arc<dyn TableProvider> {
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns).unwrap();
@@ -82,19 +79,23 @@ async fn refusal(sql: &str) -> PolicyError {
     }
 }
 
-async fn run(sql: &str) -> String {
+async fn execute(sql: &str) -> datafusion::error::Result<String> {
     let ctx = session();
     let permit = plan_and_check(&ctx, sql, RULES, 1 << 16)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let batches = ctx
-        .execute_logical_plan(permit.plan().clone())
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
-    pretty_format_batches(&batches).unwrap().to_string()
+    let batches = ctx.execute_logical_plan(permit.plan().clone()).await?.collect().await?;
+    Ok(pretty_format_batches(&batches)?.to_string())
+}
+
+async fn run(sql: &str) -> String {
+    execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// The query runs but is refused by the differencing rule.
+async fn differencing(sql: &str) {
+    let err = execute(sql).await.expect_err(sql);
+    assert!(err.to_string().contains("safe-outputs/differencing"), "{sql}: {err}");
 }
 
 fn assert_table(actual: &str, expected: &[&str]) {
@@ -291,4 +292,62 @@ async fn post_processing_of_safe_aggregates_is_allowed() {
             "+-----------+-------+",
         ],
     );
+}
+
+#[tokio::test]
+async fn dominated_sums_and_means_are_suppressed() {
+    // a0's 20 visits at 1000 dwarf the other 11 people's 10 each.
+    let out = run("SELECT SUM(cost) AS s, AVG(cost) AS a, COUNT(*) AS n FROM visits").await;
+    assert_table(
+        &out,
+        &[
+            "+---+---+----+",
+            "| s | a | n  |",
+            "+---+---+----+",
+            "|   |   | 30 |",
+            "+---+---+----+",
+        ],
+    );
+    // Ages spread evenly: nobody dominates, so sums are released exactly (B is withheld).
+    let out = run("SELECT district, SUM(age) AS s FROM patients GROUP BY district ORDER BY district").await;
+    assert_table(
+        &out,
+        &[
+            "+----------+------+",
+            "| district | s    |",
+            "+----------+------+",
+            "| A        | 306  |",
+            "| C        | 1035 |",
+            "+----------+------+",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn filters_that_exclude_a_few_people_are_refused() {
+    // "Everyone" minus "everyone but a0", in several spellings.
+    differencing("SELECT COUNT(*) FROM patients WHERE NOT (district = 'A' AND age = 20)").await;
+    differencing("SELECT district, COUNT(*) FROM patients WHERE age <> 20 GROUP BY district").await;
+    differencing("WITH t AS (SELECT * FROM patients WHERE age <> 20) SELECT COUNT(*) FROM t").await;
+    differencing(
+        "SELECT COUNT(*) FROM patients WHERE person_id NOT IN (SELECT person_id FROM visits WHERE cost > 100)",
+    )
+    .await;
+    differencing("SELECT COUNT(*) FROM patients p JOIN visits v ON p.person_id = v.person_id AND v.cost < 100").await;
+    // Excluding many people is fine.
+    run("SELECT COUNT(*) FROM patients WHERE district <> 'C'").await;
+}
+
+#[tokio::test]
+async fn cells_that_differ_from_their_group_by_a_few_people_are_suppressed() {
+    let out = run("SELECT COUNT(*) AS a, COUNT(*) FILTER (WHERE age <> 20) AS b FROM patients").await;
+    assert_table(
+        &out,
+        &["+----+---+", "| a  | b |", "+----+---+", "| 50 |   |", "+----+---+"],
+    );
+    let out = run(
+        "SELECT SUM(CASE WHEN cost < 100 THEN cost ELSE 0 END) AS s FROM visits v JOIN patients p USING (person_id)",
+    )
+    .await;
+    assert_table(&out, &["+---+", "| s |", "+---+", "|   |", "+---+"]);
 }
