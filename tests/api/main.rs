@@ -1,5 +1,6 @@
 //! Integration tests: the real gateway on an ephemeral port, real TLS with certificates made at
 //! test time, real signed tokens, and the Rust Flight SQL client.
 
+mod attacks;
 mod flight_sql;
 mod helpers;
