@@ -165,8 +165,9 @@ impl FlightSqlService for FlightSqlApi {
             .identify(&call_context(&request), "metadata.catalogs")
             .await
             .map_err(status)?;
-        let schema = query.clone().into_builder().schema();
-        info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
+        let ticket = query.as_any().encode_to_vec();
+        let schema = query.into_builder().schema();
+        info_for(request.into_inner(), ticket, &schema)
     }
 
     async fn do_get_catalogs(
@@ -192,8 +193,9 @@ impl FlightSqlService for FlightSqlApi {
             .identify(&call_context(&request), "metadata.schemas")
             .await
             .map_err(status)?;
-        let schema = query.clone().into_builder().schema();
-        info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
+        let ticket = query.as_any().encode_to_vec();
+        let schema = query.into_builder().schema();
+        info_for(request.into_inner(), ticket, &schema)
     }
 
     async fn do_get_schemas(
@@ -216,8 +218,9 @@ impl FlightSqlService for FlightSqlApi {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.core.tables(&call_context(&request)).await.map_err(status)?;
-        let schema = query.clone().into_builder().schema();
-        info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
+        let ticket = query.as_any().encode_to_vec();
+        let schema = query.into_builder().schema();
+        info_for(request.into_inner(), ticket, &schema)
     }
 
     async fn do_get_tables(
@@ -274,8 +277,9 @@ impl FlightSqlService for FlightSqlApi {
             .identify(&call_context(&request), "metadata.sql_info")
             .await
             .map_err(status)?;
-        let schema = query.clone().into_builder(&SQL_INFO).schema();
-        info_for(request.into_inner(), query.as_any().encode_to_vec(), &schema)
+        let ticket = query.as_any().encode_to_vec();
+        let schema = query.into_builder(&SQL_INFO).schema();
+        info_for(request.into_inner(), ticket, &schema)
     }
 
     async fn do_get_sql_info(

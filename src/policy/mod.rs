@@ -220,11 +220,11 @@ fn bare_identifier(expr: &Expr, schema: &DFSchemaRef, mask: &Mask) -> bool {
 fn no_identifier(expr: &Expr, schema: &DFSchemaRef, mask: &Mask, place: &'static str) -> Result<(), PolicyError> {
     let mut found = None;
     expr.apply(|e| {
-        if let Expr::Column(c) = e {
-            if is_identifier_column(c, schema, mask) {
-                found = Some(c.name.clone());
-                return Ok(TreeNodeRecursion::Stop);
-            }
+        if let Expr::Column(c) = e
+            && is_identifier_column(c, schema, mask)
+        {
+            found = Some(c.name.clone());
+            return Ok(TreeNodeRecursion::Stop);
         }
         Ok(TreeNodeRecursion::Continue)
     })
@@ -378,10 +378,10 @@ impl Checker {
             LogicalPlan::Projection(p) => self.projection(p, &masks[0]),
             LogicalPlan::Filter(ref f) => {
                 for conjunct in split_conjunction(&f.predicate) {
-                    if let Expr::InSubquery(InSubquery { expr, .. }) = conjunct {
-                        if bare_identifier(expr, f.input.schema(), &masks[0]) {
-                            continue; // a person semi-join, checked with the subquery
-                        }
+                    if let Expr::InSubquery(InSubquery { expr, .. }) = conjunct
+                        && bare_identifier(expr, f.input.schema(), &masks[0])
+                    {
+                        continue; // a person semi-join, checked with the subquery
                     }
                     no_identifier(conjunct, f.input.schema(), &masks[0], "in a filter (WHERE or HAVING)")?;
                 }
@@ -606,12 +606,12 @@ impl Checker {
             // (a zero adds nothing, so `SUM(CASE WHEN … THEN x ELSE 0 END)` counts only the
             // people the CASE selects).
             let mut conditions: Vec<Expr> = params.filter.iter().map(|f| (**f).clone()).collect();
-            if let Some(arg) = params.args.first() {
-                if !matches!(arg, Expr::Literal(..)) {
-                    conditions.push(arg.clone().is_not_null());
-                    if !is_count {
-                        conditions.push(arg.clone().not_eq(lit(0)));
-                    }
+            if let Some(arg) = params.args.first()
+                && !matches!(arg, Expr::Literal(..))
+            {
+                conditions.push(arg.clone().is_not_null());
+                if !is_count {
+                    conditions.push(arg.clone().not_eq(lit(0)));
                 }
             }
             let condition = conditions.into_iter().reduce(Expr::and);

@@ -51,6 +51,17 @@ pub const DEMO_USERS: [(&str, &str, &[&str]); 9] = [
     ("public-rep", "ecc", &["board:public_representative"]),
 ];
 
+/// id, title, state, start, end, datasets, board roles that approved.
+type DemoProject<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    NaiveDate,
+    NaiveDate,
+    &'a [&'a str],
+    &'a [&'a str],
+);
+
 fn d(date: NaiveDate) -> String {
     date.format("%Y-%m-%d").to_string()
 }
@@ -82,7 +93,7 @@ pub fn demo(registry: &Registry, today: NaiveDate) -> Result<(), RegistryError> 
                 tx.execute("INSERT INTO user_roles VALUES (?1, ?2)", params![id, role])?;
             }
         }
-        let projects: [(&str, &str, &str, NaiveDate, NaiveDate, &[&str], &[&str]); 3] = [
+        let projects: [DemoProject; 3] = [
             (
                 "ews-asc-linkage",
                 "From Essex Wellbeing Service to Adult Social Care",

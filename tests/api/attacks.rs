@@ -12,11 +12,17 @@ use crate::helpers::*;
 async fn refused(gw: &TestGateway, sql: &str, rule: &str) {
     let err = gw.query_as("alice", PROJECT, sql).await.expect_err(sql);
     assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
-    assert!(err.message().contains(rule), "{sql}: expected {rule}, got {}", err.message());
+    assert!(
+        err.message().contains(rule),
+        "{sql}: expected {rule}, got {}",
+        err.message()
+    );
 }
 
 async fn released(gw: &TestGateway, sql: &str) -> Vec<RecordBatch> {
-    gw.query_as("alice", PROJECT, sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+    gw.query_as("alice", PROJECT, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
 }
 
 fn text(b: &RecordBatch, column: usize, row: usize) -> String {
@@ -81,8 +87,18 @@ async fn one_persons_value_and_collections() {
     ] {
         refused(&gw, sql, "safe-outputs/allowed-aggregates").await;
     }
-    refused(&gw, "SELECT age, rank() OVER (ORDER BY age) FROM patients", "safe-outputs/allowed-aggregates").await;
-    refused(&gw, "SELECT (SELECT age FROM patients ORDER BY age DESC LIMIT 1) AS oldest", "safe-outputs/allowed-aggregates").await;
+    refused(
+        &gw,
+        "SELECT age, rank() OVER (ORDER BY age) FROM patients",
+        "safe-outputs/allowed-aggregates",
+    )
+    .await;
+    refused(
+        &gw,
+        "SELECT (SELECT age FROM patients ORDER BY age DESC LIMIT 1) AS oldest",
+        "safe-outputs/allowed-aggregates",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -90,10 +106,17 @@ async fn small_cells_are_withheld_and_counts_rounded() {
     let gw = spawn_gateway().await;
     let sql = "SELECT district, ethnicity, COUNT(*) AS n FROM patients GROUP BY 1, 2";
     let got = released(&gw, sql).await;
-    let raw_groups = raw(&world_data(), "SELECT COUNT(*) FROM (SELECT DISTINCT district, ethnicity FROM patients)").await;
+    let raw_groups = raw(
+        &world_data(),
+        "SELECT COUNT(*) FROM (SELECT DISTINCT district, ethnicity FROM patients)",
+    )
+    .await;
     let raw_groups = raw_groups[0].column(0).as_primitive::<Int64Type>().value(0) as usize;
     let released_groups: usize = got.iter().map(|b| b.num_rows()).sum();
-    assert!(released_groups < raw_groups, "small district × ethnicity groups must be withheld");
+    assert!(
+        released_groups < raw_groups,
+        "small district × ethnicity groups must be withheld"
+    );
     for b in &got {
         for n in b.column(2).as_primitive::<Int64Type>().iter().flatten() {
             assert!(n >= 10 && n % 5 == 0, "count {n} is small or unrounded");
@@ -119,7 +142,9 @@ async fn rows_are_not_people() {
         .iter()
         .flat_map(|b| {
             let counts = b.column(1).as_primitive::<Int64Type>().clone();
-            (0..b.num_rows()).filter(move |&i| counts.value(i) < 10).map(move |i| text(b, 0, i))
+            (0..b.num_rows())
+                .filter(move |&i| counts.value(i) < 10)
+                .map(move |i| text(b, 0, i))
         })
         .collect();
     for b in &got {
@@ -170,8 +195,14 @@ async fn conditional_aggregates_and_dominance() {
             let mut c = by_district[&text(b, 0, i)].clone();
             c.sort_by(|x, y| y.total_cmp(x));
             let total: f64 = c.iter().sum();
-            assert!(c[0] + c.get(1).unwrap_or(&0.0) <= 0.9 * total + 1e-6, "dominated total released");
-            assert!(total - c[0] - c.get(1).unwrap_or(&0.0) >= 0.1 * c[0] - 1e-6, "p% failing total released");
+            assert!(
+                c[0] + c.get(1).unwrap_or(&0.0) <= 0.9 * total + 1e-6,
+                "dominated total released"
+            );
+            assert!(
+                total - c[0] - c.get(1).unwrap_or(&0.0) >= 0.1 * c[0] - 1e-6,
+                "p% failing total released"
+            );
         }
     }
 }
@@ -191,7 +222,9 @@ async fn differencing_is_refused() {
         format!("SELECT COUNT(*) FROM patients WHERE NOT (age = {age} AND district = '{district}')"),
         format!("SELECT sex, COUNT(*) FROM patients WHERE age <> {age} OR district <> '{district}' GROUP BY sex"),
         format!("SELECT district, COUNT(*) FROM patients WHERE age <> {age} GROUP BY district"),
-        format!("WITH most AS (SELECT * FROM patients WHERE NOT (age = {age} AND district = '{district}')) SELECT COUNT(*) FROM most"),
+        format!(
+            "WITH most AS (SELECT * FROM patients WHERE NOT (age = {age} AND district = '{district}')) SELECT COUNT(*) FROM most"
+        ),
         format!(
             "SELECT COUNT(*) FROM patients WHERE person_id NOT IN (SELECT person_id FROM patients WHERE age = {age} AND district = '{district}')"
         ),
@@ -210,7 +243,8 @@ async fn arithmetic_happens_after_disclosure_control() {
         let got = released(&gw, sql).await;
         assert!(got[0].column(0).is_null(0), "{sql} revealed a small count");
     }
-    let n = single_i64(&released(&gw, "SELECT COUNT(*) * 2 + 1 FROM patients WHERE district = 'Maldon'").await).unwrap();
+    let n =
+        single_i64(&released(&gw, "SELECT COUNT(*) * 2 + 1 FROM patients WHERE district = 'Maldon'").await).unwrap();
     assert_eq!((n - 1) / 2 % 5, 0, "the count was rounded before the arithmetic");
 }
 
@@ -229,10 +263,18 @@ async fn other_statements_and_data_not_granted() {
         let err = gw.query_as("alice", PROJECT, sql).await.expect_err(sql);
         assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
     }
-    for sql in ["SELECT COUNT(*) FROM gp_events", "SELECT COUNT(*) FROM '/etc/passwd'", "SELECT COUNT(*) FROM opt_outs"] {
+    for sql in [
+        "SELECT COUNT(*) FROM gp_events",
+        "SELECT COUNT(*) FROM '/etc/passwd'",
+        "SELECT COUNT(*) FROM opt_outs",
+    ] {
         let err = gw.query_as("alice", PROJECT, sql).await.expect_err(sql);
         assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
-        assert!(!err.message().contains("/work") && !err.message().contains(".parquet"), "{}", err.message());
+        assert!(
+            !err.message().contains("/work") && !err.message().contains(".parquet"),
+            "{}",
+            err.message()
+        );
     }
 }
 
