@@ -789,9 +789,16 @@ fn without_filters(plan: LogicalPlan) -> datafusion::error::Result<Transformed<L
     plan.transform_up(|node| match node {
         LogicalPlan::Filter(f) => Ok(Transformed::yes(Arc::unwrap_or_clone(f.input))),
         LogicalPlan::Join(mut j) if j.join_type == JoinType::Inner && j.filter.is_some() => {
-            // Keep equality on person identifiers (a join, not a filter); drop the rest.
-            j.filter = None;
-            Ok(Transformed::yes(LogicalPlan::Join(j)))
+            // Keep the join itself (column = column, as in `ON a.person_id = b.person_id`); drop
+            // the conditions that only filter rows.
+            let filter = j.filter.take().expect("checked");
+            let conjuncts = split_conjunction(&filter);
+            let (keys, filters): (Vec<&Expr>, Vec<&Expr>) = conjuncts.into_iter().partition(|c| {
+                matches!(c, Expr::BinaryExpr(b) if b.op == Operator::Eq
+                    && matches!(*b.left, Expr::Column(_)) && matches!(*b.right, Expr::Column(_)))
+            });
+            j.filter = keys.into_iter().cloned().reduce(Expr::and);
+            Ok(Transformed::new_transformed(LogicalPlan::Join(j), !filters.is_empty()))
         }
         other => Ok(Transformed::no(other)),
     })

@@ -4,3 +4,4 @@
 mod attacks;
 mod flight_sql;
 mod helpers;
+mod property;
