@@ -72,8 +72,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now())).await??;
             let gateway = Gateway::build(&config).await?;
             eprintln!(
-                "sde-gateway demo ready in {:.1}s: Flight SQL over TLS on {}\n  CA certificate: {}\n  tokens:         {}\n  project header: x-sde-project: ews-asc-linkage",
-                started.elapsed().as_secs_f64(),
+                "sde-gateway demo ready in {} ms: Flight SQL over TLS on {}\n  CA certificate: {}\n  tokens:         {}\n  project header: x-sde-project: ews-asc-linkage",
+                started.elapsed().as_millis(),
                 gateway.local_addr(),
                 dir.join("tls/ca.pem").display(),
                 dir.join("tokens/<user>.jwt").display(),

@@ -48,6 +48,15 @@ struct Pending {
     created: Instant,
 }
 
+/// A prepared statement (JDBC and other tools prepare every query): the SQL, bound to the user
+/// and project that prepared it. It is planned and checked again at each execution.
+struct Prepared {
+    user: String,
+    project: String,
+    sql: String,
+    created: Instant,
+}
+
 /// An executed statement: the handle to fetch it with, its result schema and size.
 #[derive(Debug, Clone)]
 pub struct Planned {
@@ -79,6 +88,7 @@ pub struct Core {
     pub rules: Rules,
     pub limits: LimitsConfig,
     pending: Mutex<HashMap<String, Pending>>,
+    prepared: Mutex<HashMap<String, Prepared>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -132,6 +142,7 @@ impl Core {
             rules,
             limits,
             pending: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
         }
     }
 
@@ -292,6 +303,71 @@ impl Core {
             schema,
             rows: rows as u64,
         })
+    }
+
+    /// CreatePreparedStatement: authorise, plan and check (so a refused query is refused here),
+    /// and remember the SQL; returns a handle and the result schema.
+    pub async fn prepare(&self, call: &CallContext, sql: &str) -> Result<(String, SchemaRef), Error> {
+        let started = Instant::now();
+        let mut who = Who::default();
+        let outcome = self.prepare_inner(call, sql, &mut who).await;
+        let mut entry = who.entry("query.prepare");
+        entry.sql = Some(sql.chars().take(self.limits.max_sql_bytes).collect());
+        Ok(self.record(entry, started, outcome).await?.0)
+    }
+
+    async fn prepare_inner(&self, call: &CallContext, sql: &str, who: &mut Who) -> Result<(String, SchemaRef), Error> {
+        let (principal, access) = self.access(call, who)?;
+        let session = self.engine.session(&access)?;
+        let permit = policy::plan_and_check(&session, sql, self.rules, self.limits.max_sql_bytes).await?;
+        let schema: SchemaRef = Arc::new(permit.plan().schema().as_arrow().clone());
+        let handle = uuid::Uuid::new_v4().to_string();
+        let ttl = Duration::from_secs(self.limits.statement_ttl_seconds.max(3600));
+        let mut prepared = self.prepared.lock().expect("prepared lock");
+        prepared.retain(|_, p| p.created.elapsed() < ttl);
+        prepared.insert(
+            handle.clone(),
+            Prepared {
+                user: principal.user,
+                project: access.project,
+                sql: sql.to_owned(),
+                created: Instant::now(),
+            },
+        );
+        Ok((handle, schema))
+    }
+
+    /// Executes a prepared statement (as [`Core::plan_query`]) for the user who prepared it.
+    pub async fn execute_prepared(&self, call: &CallContext, handle: &str) -> Result<Planned, Error> {
+        let owner = call.authenticated.as_ref().ok().map(|s| s.user.clone());
+        let sql = {
+            let prepared = self.prepared.lock().expect("prepared lock");
+            prepared
+                .get(handle)
+                .filter(|p| Some(&p.user) == owner.as_ref() && Some(&p.project) == call.project.as_ref())
+                .map(|p| p.sql.clone())
+        };
+        match sql {
+            Some(sql) => self.plan_query(call, &sql).await,
+            // Unknown, or not this caller's: authenticate and audit the call all the same.
+            None => {
+                let started = Instant::now();
+                let mut who = Who::default();
+                let outcome = self
+                    .access(call, &mut who)
+                    .and(Err::<Planned, _>(Error::UnknownStatement));
+                Ok(self.record(who.entry("query.execute"), started, outcome).await?.0)
+            }
+        }
+    }
+
+    /// Forgets a prepared statement of this caller.
+    pub fn close_prepared(&self, call: &CallContext, handle: &str) {
+        let owner = call.authenticated.as_ref().ok().map(|s| s.user.clone());
+        let mut prepared = self.prepared.lock().expect("prepared lock");
+        if prepared.get(handle).is_some_and(|p| Some(&p.user) == owner.as_ref()) {
+            prepared.remove(handle);
+        }
     }
 
     /// DoGet: authorise again, check the ticket belongs to this user and project, record the

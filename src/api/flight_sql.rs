@@ -10,12 +10,15 @@ use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
     CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
-    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    CommandPreparedStatementQuery, CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
+use arrow_flight::{Action, IpcMessage, SchemaAsIpc};
 use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket};
 use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use futures::{Stream, TryStreamExt, stream};
 use prost::Message;
 use tonic::metadata::MetadataValue;
@@ -293,6 +296,50 @@ impl FlightSqlService for FlightSqlApi {
             .map_err(status)?;
         let builder = query.into_builder(&SQL_INFO);
         one_batch(builder.schema(), builder.build())
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let call = call_context(&request);
+        let (handle, schema) = self.core.prepare(&call, &query.query).await.map_err(status)?;
+        let IpcMessage(dataset_schema) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
+            .try_into()
+            .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: handle.into_bytes().into(),
+            dataset_schema,
+            parameter_schema: Default::default(),
+        })
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let call = call_context(&request);
+        let handle = String::from_utf8(cmd.prepared_statement_handle.to_vec()).unwrap_or_default();
+        let planned = self.core.execute_prepared(&call, &handle).await.map_err(status)?;
+        let ticket = TicketStatementQuery {
+            statement_handle: planned.handle.into_bytes().into(),
+        };
+        let mut info = info_for(request.into_inner(), ticket.as_any().encode_to_vec(), &planned.schema)?;
+        info.get_mut().total_records = planned.rows as i64;
+        Ok(info)
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        query: ActionClosePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<(), Status> {
+        let call = call_context(&request);
+        let handle = String::from_utf8(query.prepared_statement_handle.to_vec()).unwrap_or_default();
+        self.core.close_prepared(&call, &handle);
+        Ok(())
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

@@ -299,3 +299,32 @@ async fn malformed_and_huge_queries_get_clear_errors_and_the_server_stays_up() {
         .await
         .expect("still serving");
 }
+
+#[tokio::test]
+async fn prepared_statements_as_jdbc_uses_them() {
+    let gw = spawn_gateway().await;
+    let mut alice = gw.client("alice", PROJECT).await;
+    let mut prepared = alice
+        .prepare("SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex".into(), None)
+        .await
+        .unwrap();
+    let names: Vec<String> = prepared
+        .dataset_schema()
+        .unwrap()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(names, ["sex", "n"]);
+    let info = prepared.execute().await.unwrap();
+    let stream = alice.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap();
+    let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(stream).await.unwrap();
+    assert_eq!(rows(&batches).len(), 2);
+    // Refused queries are refused at prepare time, with the rule.
+    let err = alice
+        .prepare("SELECT age FROM patients".into(), None)
+        .await
+        .unwrap_err();
+    assert!(status(err).message().contains("safe-outputs/aggregate-only"));
+    prepared.close().await.unwrap();
+}

@@ -112,15 +112,16 @@ async fn random_aggregates_never_release_small_or_unrounded_cells() {
         };
         released += 1;
         // Independent truth: per group, distinct people (opt-outs removed from every table).
+        let not_opted_out = format!(
+            "{person} NOT IN (SELECT person_id FROM opt_outs) AND p.person_id NOT IN (SELECT person_id FROM opt_outs)"
+        );
+        let condition = match filter {
+            Some(f) => format!("({f}) AND {not_opted_out}"),
+            None => not_opted_out,
+        };
         let raw_sql = format!(
             "SELECT {select_keys}COUNT(*) AS n, COUNT(DISTINCT {person}) AS people, COUNT(DISTINCT p.person_id) AS pp
-             FROM {from} {} {} {group_by}",
-            if where_.is_empty() { " WHERE " } else { " WHERE (" },
-            format!(
-                "{}{} {person} NOT IN (SELECT person_id FROM opt_outs) AND p.person_id NOT IN (SELECT person_id FROM opt_outs)",
-                filter.unwrap_or(""),
-                if filter.is_some() { ") AND" } else { "" }
-            ),
+             FROM {from} WHERE {condition}{group_by}"
         );
         let truth = rows_by_key(&raw(&world_data(), &raw_sql).await, keys.len());
         let got = rows_by_key(&got, keys.len());
