@@ -82,6 +82,7 @@ async fn main() {
         project: "bench".into(),
         grants,
         cohort: None,
+        disclosure: Default::default(),
     };
     let raw = SessionContext::new();
     for (dataset, _) in DEMO_DATASETS {

@@ -100,6 +100,10 @@ pub struct DisclosureConfig {
     pub floor_threshold: u64,
     /// No configuration may set `rounding` below this.
     pub floor_rounding: u64,
+    /// Stricter rules for particular datasets, e.g. `[disclosure.datasets.gp_events]` with
+    /// `threshold = 20`. A query runs under the strictest rules of the datasets it reads.
+    #[serde(default)]
+    pub datasets: std::collections::BTreeMap<String, crate::disclosure::Overrides>,
 }
 
 impl Default for DisclosureConfig {
@@ -111,6 +115,7 @@ impl Default for DisclosureConfig {
             p_percent: 10,
             floor_threshold: 10,
             floor_rounding: 5,
+            datasets: Default::default(),
         }
     }
 }
@@ -209,6 +214,20 @@ impl GatewayConfig {
                 "disclosure.rounding",
                 format!("{} is below the floor of {}", d.rounding, d.floor_rounding),
             );
+        }
+        for o in d.datasets.values() {
+            if o.threshold.is_some_and(|t| t < d.floor_threshold) {
+                return invalid(
+                    "disclosure.datasets.*.threshold",
+                    format!("below the floor of {}", d.floor_threshold),
+                );
+            }
+            if o.rounding.is_some_and(|r| r < d.floor_rounding) {
+                return invalid(
+                    "disclosure.datasets.*.rounding",
+                    format!("below the floor of {}", d.floor_rounding),
+                );
+            }
         }
         if d.dominance_percent == 0 || d.dominance_percent > 100 {
             return invalid("disclosure.dominance_percent", "must be between 1 and 100".into());

@@ -16,12 +16,14 @@ use sha2::{Digest, Sha256};
 use crate::audit::{AuditLog, Entry, Receipt};
 use crate::clock::SharedClock;
 use crate::config::LimitsConfig;
+use crate::disclosure::Overrides;
 use crate::disclosure::{DifferencingRefused, Rules};
 use crate::engine::{Engine, EngineError};
 use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
-use crate::policy;
+use crate::policy::{self, Permit};
 use crate::registry::{Principal, ProjectAccess, Refusal, Registry};
+use datafusion::prelude::SessionContext;
 
 /// Who is calling and for which project, as the transport saw it.
 #[derive(Debug, Clone)]
@@ -86,6 +88,8 @@ pub struct Core {
     pub engine: Engine,
     pub audit: AuditLog,
     pub rules: Rules,
+    /// Stricter disclosure rules for particular datasets.
+    pub dataset_rules: std::collections::BTreeMap<String, Overrides>,
     pub limits: LimitsConfig,
     pending: Mutex<HashMap<String, Pending>>,
     prepared: Mutex<HashMap<String, Prepared>>,
@@ -131,7 +135,7 @@ impl Core {
         registry: Registry,
         engine: Engine,
         audit: AuditLog,
-        rules: Rules,
+        disclosure: &crate::config::DisclosureConfig,
         limits: LimitsConfig,
     ) -> Self {
         Self {
@@ -139,7 +143,8 @@ impl Core {
             registry,
             engine,
             audit,
-            rules,
+            rules: Rules::from(disclosure),
+            dataset_rules: disclosure.datasets.clone(),
             limits,
             pending: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
@@ -234,7 +239,7 @@ impl Core {
     async fn execute(&self, call: &CallContext, sql: &str, who: &mut Who, entry: &mut Entry) -> Result<Planned, Error> {
         let (principal, access) = self.access(call, who)?;
         let session = self.engine.session(&access)?;
-        let permit = policy::plan_and_check(&session, sql, self.rules, self.limits.max_sql_bytes).await?;
+        let permit = self.check(&session, &access, sql).await?;
         let execution = |e: datafusion::error::DataFusionError| match e.find_root() {
             // Disclosure control can refuse while the query runs (differencing).
             datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
@@ -264,11 +269,15 @@ impl Core {
                 .clone()
                 .with_metadata(disclosure.report(permit.checked_columns())),
         );
-        let batches = batches
+        let mut batches = batches
             .into_iter()
             .map(|b| b.with_schema(Arc::clone(&schema)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Internal(e.to_string()))?;
+        if batches.is_empty() {
+            // Everything withheld still comes back as a (described) result, not as nothing.
+            batches.push(RecordBatch::new_empty(Arc::clone(&schema)));
+        }
         let withheld = disclosure.withheld();
         let hash = result_hash(&schema, &batches)?;
         entry.rows = Some(rows as u64);
@@ -305,6 +314,13 @@ impl Core {
         })
     }
 
+    /// Plans and checks under the strictest of the gateway's, the project's and the datasets'
+    /// disclosure rules.
+    async fn check(&self, session: &SessionContext, access: &ProjectAccess, sql: &str) -> Result<Permit, Error> {
+        let rules = self.rules.tightened(&access.disclosure);
+        Ok(policy::plan_and_check_with(session, sql, rules, &self.dataset_rules, self.limits.max_sql_bytes).await?)
+    }
+
     /// CreatePreparedStatement: authorise, plan and check (so a refused query is refused here),
     /// and remember the SQL; returns a handle and the result schema.
     pub async fn prepare(&self, call: &CallContext, sql: &str) -> Result<(String, SchemaRef), Error> {
@@ -319,7 +335,7 @@ impl Core {
     async fn prepare_inner(&self, call: &CallContext, sql: &str, who: &mut Who) -> Result<(String, SchemaRef), Error> {
         let (principal, access) = self.access(call, who)?;
         let session = self.engine.session(&access)?;
-        let permit = policy::plan_and_check(&session, sql, self.rules, self.limits.max_sql_bytes).await?;
+        let permit = self.check(&session, &access, sql).await?;
         let schema: SchemaRef = Arc::new(permit.plan().schema().as_arrow().clone());
         let handle = uuid::Uuid::new_v4().to_string();
         let ttl = Duration::from_secs(self.limits.statement_ttl_seconds.max(3600));

@@ -19,7 +19,6 @@ use crate::api::{self, flight_sql::FlightSqlApi};
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::GatewayConfig;
-use crate::disclosure::Rules;
 use crate::engine::Engine;
 use crate::gateway::Core;
 use crate::identity::TokenVerifier;
@@ -77,8 +76,14 @@ impl Gateway {
         let registry = Registry::open(&config.registry.path).map_err(crate::Error::from)?;
         let engine = Engine::open(&config.data.dir).await.map_err(crate::Error::from)?;
         let audit = AuditLog::open(&config.audit.dir).map_err(crate::Error::from)?;
-        let rules = Rules::from(&config.disclosure);
-        let core = Arc::new(Core::new(clock, registry, engine, audit, rules, config.limits.clone()));
+        let core = Arc::new(Core::new(
+            clock,
+            registry,
+            engine,
+            audit,
+            &config.disclosure,
+            config.limits.clone(),
+        ));
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind {

@@ -23,7 +23,9 @@ pub fn status(error: Error) -> Status {
         Error::Identity(e) => (Code::Unauthenticated, e.to_string()),
         Error::Registry(RegistryError::Refused(Refusal::NoProject)) => (Code::InvalidArgument, error.to_string()),
         Error::Registry(RegistryError::Refused(r)) => (Code::PermissionDenied, r.to_string()),
-        Error::Registry(RegistryError::Database(_) | RegistryError::BadDate { .. }) => (
+        Error::Registry(
+            RegistryError::Database(_) | RegistryError::BadDate { .. } | RegistryError::BadDisclosure(_),
+        ) => (
             Code::Internal,
             "the registry is unavailable; try again later".to_owned(),
         ),

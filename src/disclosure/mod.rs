@@ -80,7 +80,12 @@ pub struct DifferencingRefused {
 #[derive(Debug, Default)]
 pub struct Withheld {
     groups: AtomicU64,
-    cells: AtomicU64,
+    /// Cells withheld because too few people contribute to them.
+    cells_threshold: AtomicU64,
+    /// Cells withheld because their condition leaves a small set of the group's people out.
+    cells_difference: AtomicU64,
+    /// Cells withheld by the N-K or p% dominance rules.
+    cells_dominance: AtomicU64,
 }
 
 impl Withheld {
@@ -88,7 +93,43 @@ impl Withheld {
         self.groups.load(Ordering::Relaxed)
     }
     pub fn cells(&self) -> u64 {
-        self.cells.load(Ordering::Relaxed)
+        [&self.cells_threshold, &self.cells_difference, &self.cells_dominance]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+    /// Withheld groups and cells by the rule that withheld them.
+    pub fn by_rule(&self) -> serde_json::Value {
+        serde_json::json!({
+            "safe-outputs/threshold (groups)": self.groups(),
+            "safe-outputs/threshold (cells)": self.cells_threshold.load(Ordering::Relaxed),
+            "safe-outputs/cell-difference": self.cells_difference.load(Ordering::Relaxed),
+            "safe-outputs/dominance": self.cells_dominance.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Stricter settings for a dataset (gateway config) or a project (registry). A query runs under
+/// the strictest combination of the gateway's rules and those of every dataset it reads and its
+/// project, so an override can only tighten, and never go below the gateway's floor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    pub threshold: Option<u64>,
+    pub rounding: Option<u64>,
+    pub dominance_percent: Option<u64>,
+    pub p_percent: Option<u64>,
+}
+
+impl Rules {
+    /// The stricter of `self` and `o`.
+    pub fn tightened(self, o: &Overrides) -> Rules {
+        Rules {
+            threshold: self.threshold.max(o.threshold.unwrap_or(0)),
+            rounding: self.rounding.max(o.rounding.unwrap_or(0)),
+            dominance_percent: self.dominance_percent.min(o.dominance_percent.unwrap_or(100)),
+            p_percent: self.p_percent.max(o.p_percent.unwrap_or(0)),
+        }
     }
 }
 
@@ -176,6 +217,7 @@ impl Disclosure {
             ("sde.checked_columns".to_owned(), checked_columns.join(",")),
             ("sde.groups_withheld".to_owned(), self.withheld.groups().to_string()),
             ("sde.cells_suppressed".to_owned(), self.withheld.cells().to_string()),
+            ("sde.withheld_by_rule".to_owned(), self.withheld.by_rule().to_string()),
             (
                 "sde.withheld_rule".to_owned(),
                 format!(
@@ -300,14 +342,34 @@ impl ScalarUDFImpl for CellRule {
                 // A cell is withheld if few people contribute to it, if the people its own
                 // condition leaves out of the group are a small (non-empty) set — that set is
                 // described by the difference with the group — or if a few people dominate it.
+                let mut tally = [0u64; 3];
                 let withhold = BooleanArray::from_iter((0..rows).map(|i| {
                     let (c, g) = (contributors.value(i), group_people.value(i));
                     let left_out = g - c;
-                    Some(c < threshold || (left_out > 0 && left_out < threshold) || dominated.value(i))
+                    let reason = if c < threshold {
+                        Some(0)
+                    } else if left_out > 0 && left_out < threshold {
+                        Some(1)
+                    } else if dominated.value(i) {
+                        Some(2)
+                    } else {
+                        None
+                    };
+                    if let Some(r) = reason {
+                        tally[r] += 1;
+                    }
+                    Some(reason.is_some())
                 }));
-                self.withheld
-                    .cells
-                    .fetch_add(withhold.true_count() as u64, Ordering::Relaxed);
+                for (counter, n) in [
+                    &self.withheld.cells_threshold,
+                    &self.withheld.cells_difference,
+                    &self.withheld.cells_dominance,
+                ]
+                .into_iter()
+                .zip(tally)
+                {
+                    counter.fetch_add(n, Ordering::Relaxed);
+                }
                 if self.kind == Kind::CountCell {
                     let value = cast(value, &DataType::Int64)?;
                     let value = value.as_primitive::<Int64Type>();
@@ -336,6 +398,26 @@ pub fn round_to(value: i64, base: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overrides_only_tighten() {
+        let o = Overrides {
+            threshold: Some(3),
+            rounding: Some(10),
+            dominance_percent: Some(95),
+            p_percent: Some(20),
+        };
+        let r = Rules::DEFAULT.tightened(&o);
+        assert_eq!(
+            r,
+            Rules {
+                threshold: 10,
+                rounding: 10,
+                dominance_percent: 90,
+                p_percent: 20
+            }
+        );
+    }
 
     #[test]
     fn rounding_to_nearest_five() {

@@ -17,7 +17,7 @@
 //! get them appended (as `__sde_pid_N`), so people can always be counted where the rows are
 //! aggregated. A plan is person-level exactly when its output still carries identifiers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
@@ -36,7 +36,7 @@ use datafusion::logical_expr::{
 use datafusion::logical_expr::{LogicalPlanBuilder, cast};
 use datafusion::prelude::SessionContext;
 
-use crate::disclosure::{Disclosure, Rules};
+use crate::disclosure::{Disclosure, Overrides, Rules};
 use crate::engine::GuardedTable;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -110,6 +110,17 @@ pub async fn plan_and_check(
     rules: Rules,
     max_sql_bytes: usize,
 ) -> Result<Permit, PolicyError> {
+    plan_and_check_with(ctx, sql, rules, &Default::default(), max_sql_bytes).await
+}
+
+/// As [`plan_and_check`], tightening `rules` with the overrides of every dataset the query reads.
+pub async fn plan_and_check_with(
+    ctx: &SessionContext,
+    sql: &str,
+    rules: Rules,
+    dataset_rules: &BTreeMap<String, Overrides>,
+    max_sql_bytes: usize,
+) -> Result<Permit, PolicyError> {
     if sql.len() > max_sql_bytes {
         return Err(PolicyError::TooLong(sql.len(), max_sql_bytes));
     }
@@ -125,7 +136,26 @@ pub async fn plan_and_check(
         .with_allow_statements(false)
         .verify_plan(&plan)
         .map_err(|e| PolicyError::NotAQuery(e.strip_backtrace()))?;
+    let rules = datasets_read(&plan)
+        .iter()
+        .filter_map(|d| dataset_rules.get(d))
+        .fold(rules, |r, o| r.tightened(o));
     check(plan, rules)
+}
+
+/// The granted datasets a plan reads, subqueries included.
+fn datasets_read(plan: &LogicalPlan) -> Vec<String> {
+    let mut out = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Ok(provider) = source_as_provider(&scan.source)
+            && let Some(guarded) = GuardedTable::as_guarded(provider.as_ref())
+        {
+            out.push(guarded.dataset().to_owned());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
 }
 
 fn check_statement_kind(plan: &LogicalPlan) -> Result<(), PolicyError> {

@@ -25,6 +25,8 @@ pub enum RegistryError {
     Database(#[from] rusqlite::Error),
     #[error("registry holds an invalid date in {field}: {value}")]
     BadDate { field: &'static str, value: String },
+    #[error("registry holds invalid disclosure settings for project {0}")]
+    BadDisclosure(String),
     #[error(transparent)]
     Refused(#[from] Refusal),
 }
@@ -90,6 +92,8 @@ pub struct ProjectAccess {
     pub grants: BTreeMap<String, Vec<String>>,
     /// A SQL predicate every scan of the project's tables must satisfy (e.g. `age >= 18`).
     pub cohort: Option<String>,
+    /// Disclosure settings stricter than the gateway's, agreed for this project.
+    pub disclosure: crate::disclosure::Overrides,
 }
 
 /// The registry. SQLite calls are short (indexed point look-ups), so one connection behind a
@@ -121,6 +125,22 @@ impl Registry {
         Ok(Self {
             conn: Mutex::new(conn),
             training_months: 12,
+        })
+    }
+
+    /// Sets a project's disclosure overrides (they can only make its rules stricter).
+    pub fn set_project_disclosure(
+        &self,
+        project: &str,
+        overrides: &crate::disclosure::Overrides,
+    ) -> Result<(), RegistryError> {
+        let json = serde_json::to_string(overrides).expect("overrides serialise");
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE projects SET disclosure = ?1 WHERE id = ?2",
+                params![json, project],
+            )?;
+            Ok(())
         })
     }
 
@@ -205,7 +225,7 @@ impl Registry {
         self.with_conn(|conn| {
             let row = conn
                 .query_row(
-                    "SELECT p.state, p.start_date, p.end_date, p.cohort
+                    "SELECT p.state, p.start_date, p.end_date, p.cohort, p.disclosure
                      FROM projects p JOIN project_members m ON m.project_id = p.id
                      WHERE p.id = ?1 AND m.user_id = ?2",
                     params![project, principal.user],
@@ -215,11 +235,12 @@ impl Registry {
                             r.get::<_, String>(1)?,
                             r.get::<_, String>(2)?,
                             r.get::<_, Option<String>>(3)?,
+                            r.get::<_, Option<String>>(4)?,
                         ))
                     },
                 )
                 .optional()?;
-            let Some((state, start, end, cohort)) = row else {
+            let Some((state, start, end, cohort, disclosure)) = row else {
                 return Err(Refusal::NotAMember(project.to_owned()).into());
             };
             if !matches!(state.as_str(), "approved" | "active") {
@@ -260,10 +281,17 @@ impl Registry {
                 let (dataset, column) = row?;
                 grants.entry(dataset).or_default().push(column);
             }
+            let disclosure = match disclosure {
+                Some(json) => {
+                    serde_json::from_str(&json).map_err(|_| RegistryError::BadDisclosure(project.to_owned()))?
+                }
+                None => Default::default(),
+            };
             Ok(ProjectAccess {
                 project: project.to_owned(),
                 grants,
                 cohort,
+                disclosure,
             })
         })
     }

@@ -63,6 +63,8 @@ const MIGRATIONS: &[&str] = &[
         position INTEGER NOT NULL,
         PRIMARY KEY (project_id, dataset, column_name)
     );",
+    // 2: per-project disclosure overrides (JSON; they can only tighten the gateway's rules).
+    "ALTER TABLE projects ADD COLUMN disclosure TEXT",
 ];
 
 pub(super) fn migrate(conn: &Connection) -> Result<(), RegistryError> {

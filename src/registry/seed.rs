@@ -124,7 +124,7 @@ pub fn demo(registry: &Registry, today: NaiveDate) -> Result<(), RegistryError> 
         ];
         for (id, title, state, start, end, datasets, approvals) in projects {
             tx.execute(
-                "INSERT INTO projects VALUES (?1, ?2, 'Service planning and evaluation', 'UK GDPR 6(1)(e), 9(2)(h)', ?3, ?4, ?5, NULL)",
+                "INSERT INTO projects (id, title, purpose, lawful_basis, state, start_date, end_date) VALUES (?1, ?2, 'Service planning and evaluation', 'UK GDPR 6(1)(e), 9(2)(h)', ?3, ?4, ?5)",
                 params![id, title, state, d(start), d(end)],
             )?;
             for member in ["alice", "bob", "carol"] {

@@ -328,3 +328,62 @@ async fn prepared_statements_as_jdbc_uses_them() {
     assert!(status(err).message().contains("safe-outputs/aggregate-only"));
     prepared.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn datasets_and_projects_can_only_tighten_the_rules() {
+    use sde_gateway::disclosure::Overrides;
+    let gw = spawn_gateway_with(|c| {
+        c.disclosure.datasets.insert(
+            "asc_services".into(),
+            Overrides {
+                threshold: Some(400),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let mut alice = gw.client("alice", PROJECT).await;
+    let rules = |s: &datafusion::arrow::datatypes::Schema| s.metadata()["sde.rules"].clone();
+    // A query on patients alone runs under the gateway's rules...
+    let (schema, _) = query_described(&mut alice, "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
+        .await
+        .unwrap();
+    assert!(rules(&schema).contains("\"threshold\":10"));
+    // ...one reading asc_services under its stricter threshold: every service type with
+    // fewer than 400 people is withheld.
+    let (schema, asc) = query_described(
+        &mut alice,
+        "SELECT service_type, COUNT(DISTINCT person_id) AS n FROM asc_services GROUP BY 1",
+    )
+    .await
+    .unwrap();
+    assert!(rules(&schema).contains("\"threshold\":400"));
+    for b in &asc {
+        for n in b.column(1).as_primitive::<Int64Type>().iter().flatten() {
+            assert!(n >= 400, "{n}");
+        }
+    }
+    // A project's own settings tighten further, and cannot loosen below the gateway's.
+    let registry = sde_gateway::registry::Registry::open(&gw.config.registry.path).unwrap();
+    registry
+        .set_project_disclosure(
+            PROJECT,
+            &Overrides {
+                threshold: Some(3),
+                rounding: Some(100),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let (schema, got) = query_described(&mut alice, "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
+        .await
+        .unwrap();
+    assert!(
+        rules(&schema).contains("\"threshold\":10,\"rounding\":100"),
+        "{}",
+        rules(&schema)
+    );
+    for n in got[0].column(1).as_primitive::<Int64Type>().iter().flatten() {
+        assert_eq!(n % 100, 0);
+    }
+}

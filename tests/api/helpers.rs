@@ -46,6 +46,11 @@ impl Drop for TestGateway {
 }
 
 pub async fn spawn_gateway() -> TestGateway {
+    spawn_gateway_with(|_| {}).await
+}
+
+/// As [`spawn_gateway`], with the demo config adjusted first.
+pub async fn spawn_gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
     let opts = DemoOptions {
         dir: dir.path().to_owned(),
@@ -58,6 +63,8 @@ pub async fn spawn_gateway() -> TestGateway {
         .await
         .unwrap()
         .expect("demo world");
+    let mut config = config;
+    adjust(&mut config);
     let gateway = Gateway::build(&config).await.expect("gateway builds");
     let addr = gateway.local_addr();
     let (tx, rx) = oneshot::channel();
@@ -125,6 +132,19 @@ pub fn status(e: FlightError) -> Status {
         FlightError::Tonic(s) => *s,
         other => Status::unknown(other.to_string()),
     }
+}
+
+/// GetFlightInfo then DoGet; also returns the result schema announced by GetFlightInfo (with
+/// the disclosure metadata), which is there even when every group was withheld.
+pub async fn query_described(
+    client: &mut FlightSqlServiceClient<Channel>,
+    sql: &str,
+) -> Result<(datafusion::arrow::datatypes::Schema, Vec<RecordBatch>), Status> {
+    let info = client.execute(sql.to_owned(), None).await.map_err(status)?;
+    let schema = info.clone().try_decode_schema().expect("schema");
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let stream = client.do_get(ticket).await.map_err(status)?;
+    Ok((schema, stream.try_collect().await.map_err(status)?))
 }
 
 /// GetFlightInfo then DoGet on the returned ticket.
