@@ -40,6 +40,11 @@ pub enum Command {
         #[arg(long, default_value_t = demo::DEFAULT_PEOPLE, requires = "demo")]
         people: usize,
     },
+    /// Auditor tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Write synthetic pseudonymised demo data (Parquet) only.
     DemoData {
         #[arg(long)]
@@ -48,6 +53,17 @@ pub enum Command {
         people: usize,
         #[arg(long, default_value_t = demo::DEFAULT_SEED)]
         seed: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify a whole audit log offline: every record's hash, its link to the one before and
+    /// its sequence number. Exits non-zero naming the first bad record.
+    Verify {
+        /// The audit folder (holding audit.log).
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -86,6 +102,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             gateway.run(shutdown_signal()).await?;
         }
         Command::Serve { .. } => anyhow::bail!("serve needs --demo or --config FILE"),
+        Command::Audit {
+            command: AuditCommand::Verify { dir },
+        } => {
+            let records = crate::audit::verify(&dir.join(crate::audit::LOG_FILE))?;
+            let last = records.last().map(|r| r.hash.as_str()).unwrap_or("(empty log)");
+            println!("audit log intact: {} records, head {last}", records.len());
+        }
         Command::DemoData { out, people, seed } => {
             let started = std::time::Instant::now();
             let summary = tokio::task::spawn_blocking(move || demo::data::generate(&out, people, seed)).await??;

@@ -2,6 +2,7 @@
 //! test time, real signed tokens, and the Rust Flight SQL client.
 
 mod attacks;
+mod audit;
 mod flight_sql;
 mod helpers;
 mod property;
