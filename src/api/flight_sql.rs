@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{PROJECT_HEADER, RECEIPT_HASH_HEADER, RECEIPT_SEQ_HEADER, status};
 use crate::engine::{CATALOG, SCHEMA};
-use crate::gateway::{CallContext, Core};
+use crate::gateway::{CallContext, Core, Planned};
 use crate::identity::{Authenticated, IdentityError};
 
 static SQL_INFO: LazyLock<SqlInfoData> = LazyLock::new(|| {
@@ -87,6 +87,16 @@ fn info_for(descriptor: FlightDescriptor, ticket: Vec<u8>, schema: &Schema) -> R
     Ok(Response::new(info))
 }
 
+/// The FlightInfo of an executed statement: its ticket, schema (with disclosure metadata) and size.
+fn planned_info(descriptor: FlightDescriptor, planned: Planned) -> Result<Response<FlightInfo>, Status> {
+    let ticket = TicketStatementQuery {
+        statement_handle: planned.handle.into_bytes().into(),
+    };
+    let mut info = info_for(descriptor, ticket.as_any().encode_to_vec(), &planned.schema)?;
+    info.get_mut().total_records = planned.rows as i64;
+    Ok(info)
+}
+
 fn batch_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
     let stream = FlightDataEncoderBuilder::new()
         .with_schema(schema)
@@ -134,12 +144,7 @@ impl FlightSqlService for FlightSqlApi {
     ) -> Result<Response<FlightInfo>, Status> {
         let call = call_context(&request);
         let planned = self.core.plan_query(&call, &query.query).await.map_err(status)?;
-        let ticket = TicketStatementQuery {
-            statement_handle: planned.handle.into_bytes().into(),
-        };
-        let mut info = info_for(request.into_inner(), ticket.as_any().encode_to_vec(), &planned.schema)?;
-        info.get_mut().total_records = planned.rows as i64;
-        Ok(info)
+        planned_info(request.into_inner(), planned)
     }
 
     async fn do_get_statement(
@@ -323,12 +328,7 @@ impl FlightSqlService for FlightSqlApi {
         let call = call_context(&request);
         let handle = String::from_utf8(cmd.prepared_statement_handle.to_vec()).unwrap_or_default();
         let planned = self.core.execute_prepared(&call, &handle).await.map_err(status)?;
-        let ticket = TicketStatementQuery {
-            statement_handle: planned.handle.into_bytes().into(),
-        };
-        let mut info = info_for(request.into_inner(), ticket.as_any().encode_to_vec(), &planned.schema)?;
-        info.get_mut().total_records = planned.rows as i64;
-        Ok(info)
+        planned_info(request.into_inner(), planned)
     }
 
     async fn do_action_close_prepared_statement(

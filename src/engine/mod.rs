@@ -237,6 +237,25 @@ impl GuardedTable {
     }
 }
 
+/// Keeps (semi-join) or removes (anti-join) the rows of `plan` whose person is among the people
+/// of `people` (optionally filtered by `filter`).
+fn join_people(
+    plan: LogicalPlanBuilder,
+    name: &str,
+    people: &Arc<dyn TableProvider>,
+    filter: Option<&Expr>,
+    join_type: JoinType,
+) -> DFResult<LogicalPlanBuilder> {
+    const PEOPLE: &str = "__sde_people";
+    let key = |table: &str| Column::new(Some(table), PERSON_ID);
+    let mut people = LogicalPlanBuilder::scan(PEOPLE, provider_as_source(Arc::clone(people)), None)?;
+    if let Some(filter) = filter {
+        people = people.filter(filter.clone())?;
+    }
+    let people = people.project(vec![Expr::Column(key(PEOPLE))])?.build()?;
+    plan.join(people, join_type, (vec![key(name)], vec![key(PEOPLE)]), None)
+}
+
 /// Drops qualifiers: filters handed to a scan are qualified with the name the query used.
 fn unqualify(expr: &Expr) -> DFResult<Expr> {
     expr.clone()
@@ -270,31 +289,11 @@ impl TableProvider for GuardedTable {
         _limit: Option<usize>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
         let name = self.name.as_str();
-        let key = |table: &str| Column::new(Some(table), PERSON_ID);
         let mut plan = LogicalPlanBuilder::scan(name, provider_as_source(Arc::clone(&self.source)), None)?;
         if let Some(cohort) = &self.cohort {
-            let people =
-                LogicalPlanBuilder::scan("__sde_cohort", provider_as_source(Arc::clone(&cohort.population)), None)?
-                    .filter(cohort.expr.clone())?
-                    .project(vec![Expr::Column(key("__sde_cohort"))])?
-                    .build()?;
-            plan = plan.join(
-                people,
-                JoinType::LeftSemi,
-                (vec![key(name)], vec![key("__sde_cohort")]),
-                None,
-            )?;
+            plan = join_people(plan, name, &cohort.population, Some(&cohort.expr), JoinType::LeftSemi)?;
         }
-        let opt_outs =
-            LogicalPlanBuilder::scan("__sde_opt_outs", provider_as_source(Arc::clone(&self.opt_outs)), None)?
-                .project(vec![Expr::Column(key("__sde_opt_outs"))])?
-                .build()?;
-        plan = plan.join(
-            opt_outs,
-            JoinType::LeftAnti,
-            (vec![key(name)], vec![key("__sde_opt_outs")]),
-            None,
-        )?;
+        plan = join_people(plan, name, &self.opt_outs, None, JoinType::LeftAnti)?;
         for filter in filters {
             plan = plan.filter(unqualify(filter)?)?;
         }

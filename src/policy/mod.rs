@@ -681,20 +681,21 @@ impl Checker {
 
         // Dominance: per identifier, each person's total contribution to each SUM/AVG cell,
         // then per group the total, largest and second largest of those (as magnitudes).
+        // Side aggregates group by the same keys, named `__k0…` so the join can find them.
+        let keys: Vec<Expr> = agg
+            .group_expr
+            .iter()
+            .enumerate()
+            .map(|(k, g)| g.clone().alias(format!("__k{k}")))
+            .collect();
         let mut dominated: HashMap<usize, Expr> = HashMap::new();
         for (j, person) in ids.iter().enumerate() {
             if sums.is_empty() {
                 break;
             }
-            let keys: Vec<Expr> = agg
-                .group_expr
-                .iter()
-                .enumerate()
-                .map(|(k, g)| g.clone().alias(format!("__k{k}")))
-                .collect();
             let per_person = Aggregate::try_new(
                 Arc::clone(&agg.input),
-                [keys, vec![person.clone().alias("__person")]].concat(),
+                [keys.clone(), vec![person.clone().alias("__person")]].concat(),
                 sums.iter()
                     .map(|(i, v)| sum(v.clone()).alias(format!("__c{i}")))
                     .collect(),
@@ -728,12 +729,6 @@ impl Checker {
         let unfiltered = without_filters(Arc::unwrap_or_clone(Arc::clone(&agg.input))).map_err(df)?;
         if unfiltered.transformed {
             let unfiltered = Arc::new(unfiltered.data);
-            let keys: Vec<Expr> = agg
-                .group_expr
-                .iter()
-                .enumerate()
-                .map(|(k, g)| g.clone().alias(format!("__k{k}")))
-                .collect();
             let counts: Vec<Expr> = ids
                 .iter()
                 .enumerate()
