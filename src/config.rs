@@ -355,6 +355,20 @@ dir = "audit"
     }
 
     #[test]
+    fn the_example_config_parses_with_every_documented_key() {
+        let text = include_str!("../config/gateway.example.toml");
+        let config: GatewayConfig = toml::from_str(text).expect("example config parses");
+        assert_eq!(config.disclosure.threshold, 10);
+        // Uncommenting the dataset example must parse too.
+        let text = text.replace(
+            "# [disclosure.datasets.gp_events]\n# threshold = 20",
+            "[disclosure.datasets.gp_events]\nthreshold = 20",
+        );
+        let config: GatewayConfig = toml::from_str(&text).expect("dataset overrides parse");
+        assert_eq!(config.disclosure.datasets["gp_events"].threshold, Some(20));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_algorithms_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let text = sample(dir.path()).replace("ES256", "none");
