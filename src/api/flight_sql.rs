@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 
 use arrow_flight::encode::FlightDataEncoderBuilder;
-use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
@@ -347,10 +346,4 @@ impl FlightSqlService for FlightSqlApi {
 
 fn table_types_schema() -> Schema {
     Schema::new(vec![Field::new("table_type", DataType::Utf8, false)])
-}
-
-/// Ensures the generated service type is what `FlightSqlService` expects.
-#[allow(dead_code)]
-fn assert_service(api: FlightSqlApi) -> impl FlightService {
-    api
 }

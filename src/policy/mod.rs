@@ -82,7 +82,7 @@ impl PolicyError {
 }
 
 /// A plan that passed every check, rewritten for disclosure control. Only this module can make
-/// one, and only a permit can be executed.
+/// one (its fields are private), and the gateway executes nothing else.
 #[derive(Debug, Clone)]
 pub struct Permit {
     plan: LogicalPlan,
