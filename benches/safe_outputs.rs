@@ -73,7 +73,7 @@ async fn main() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-world-{people}"));
     sde_gateway::demo::ensure_data(&dir, people, sde_gateway::demo::DEFAULT_SEED).expect("demo data");
 
-    let engine = Engine::open(&dir).await.expect("engine");
+    let engine = Engine::open(&dir, &Default::default()).await.expect("engine");
     let grants: BTreeMap<String, Vec<String>> = DEMO_DATASETS
         .iter()
         .map(|(d, cols)| (d.to_string(), cols.iter().map(|c| c.to_string()).collect()))

@@ -74,6 +74,10 @@ pub struct RegistryConfig {
 pub struct DataConfig {
     /// Folder holding one sub-folder of Parquet files per dataset, and `opt_outs/`.
     pub dir: PathBuf,
+    /// Per dataset, columns besides `person_id` that are identifiers: usable only as join keys
+    /// or inside COUNT(DISTINCT …), never output, grouped on or filtered.
+    #[serde(default)]
+    pub identifiers: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

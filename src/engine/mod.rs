@@ -60,11 +60,14 @@ pub enum EngineError {
 pub struct Engine {
     datasets: BTreeMap<String, Arc<ListingTable>>,
     opt_outs: Arc<ListingTable>,
+    /// Per dataset, columns besides `person_id` that are identifiers.
+    identifiers: BTreeMap<String, Vec<String>>,
 }
 
 impl Engine {
     /// Opens every sub-folder of `dir` as a Parquet dataset. `opt_outs/` must exist.
-    pub async fn open(dir: &Path) -> Result<Self, EngineError> {
+    /// `identifiers` names, per dataset, the columns besides `person_id` that are identifiers.
+    pub async fn open(dir: &Path, identifiers: &BTreeMap<String, Vec<String>>) -> Result<Self, EngineError> {
         let io = |source| EngineError::Io {
             path: dir.display().to_string(),
             source,
@@ -101,7 +104,24 @@ impl Engine {
             }
         }
         let opt_outs = opt_outs.ok_or_else(|| EngineError::NoOptOuts(dir.display().to_string()))?;
-        Ok(Self { datasets, opt_outs })
+        for (dataset, columns) in identifiers {
+            let table = datasets
+                .get(dataset)
+                .ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
+            for column in columns {
+                if table.schema().field_with_name(column).is_err() {
+                    return Err(EngineError::UnknownColumn {
+                        dataset: dataset.clone(),
+                        column: column.clone(),
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            datasets,
+            opt_outs,
+            identifiers: identifiers.clone(),
+        })
     }
 
     pub fn dataset_names(&self) -> impl Iterator<Item = &str> {
@@ -129,6 +149,7 @@ impl Engine {
                 schema: granted_schema(dataset, &source.schema(), columns)?,
                 source: Arc::clone(source) as Arc<dyn TableProvider>,
                 opt_outs: Arc::clone(&self.opt_outs) as Arc<dyn TableProvider>,
+                identifiers: self.identifiers.get(dataset).cloned().unwrap_or_default(),
                 cohort: cohort.clone().map(|expr| Cohort {
                     expr,
                     population: Arc::clone(&self.datasets[POPULATION]) as Arc<dyn TableProvider>,
@@ -211,6 +232,8 @@ pub struct GuardedTable {
     schema: SchemaRef,
     source: Arc<dyn TableProvider>,
     opt_outs: Arc<dyn TableProvider>,
+    /// Identifier columns besides `person_id`.
+    identifiers: Vec<String>,
     cohort: Option<Cohort>,
 }
 
@@ -222,8 +245,15 @@ impl GuardedTable {
             schema: source.schema(),
             source,
             opt_outs,
+            identifiers: vec![],
             cohort: None,
         }
+    }
+
+    /// Marks more columns as identifiers.
+    pub fn with_identifiers(mut self, columns: &[&str]) -> Self {
+        self.identifiers.extend(columns.iter().map(|c| c.to_string()));
+        self
     }
 
     /// The dataset name, as granted.
@@ -231,9 +261,10 @@ impl GuardedTable {
         &self.name
     }
 
-    /// Whether `column` is an identifier (usable only as a join key or in COUNT(DISTINCT …)).
+    /// Whether `column` is the person identifier, or another identifier marked in the data
+    /// config; both are usable only as join keys or in COUNT(DISTINCT …).
     pub fn is_identifier(&self, column: &str) -> bool {
-        column == PERSON_ID
+        column == PERSON_ID || self.identifiers.iter().any(|c| c == column)
     }
 }
 

@@ -37,7 +37,7 @@ use datafusion::logical_expr::{LogicalPlanBuilder, cast};
 use datafusion::prelude::SessionContext;
 
 use crate::disclosure::{Disclosure, Overrides, Rules};
-use crate::engine::GuardedTable;
+use crate::engine::{GuardedTable, PERSON_ID};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PolicyError {
@@ -181,7 +181,7 @@ pub fn check(plan: LogicalPlan, rules: Rules) -> Result<Permit, PolicyError> {
         checked: vec![],
     };
     let (plan, mask) = checker.visit(plan)?;
-    if mask.iter().any(|&m| m) {
+    if mask.iter().any(|&m| m != Id::No) {
         return Err(PolicyError::RowLevel);
     }
     let checked = output_names(&plan, &checker.checked);
@@ -219,7 +219,18 @@ fn both_sides_schema(j: &datafusion::logical_expr::Join) -> datafusion::error::R
 }
 
 /// For each output field of a plan: is it an identifier?
-type Mask = Vec<bool>;
+type Mask = Vec<Id>;
+
+/// What a column is, by lineage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Id {
+    /// Not an identifier.
+    No,
+    /// The person identifier: the privacy unit, counted for every cell.
+    Person,
+    /// Another identifier marked in the dataset config: placed like `person_id`, not counted.
+    Other,
+}
 
 struct Checker {
     disclosure: Disclosure,
@@ -235,15 +246,28 @@ fn key(plan: &Arc<LogicalPlan>) -> usize {
 
 /// Looks a column up in a schema and says whether it is an identifier.
 fn is_identifier_column(c: &Column, schema: &DFSchemaRef, mask: &Mask) -> bool {
-    schema.index_of_column(c).map(|i| mask[i]).unwrap_or(false)
+    kind_of(c, schema, mask) != Id::No
+}
+
+fn kind_of(c: &Column, schema: &DFSchemaRef, mask: &Mask) -> Id {
+    schema.index_of_column(c).map(|i| mask[i]).unwrap_or(Id::No)
+}
+
+/// The kind of identifier `expr` is, without aliases, if it is a bare column.
+fn bare_kind(expr: &Expr, schema: &DFSchemaRef, mask: &Mask) -> Id {
+    match expr.clone().unalias_nested().data {
+        Expr::Column(c) => kind_of(&c, schema, mask),
+        _ => Id::No,
+    }
+}
+
+fn has_person(mask: &Mask) -> bool {
+    mask.contains(&Id::Person)
 }
 
 /// `expr`, without aliases, is a bare identifier column.
 fn bare_identifier(expr: &Expr, schema: &DFSchemaRef, mask: &Mask) -> bool {
-    match expr.clone().unalias_nested().data {
-        Expr::Column(c) => is_identifier_column(&c, schema, mask),
-        _ => false,
-    }
+    bare_kind(expr, schema, mask) != Id::No
 }
 
 /// Refuses `expr` if it mentions an identifier column anywhere.
@@ -332,7 +356,7 @@ impl Checker {
         let person_level = |s: &Subquery| {
             self.subquery_masks
                 .get(&key(&s.subquery))
-                .map(|m| m.iter().any(|&x| x))
+                .map(has_person)
                 .unwrap_or(true)
         };
         let mut error = None;
@@ -363,8 +387,8 @@ impl Checker {
                     Expr::InSubquery(InSubquery { expr, subquery, .. }) if person_level(subquery) => {
                         let mask = &self.subquery_masks[&key(&subquery.subquery)];
                         let semi_join = matches!(plan, LogicalPlan::Filter(_))
-                            && mask.as_slice() == [true]
-                            && input_schema.as_ref().is_some_and(|s| bare_identifier(expr, s, &masks[0]));
+                            && mask.as_slice() == [Id::Person]
+                            && input_schema.as_ref().is_some_and(|s| bare_kind(expr, s, &masks[0]) == Id::Person);
                         (!semi_join).then_some(PolicyError::Unsupported(
                             "IN (subquery) over records must be person_id IN (SELECT person_id FROM …) with a single table or person_id join",
                         ))
@@ -383,7 +407,7 @@ impl Checker {
     }
 
     fn node(&mut self, plan: LogicalPlan, masks: Vec<Mask>) -> Result<(LogicalPlan, Mask), PolicyError> {
-        let none = |plan: &LogicalPlan| vec![false; plan.schema().fields().len()];
+        let none = |plan: &LogicalPlan| vec![Id::No; plan.schema().fields().len()];
         match plan {
             LogicalPlan::TableScan(ref scan) => {
                 let provider = source_as_provider(&scan.source).map_err(PolicyError::from_df)?;
@@ -394,7 +418,11 @@ impl Checker {
                     .projected_schema
                     .fields()
                     .iter()
-                    .map(|f| guarded.is_identifier(f.name()))
+                    .map(|f| match f.name().as_str() {
+                        PERSON_ID => Id::Person,
+                        other if guarded.is_identifier(other) => Id::Other,
+                        _ => Id::No,
+                    })
                     .collect();
                 for f in &scan.filters {
                     no_identifier(f, &scan.projected_schema, &mask, "in a filter")?;
@@ -409,7 +437,7 @@ impl Checker {
             LogicalPlan::Filter(ref f) => {
                 for conjunct in split_conjunction(&f.predicate) {
                     if let Expr::InSubquery(InSubquery { expr, .. }) = conjunct
-                        && bare_identifier(expr, f.input.schema(), &masks[0])
+                        && bare_kind(expr, f.input.schema(), &masks[0]) == Id::Person
                     {
                         continue; // a person semi-join, checked with the subquery
                     }
@@ -441,7 +469,8 @@ impl Checker {
                                 place: "in a join condition other than a.person_id = b.person_id",
                             });
                         }
-                        person_key = true;
+                        person_key |= bare_kind(l, j.left.schema(), left) == Id::Person
+                            && bare_kind(r, j.right.schema(), right) == Id::Person;
                     }
                 }
                 if let Some(filter) = &j.filter {
@@ -455,7 +484,8 @@ impl Checker {
                                     && bare_identifier(&b.left, &schema, &both)
                                     && bare_identifier(&b.right, &schema, &both) =>
                             {
-                                person_key = true;
+                                person_key |= bare_kind(&b.left, &schema, &both) == Id::Person
+                                    && bare_kind(&b.right, &schema, &both) == Id::Person;
                             }
                             other => no_identifier(
                                 other,
@@ -466,7 +496,7 @@ impl Checker {
                         }
                     }
                 }
-                let semi_drops = |dropped: &Mask| dropped.iter().any(|&x| x) && !person_key;
+                let semi_drops = |dropped: &Mask| has_person(dropped) && !person_key;
                 let mask = match j.join_type {
                     JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => {
                         [left.clone(), right.clone()].concat()
@@ -485,7 +515,7 @@ impl Checker {
                 Ok((plan, mask))
             }
             LogicalPlan::Aggregate(a) => {
-                if masks[0].iter().any(|&x| x) {
+                if has_person(&masks[0]) {
                     let plan = self.protect(a, &masks[0])?;
                     let mask = none(&plan);
                     Ok((plan, mask))
@@ -513,7 +543,7 @@ impl Checker {
                 advice: "they release values row by row; use GROUP BY with COUNT, SUM or AVG",
             }),
             LogicalPlan::Union(_) => {
-                if masks.iter().flatten().any(|&x| x) {
+                if masks.iter().flatten().any(|&x| x != Id::No) {
                     return Err(PolicyError::Unsupported(
                         "UNION of records is not supported; aggregate each part, then combine the aggregates",
                     ));
@@ -533,12 +563,11 @@ impl Checker {
         let schema = Arc::clone(p.input.schema());
         let mut mask = Vec::with_capacity(p.expr.len());
         for e in &p.expr {
-            if bare_identifier(e, &schema, in_mask) {
-                mask.push(true);
-            } else {
+            let kind = bare_kind(e, &schema, in_mask);
+            if kind == Id::No {
                 no_identifier(e, &schema, in_mask, "in a computed column or output")?;
-                mask.push(false);
             }
+            mask.push(kind);
         }
         let passed: Vec<Column> = p
             .expr
@@ -551,11 +580,12 @@ impl Checker {
         let mut exprs = p.expr;
         for (i, (qualifier, field)) in schema.iter().enumerate() {
             let column = Column::new(qualifier.cloned(), field.name());
-            if in_mask[i] && !passed.contains(&column) {
+            // Only the person identifier must flow on: people are counted where rows aggregate.
+            if in_mask[i] == Id::Person && !passed.contains(&column) {
                 let name = format!("{HIDDEN_PID}{}", self.next_id);
                 self.next_id += 1;
                 exprs.push(Expr::Column(column).alias(name));
-                mask.push(true);
+                mask.push(Id::Person);
             }
         }
         let plan = Projection::try_new(exprs, p.input).map_err(PolicyError::from_df)?;
@@ -577,7 +607,7 @@ impl Checker {
         let ids: Vec<Expr> = schema
             .iter()
             .zip(in_mask)
-            .filter(|(_, id)| **id)
+            .filter(|(_, id)| **id == Id::Person)
             .map(|((q, f), _)| Expr::Column(Column::new(q.cloned(), f.name())))
             .collect();
         for g in &agg.group_expr {

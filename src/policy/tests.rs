@@ -54,8 +54,15 @@ fn session() -> SessionContext {
         Arc::new(Schema::new(vec![
             Field::new("person_id", DataType::Utf8, false),
             Field::new("cost", DataType::Float64, false),
+            Field::new("clinic_id", DataType::Utf8, false),
         ])),
-        vec![Arc::new(StringArray::from(v_ids)), Arc::new(Float64Array::from(costs))],
+        vec![
+            Arc::new(StringArray::from(v_ids)),
+            Arc::new(Float64Array::from(costs)),
+            Arc::new(StringArray::from(
+                (0..31).map(|i| format!("clinic-{}", i % 3)).collect::<Vec<_>>(),
+            )),
+        ],
     );
     let opt_outs = table(
         Arc::new(Schema::new(vec![Field::new("person_id", DataType::Utf8, false)])),
@@ -67,8 +74,11 @@ fn session() -> SessionContext {
         Arc::new(GuardedTable::new("patients", patients, Arc::clone(&opt_outs))),
     )
     .unwrap();
-    ctx.register_table("visits", Arc::new(GuardedTable::new("visits", visits, opt_outs)))
-        .unwrap();
+    ctx.register_table(
+        "visits",
+        Arc::new(GuardedTable::new("visits", visits, opt_outs).with_identifiers(&["clinic_id"])),
+    )
+    .unwrap();
     ctx
 }
 
@@ -350,4 +360,29 @@ async fn cells_that_differ_from_their_group_by_a_few_people_are_suppressed() {
     )
     .await;
     assert_table(&out, &["+---+", "| s |", "+---+", "|   |", "+---+"]);
+}
+
+#[tokio::test]
+async fn configured_identifiers_are_placed_like_person_id_but_people_are_still_counted() {
+    for sql in [
+        "SELECT clinic_id, COUNT(*) FROM visits GROUP BY clinic_id",
+        "SELECT COUNT(*) FROM visits WHERE clinic_id = 'clinic-1'",
+        "SELECT SUM(length(clinic_id)) FROM visits",
+        "SELECT c FROM (SELECT clinic_id AS c FROM visits) t GROUP BY c",
+    ] {
+        let e = refusal(sql).await;
+        assert!(matches!(e, PolicyError::Identifier { .. }), "{sql}: {e}");
+    }
+    // Counting distinct clinics is allowed; the threshold still counts people (12), not clinics (3).
+    let out = run("SELECT COUNT(DISTINCT clinic_id) AS clinics FROM visits").await;
+    assert_table(
+        &out,
+        &[
+            "+---------+",
+            "| clinics |",
+            "+---------+",
+            "| 5       |",
+            "+---------+",
+        ],
+    );
 }

@@ -291,3 +291,24 @@ async fn opted_out_people_are_never_counted() {
     assert_eq!(counted, sde_gateway::disclosure::round_to(expected, 5));
     assert!(expected < PEOPLE as i64 * 98 / 100);
 }
+
+#[tokio::test]
+async fn identifiers_marked_in_the_config_are_guarded_too() {
+    let gw = spawn_gateway_with(|c| {
+        c.data
+            .identifiers
+            .insert("ews_referrals".into(), vec!["referral_source".into()]);
+    })
+    .await;
+    for sql in [
+        "SELECT referral_source, COUNT(*) FROM ews_referrals GROUP BY 1",
+        "SELECT COUNT(*) FROM ews_referrals WHERE referral_source = 'GP'",
+    ] {
+        refused(&gw, sql, "safe-outputs/identifiers").await;
+    }
+    released(
+        &gw,
+        "SELECT COUNT(DISTINCT referral_source) AS sources FROM ews_referrals",
+    )
+    .await;
+}
