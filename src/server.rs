@@ -119,11 +119,20 @@ impl Gateway {
             FlightServiceServer::new(FlightSqlApi::new(self.core)).max_decoding_message_size(16 * 1024 * 1024),
             api::authenticate(self.verifier),
         );
+        // gRPC health for probes: SERVING while up, NOT_SERVING once shutdown begins. It says
+        // nothing but that, so it needs no token and is not audited.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<FlightServiceServer<FlightSqlApi>>().await;
+        let shutdown = async move {
+            shutdown.await;
+            health.set_not_serving::<FlightServiceServer<FlightSqlApi>>().await;
+        };
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!(addr = %self.local_addr, "sde-gateway serving Flight SQL over TLS");
         Server::builder()
             .tls_config(self.tls)
             .map_err(|e| ServerError::Tls(e.to_string()))?
+            .add_service(health_service)
             .add_service(flight)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;

@@ -387,3 +387,22 @@ async fn datasets_and_projects_can_only_tighten_the_rules() {
         assert_eq!(n % 100, 0);
     }
 }
+
+#[tokio::test]
+async fn grpc_health_reports_serving_without_a_token() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let gw = spawn_gateway().await;
+    let mut health = HealthClient::new(gw.channel().await);
+    for service in ["", "arrow.flight.protocol.FlightService"] {
+        let reply = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status(), ServingStatus::Serving, "{service:?}");
+    }
+}
