@@ -36,17 +36,16 @@ pub struct CallContext {
 struct Computed {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
-    hash: String,
-    rows: u64,
-    entry: Entry,
 }
 
 /// A statement executed by GetFlightInfo, waiting for its DoGet.
 struct Pending {
     user: String,
     project: String,
-    sql: String,
     result: Computed,
+    /// The execution's audit entry (SQL, rows, result hash, rules, what was withheld): the
+    /// release record repeats it.
+    executed: Entry,
     created: Instant,
 }
 
@@ -284,7 +283,7 @@ impl Core {
         entry.groups_withheld = Some(withheld.groups());
         entry.cells_withheld = Some(withheld.cells());
         entry.rule = Some(serde_json::to_string(&disclosure.rules()).expect("rules serialise"));
-        entry.result_hash = Some(hash.clone());
+        entry.result_hash = Some(hash);
 
         let handle = uuid::Uuid::new_v4().to_string();
         let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
@@ -293,17 +292,14 @@ impl Core {
         let result = Computed {
             schema: Arc::clone(&schema),
             batches,
-            hash,
-            rows: rows as u64,
-            entry: entry.clone(),
         };
         pending.insert(
             handle.clone(),
             Pending {
                 user: principal.user,
                 project: access.project,
-                sql: sql.to_owned(),
                 result,
+                executed: entry.clone(),
                 created: Instant::now(),
             },
         );
@@ -412,12 +408,10 @@ impl Core {
         match pending.remove(handle) {
             // A ticket is bound to the user and project that planned it, and used once.
             Some(p) if p.user == principal.user && p.project == access.project && p.created.elapsed() < ttl => {
-                entry.sql = Some(p.sql);
-                entry.rows = Some(p.result.rows);
-                entry.groups_withheld = p.result.entry.groups_withheld;
-                entry.cells_withheld = p.result.entry.cells_withheld;
-                entry.rule = p.result.entry.rule.clone();
-                entry.result_hash = Some(p.result.hash.clone());
+                *entry = Entry {
+                    call: std::mem::take(&mut entry.call),
+                    ..p.executed
+                };
                 Ok(p.result)
             }
             Some(p) if p.created.elapsed() < ttl => {

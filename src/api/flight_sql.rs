@@ -86,6 +86,11 @@ fn info_for(descriptor: FlightDescriptor, ticket: Vec<u8>, schema: &Schema) -> R
     Ok(Response::new(info))
 }
 
+/// A statement handle from its bytes (handles are UUIDs; anything else matches nothing).
+fn handle_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// The FlightInfo of an executed statement: its ticket, schema (with disclosure metadata) and size.
 fn planned_info(descriptor: FlightDescriptor, planned: Planned) -> Result<Response<FlightInfo>, Status> {
     let ticket = TicketStatementQuery {
@@ -152,7 +157,7 @@ impl FlightSqlService for FlightSqlApi {
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let call = call_context(&request);
-        let handle = String::from_utf8(ticket.statement_handle.to_vec()).unwrap_or_default();
+        let handle = handle_of(&ticket.statement_handle);
         let released = self.core.run_query(&call, &handle).await.map_err(status)?;
         let mut response = Response::new(batch_stream(released.schema, released.batches));
         let md = response.metadata_mut();
@@ -325,7 +330,7 @@ impl FlightSqlService for FlightSqlApi {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let call = call_context(&request);
-        let handle = String::from_utf8(cmd.prepared_statement_handle.to_vec()).unwrap_or_default();
+        let handle = handle_of(&cmd.prepared_statement_handle);
         let planned = self.core.execute_prepared(&call, &handle).await.map_err(status)?;
         planned_info(request.into_inner(), planned)
     }
@@ -336,7 +341,7 @@ impl FlightSqlService for FlightSqlApi {
         request: Request<Action>,
     ) -> Result<(), Status> {
         let call = call_context(&request);
-        let handle = String::from_utf8(query.prepared_statement_handle.to_vec()).unwrap_or_default();
+        let handle = handle_of(&query.prepared_statement_handle);
         self.core.close_prepared(&call, &handle);
         Ok(())
     }
