@@ -36,6 +36,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("TLS configuration is invalid: {0}")]
     Tls(String),
+    #[error("cannot build gRPC reflection: {0}")]
+    Reflection(String),
     #[error("server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
@@ -127,12 +129,18 @@ impl Gateway {
             shutdown.await;
             health.set_not_serving::<FlightServiceServer<FlightSqlApi>>().await;
         };
+        // Reflection lists the sde.v1 services, so `grpcurl` can call them without the .proto files.
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api::proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!(addr = %self.local_addr, "sde-gateway serving Flight SQL over TLS");
         Server::builder()
             .tls_config(self.tls)
             .map_err(|e| ServerError::Tls(e.to_string()))?
             .add_service(health_service)
+            .add_service(reflection)
             .add_service(flight)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;

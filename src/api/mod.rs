@@ -3,6 +3,7 @@
 //! the rule and the fix and never contains data, paths or internal dumps.
 
 pub mod flight_sql;
+pub mod proto;
 
 use tonic::{Code, Status};
 
