@@ -67,6 +67,20 @@ pub struct IdentityConfig {
 pub struct RegistryConfig {
     /// SQLite database of organisations, users, projects, approvals and grants.
     pub path: PathBuf,
+    /// Folder of the access rules: `sde.cedarschema` and `*.cedar` policies.
+    #[serde(default = "default_policies")]
+    pub policies: PathBuf,
+    /// Data protection training older than this many months has lapsed.
+    #[serde(default = "default_training_months")]
+    pub training_months: u32,
+}
+
+fn default_policies() -> PathBuf {
+    PathBuf::from("policies")
+}
+
+fn default_training_months() -> u32 {
+    12
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -188,6 +202,7 @@ impl GatewayConfig {
             &mut self.tls.key,
             &mut self.identity.public_key,
             &mut self.registry.path,
+            &mut self.registry.policies,
             &mut self.data.dir,
             &mut self.audit.dir,
         ] {
@@ -263,6 +278,15 @@ impl GatewayConfig {
                 return invalid(key, format!("file {} does not exist", path.display()));
             }
         }
+        if !self.registry.policies.is_dir() {
+            return invalid(
+                "registry.policies",
+                format!("folder {} does not exist", self.registry.policies.display()),
+            );
+        }
+        if self.registry.training_months == 0 {
+            return invalid("registry.training_months", "must be at least 1".into());
+        }
         if !self.data.dir.is_dir() {
             return invalid("data.dir", format!("folder {} does not exist", self.data.dir.display()));
         }
@@ -324,6 +348,7 @@ mod tests {
             std::fs::write(dir.join(f), "x").unwrap();
         }
         std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
         r#"
 listen = "127.0.0.1:0"
 [tls]

@@ -22,7 +22,8 @@ use crate::engine::{Engine, EngineError};
 use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
 use crate::policy::{self, Permit};
-use crate::registry::{Principal, ProjectAccess, Refusal, Registry};
+use crate::registry::rules::Action;
+use crate::registry::{Principal, ProjectAccess, Refusal, Registry, RegistryError};
 use datafusion::prelude::SessionContext;
 
 /// Who is calling and for which project, as the transport saw it.
@@ -180,6 +181,7 @@ impl Core {
         outcome: Result<T, Error>,
     ) -> Result<(T, Receipt), Error> {
         entry.duration_ms = Some(started.elapsed().as_millis() as u64);
+        entry.policy_hash = Some(self.registry.rules_hash().to_owned());
         match &outcome {
             Ok(_) => entry.decision = "accepted".into(),
             Err(e) => {
@@ -194,6 +196,50 @@ impl Core {
         }
         let receipt = self.audit.append(entry).await?;
         outcome.map(|t| (t, receipt))
+    }
+
+    /// An administrative call (AdminService): Safe People, then the rules for `action` judged
+    /// inside the change's transaction, then the change, its audit record (naming who made it and
+    /// what they asked for) made durable, and only then the commit. A change whose record cannot
+    /// be written is rolled back.
+    pub async fn admin<T>(
+        &self,
+        call: &CallContext,
+        name: &str,
+        detail: &impl serde::Serialize,
+        action: Action,
+        project: Option<&str>,
+        change: impl FnOnce(&rusqlite::Connection, &Principal, chrono::NaiveDate) -> Result<T, RegistryError>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let mut who = Who::default();
+        let mut entry = who.entry(&format!("admin.{name}"));
+        entry.detail = serde_json::to_string(detail).ok();
+        let principal = match self.principal(call, &mut who) {
+            Ok(p) => p,
+            Err(e) => {
+                who.fill(&mut entry);
+                return Ok(self.record(entry, started, Err::<T, _>(e)).await?.0);
+            }
+        };
+        who.fill(&mut entry);
+        entry.project = project.map(str::to_owned);
+        let today = self.clock.today();
+        let tx = self.registry.begin().await?;
+        let outcome = tx
+            .authorise(&principal, action, project, today)
+            .and_then(|()| change(tx.conn(), &principal, today));
+        match outcome {
+            Ok(value) => {
+                self.record(entry, started, Ok(())).await?;
+                tx.commit()?;
+                Ok(value)
+            }
+            Err(e) => {
+                drop(tx);
+                Ok(self.record(entry, started, Err::<T, _>(e.into())).await?.0)
+            }
+        }
     }
 
     /// Confirms the caller's identity (handshake, SqlInfo, catalogue listing).

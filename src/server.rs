@@ -15,7 +15,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
-use crate::api::{self, flight_sql::FlightSqlApi};
+use crate::api::proto::admin_service_server::AdminServiceServer;
+use crate::api::{self, admin::AdminApi, flight_sql::FlightSqlApi};
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::GatewayConfig;
@@ -23,6 +24,7 @@ use crate::engine::Engine;
 use crate::gateway::Core;
 use crate::identity::TokenVerifier;
 use crate::registry::Registry;
+use crate::registry::rules::RuleSet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -75,7 +77,11 @@ impl Gateway {
         let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
         let verifier =
             Arc::new(TokenVerifier::from_config(&config.identity, Arc::clone(&clock)).map_err(crate::Error::from)?);
-        let registry = Registry::open(&config.registry.path).map_err(crate::Error::from)?;
+        let rules = RuleSet::load(&config.registry.policies)
+            .map_err(|e| crate::Error::from(crate::registry::RegistryError::from(e)))?;
+        tracing::info!(rules = %rules.hash(), "access rules loaded");
+        let registry = Registry::open(&config.registry.path, rules, config.registry.training_months)
+            .map_err(crate::Error::from)?;
         let engine = Engine::open(&config.data.dir, &config.data.identifiers)
             .await
             .map_err(crate::Error::from)?;
@@ -118,8 +124,13 @@ impl Gateway {
     /// Serves until `shutdown` completes, then lets in-flight calls finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let flight = InterceptedService::new(
-            FlightServiceServer::new(FlightSqlApi::new(self.core)).max_decoding_message_size(16 * 1024 * 1024),
-            api::authenticate(self.verifier),
+            FlightServiceServer::new(FlightSqlApi::new(Arc::clone(&self.core)))
+                .max_decoding_message_size(16 * 1024 * 1024),
+            api::authenticate(Arc::clone(&self.verifier)),
+        );
+        let admin = InterceptedService::new(
+            AdminServiceServer::new(AdminApi::new(Arc::clone(&self.core))),
+            api::authenticate(Arc::clone(&self.verifier)),
         );
         // gRPC health for probes: SERVING while up, NOT_SERVING once shutdown begins. It says
         // nothing but that, so it needs no token and is not audited.
@@ -142,6 +153,7 @@ impl Gateway {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(flight)
+            .add_service(admin)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())

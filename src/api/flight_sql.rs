@@ -23,10 +23,9 @@ use prost::Message;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{PROJECT_HEADER, RECEIPT_HASH_HEADER, RECEIPT_SEQ_HEADER, status};
+use super::{RECEIPT_HASH_HEADER, RECEIPT_SEQ_HEADER, call_context, status};
 use crate::engine::{CATALOG, SCHEMA};
-use crate::gateway::{CallContext, Core, Planned};
-use crate::identity::{Authenticated, IdentityError};
+use crate::gateway::{Core, Planned};
 
 static SQL_INFO: LazyLock<SqlInfoData> = LazyLock::new(|| {
     let mut b = SqlInfoDataBuilder::new();
@@ -60,22 +59,6 @@ impl FlightSqlApi {
 type DoGetStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
 
 /// Reads who is calling (set by the authentication layer) and the project header.
-fn call_context<T>(request: &Request<T>) -> CallContext {
-    let authenticated = request
-        .extensions()
-        .get::<Authenticated>()
-        .map(|a| a.0.clone())
-        .unwrap_or(Err(IdentityError::Missing));
-    let project = request
-        .metadata()
-        .get(PROJECT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|p| !p.is_empty() && p.len() <= 128)
-        .map(str::to_owned);
-    CallContext { authenticated, project }
-}
-
 fn info_for(descriptor: FlightDescriptor, ticket: Vec<u8>, schema: &Schema) -> Result<Response<FlightInfo>, Status> {
     let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket));
     let info = FlightInfo::new()

@@ -2,6 +2,7 @@
 //! knows gRPC status codes: [`status`] maps every domain error to one, with a message that names
 //! the rule and the fix and never contains data, paths or internal dumps.
 
+pub mod admin;
 pub mod flight_sql;
 pub mod proto;
 
@@ -22,10 +23,16 @@ pub fn status(error: Error) -> Status {
     use crate::engine::EngineError;
     let (code, message) = match &error {
         Error::Identity(e) => (Code::Unauthenticated, e.to_string()),
-        Error::Registry(RegistryError::Refused(Refusal::NoProject)) => (Code::InvalidArgument, error.to_string()),
+        Error::Registry(RegistryError::Refused(Refusal::NoProject | Refusal::InvalidChange(_))) => {
+            (Code::InvalidArgument, error.to_string())
+        }
+        Error::Registry(RegistryError::Refused(Refusal::NotFound(_))) => (Code::NotFound, error.to_string()),
         Error::Registry(RegistryError::Refused(r)) => (Code::PermissionDenied, r.to_string()),
         Error::Registry(
-            RegistryError::Database(_) | RegistryError::BadDate { .. } | RegistryError::BadDisclosure(_),
+            RegistryError::Database(_)
+            | RegistryError::BadDate { .. }
+            | RegistryError::BadDisclosure(_)
+            | RegistryError::Rules(_),
         ) => (
             Code::Internal,
             "the registry is unavailable; try again later".to_owned(),
@@ -61,6 +68,23 @@ pub fn status(error: Error) -> Status {
         _ => tracing::debug!(error = %error, "call refused"),
     }
     Status::new(code, message)
+}
+
+/// Who is calling (as the authentication layer found) and for which project.
+pub(crate) fn call_context<T>(request: &tonic::Request<T>) -> crate::gateway::CallContext {
+    let authenticated = request
+        .extensions()
+        .get::<Authenticated>()
+        .map(|a| a.0.clone())
+        .unwrap_or(Err(crate::identity::IdentityError::Missing));
+    let project = request
+        .metadata()
+        .get(PROJECT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && p.len() <= 128)
+        .map(str::to_owned);
+    crate::gateway::CallContext { authenticated, project }
 }
 
 /// The authentication layer: verifies the bearer token of every request and records the outcome

@@ -46,6 +46,12 @@ pub struct Entry {
     pub groups_withheld: Option<u64>,
     pub cells_withheld: Option<u64>,
     pub duration_ms: Option<u64>,
+    /// SHA-256 of the access rules (Cedar policies and schema) in force.
+    #[serde(default)]
+    pub policy_hash: Option<String>,
+    /// What an administrative change asked for (its request, as JSON).
+    #[serde(default)]
+    pub detail: Option<String>,
 }
 
 /// A record as stored: the entry plus its place in the chain.

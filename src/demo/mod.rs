@@ -14,6 +14,7 @@ use crate::config::{
     AuditConfig, DataConfig, DisclosureConfig, GatewayConfig, IdentityConfig, LimitsConfig, RegistryConfig, TlsConfig,
 };
 use crate::identity::TokenIssuer;
+use crate::registry::rules::RuleSet;
 use crate::registry::{Registry, seed};
 
 pub mod data;
@@ -89,9 +90,15 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         write(&private, key.serialize_pem())?;
         write(&public, key.public_key_pem())?;
     }
+    // The demo serves the rules this binary ships, rewritten at every start.
+    let policies = dir.join("policies");
+    RuleSet::write_shipped(&policies).map_err(|source| DemoError::Io {
+        path: policies.clone(),
+        source,
+    })?;
     let registry_path = dir.join("registry.db");
     if !registry_path.exists() {
-        let registry = Registry::open(&registry_path)?;
+        let registry = Registry::open(&registry_path, RuleSet::shipped(), 12)?;
         seed::demo(&registry, now.date_naive())?;
     }
     let private_pem = std::fs::read(&private).map_err(|source| DemoError::Io {
@@ -119,7 +126,11 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
             public_key: public,
             leeway_seconds: 30,
         },
-        registry: RegistryConfig { path: registry_path },
+        registry: RegistryConfig {
+            path: registry_path,
+            policies,
+            training_months: 12,
+        },
         data: DataConfig {
             dir: data_dir,
             identifiers: Default::default(),

@@ -179,6 +179,22 @@ impl Engine {
             .collect()
     }
 
+    /// Every dataset's columns, for checking grants.
+    pub fn columns(&self) -> BTreeMap<String, Vec<String>> {
+        self.datasets
+            .iter()
+            .map(|(name, table)| {
+                let columns = table.schema().fields().iter().map(|f| f.name().clone()).collect();
+                (name.clone(), columns)
+            })
+            .collect()
+    }
+
+    /// Checks that a cohort predicate is a valid expression over the population table.
+    pub fn check_cohort(&self, sql: &str) -> Result<(), EngineError> {
+        self.cohort_expr(&SessionContext::new(), sql).map(|_| ())
+    }
+
     fn cohort_expr(&self, ctx: &SessionContext, sql: &str) -> Result<Expr, EngineError> {
         let population = self
             .datasets

@@ -1,10 +1,11 @@
 //! Safe People and Safe Projects: the registry of organisations, users, projects, board
 //! approvals and grants, in an embedded SQLite database.
 //!
-//! [`Registry::authorise`] is the single decision made at every call: the user and their
-//! organisation are accredited today, and (for data calls) the project is approved by the whole
-//! board, inside its dates, has the user as a member and the organisation as a party. Each way of
-//! failing is its own [`Refusal`], so the researcher is told which rule applies.
+//! The decisions are made by the Cedar rules in `config/policies/` (see [`rules`]); the registry
+//! supplies the facts. At every call, [`Registry::principal`] checks that the user and their
+//! organisation are accredited today, and (for data calls) [`Registry::project_access`] that the
+//! project is approved by the whole board, inside its dates, has the user as a member and the
+//! organisation as a party. Each way of failing is its own [`Refusal`], naming its rule.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +14,10 @@ use std::sync::Mutex;
 use chrono::NaiveDate;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use rules::{Action, OrganisationFacts, ProjectFacts, RuleSet, UserFacts};
+
+pub mod admin;
+pub mod rules;
 mod schema;
 pub mod seed;
 
@@ -28,11 +33,14 @@ pub enum RegistryError {
     #[error("registry holds invalid disclosure settings for project {0}")]
     BadDisclosure(String),
     #[error(transparent)]
+    Rules(#[from] rules::RulesError),
+    #[error(transparent)]
     Refused(#[from] Refusal),
 }
 
-/// Why a call is refused by Safe People or Safe Projects. The message names the rule and what
-/// to do; it never reveals anything about other users or projects.
+/// Why a call is refused by Safe People or Safe Projects. The message names the rule (the
+/// `@rule` of the Cedar policy that refused, see `config/policies/`) and what to do; it never
+/// reveals anything about other users or projects.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum Refusal {
     #[error("safe-people/unknown-user: user {0} is not registered with this environment")]
@@ -53,12 +61,16 @@ pub enum Refusal {
         "safe-people/organisation-dspt: your organisation {0} does not hold a current Data Security and Protection Toolkit ({1})"
     )]
     OrganisationDspt(String, String),
-    #[error("safe-people/role: this call needs the {0} role")]
+    #[error("safe-people/role-{0}: this call needs the {0} role")]
     MissingRole(&'static str),
+    #[error("safe-projects/board-role: deciding as {0} needs that board role")]
+    BoardRole(String),
     #[error("safe-projects/no-project: name the project with the `x-sde-project` header")]
     NoProject,
     #[error("safe-projects/not-a-member: project {0} does not exist or you are not a member of it")]
     NotAMember(String),
+    #[error("safe-projects/rejected: project {0} was rejected by the board")]
+    Rejected(String),
     #[error("safe-projects/not-approved: project {0} is not approved; awaiting {1}")]
     NotApproved(String, String),
     #[error("safe-projects/state: project {0} is {1}, so it cannot be used for queries")]
@@ -69,6 +81,16 @@ pub enum Refusal {
     Ended(String, NaiveDate),
     #[error("safe-projects/organisation-not-party: your organisation is not a party to project {0}")]
     OrganisationNotParty(String),
+    #[error("safe-projects/conflict-of-interest: you are a member of project {0}, so you cannot decide on it")]
+    ConflictOfInterest(String),
+    #[error("safe-projects/not-submitted: project {0} is {1}; the board decides only on submitted projects")]
+    NotSubmitted(String, String),
+    #[error("{0}: refused by this environment's access rules")]
+    Rule(String),
+    #[error("registry/invalid: {0}")]
+    InvalidChange(String),
+    #[error("registry/not-found: {0}")]
+    NotFound(String),
 }
 
 /// A user who passed Safe People today.
@@ -96,36 +118,54 @@ pub struct ProjectAccess {
     pub disclosure: crate::disclosure::Overrides,
 }
 
-/// The registry. SQLite calls are short (indexed point look-ups), so one connection behind a
-/// mutex serves the gateway.
+/// The registry. Reads (the checks made at every call) share one connection behind a mutex;
+/// administrative changes use a second connection, each in a transaction that commits only once
+/// its audit record is durable (see [`Registry::begin`]). SQLite in WAL mode keeps the two apart:
+/// a check never sees a change that is not committed.
 pub struct Registry {
     conn: Mutex<Connection>,
+    writer: tokio::sync::Mutex<Connection>,
+    rules: RuleSet,
     /// How recent data protection training must be, in months.
     pub training_months: u32,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").finish_non_exhaustive()
+        f.debug_struct("Registry")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
     }
 }
 
-fn date(field: &'static str, value: String) -> Result<NaiveDate, RegistryError> {
+pub(crate) fn date(field: &'static str, value: String) -> Result<NaiveDate, RegistryError> {
     NaiveDate::parse_from_str(&value, "%Y-%m-%d").map_err(|_| RegistryError::BadDate { field, value })
 }
 
+fn connect(path: &Path) -> Result<Connection, RegistryError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
 impl Registry {
-    /// Opens (creating and migrating if needed) the registry at `path`.
-    pub fn open(path: &Path) -> Result<Self, RegistryError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    /// Opens (creating and migrating if needed) the registry at `path`, deciding with `rules`.
+    pub fn open(path: &Path, rules: RuleSet, training_months: u32) -> Result<Self, RegistryError> {
+        let conn = connect(path)?;
         schema::migrate(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
-            training_months: 12,
+            writer: tokio::sync::Mutex::new(connect(path)?),
+            rules,
+            training_months,
         })
+    }
+
+    /// The hash of the access rules in force, recorded with every audit record.
+    pub fn rules_hash(&self) -> &str {
+        self.rules.hash()
     }
 
     /// Sets a project's disclosure overrides (they can only make its rules stricter).
@@ -152,64 +192,89 @@ impl Registry {
         f(&mut conn)
     }
 
+    fn training_cutoff(&self, today: NaiveDate) -> NaiveDate {
+        today - chrono::Months::new(self.training_months)
+    }
+
+    /// Asks the rules; a refusal is explained with the facts behind it.
+    fn decide(
+        &self,
+        user: &UserFacts,
+        action: Action,
+        project: Option<(&ProjectFacts, &Connection)>,
+        today: NaiveDate,
+    ) -> Result<(), RegistryError> {
+        let facts = project.map(|(p, _)| p);
+        let Err(rule) = self
+            .rules
+            .decide(user, action, facts, today, self.training_cutoff(today))
+        else {
+            return Ok(());
+        };
+        let org = &user.organisation;
+        let project_id = || facts.map(|p| p.id.clone()).unwrap_or_default();
+        let refusal = match rule.as_str() {
+            "safe-people/user-suspended" => Refusal::UserSuspended,
+            "safe-people/accreditation-expired" => Refusal::AccreditationExpired(user.accreditation_expiry),
+            "safe-people/training-lapsed" => Refusal::TrainingLapsed(user.training_date, self.training_months),
+            "safe-people/organisation-not-accredited" => {
+                Refusal::OrganisationNotAccredited(org.id.clone(), org.accreditation.clone())
+            }
+            "safe-people/organisation-dspt" if org.dspt_status != "standards_met" => {
+                Refusal::OrganisationDspt(org.id.clone(), org.dspt_status.clone())
+            }
+            "safe-people/organisation-dspt" => {
+                Refusal::OrganisationDspt(org.id.clone(), format!("expired on {}", org.dspt_expiry))
+            }
+            "safe-people/role-researcher" => Refusal::MissingRole("researcher"),
+            "safe-people/role-admin" => Refusal::MissingRole("admin"),
+            "safe-people/role-auditor" => Refusal::MissingRole("auditor"),
+            "safe-projects/board-role" => match action {
+                Action::Decide(role) => Refusal::BoardRole(role.to_owned()),
+                _ => Refusal::Rule(rule),
+            },
+            "safe-projects/not-a-member" => Refusal::NotAMember(project_id()),
+            "safe-projects/rejected" => Refusal::Rejected(project_id()),
+            "safe-projects/not-approved" => {
+                let missing = match project {
+                    Some((p, conn)) => missing_approvals(conn, &p.id)?.join(", "),
+                    None => String::new(),
+                };
+                Refusal::NotApproved(project_id(), missing)
+            }
+            "safe-projects/state" => {
+                Refusal::ProjectState(project_id(), facts.map(|p| p.state.clone()).unwrap_or_default())
+            }
+            "safe-projects/not-started" => {
+                Refusal::NotStarted(project_id(), facts.map(|p| p.start_date).unwrap_or(today))
+            }
+            "safe-projects/ended" => Refusal::Ended(project_id(), facts.map(|p| p.end_date).unwrap_or(today)),
+            "safe-projects/organisation-not-party" => Refusal::OrganisationNotParty(project_id()),
+            "safe-projects/conflict-of-interest" => Refusal::ConflictOfInterest(project_id()),
+            "safe-projects/not-submitted" => {
+                Refusal::NotSubmitted(project_id(), facts.map(|p| p.state.clone()).unwrap_or_default())
+            }
+            _ => Refusal::Rule(rule),
+        };
+        Err(refusal.into())
+    }
+
     /// Safe People: the user is registered, not suspended, accredited and trained, and their
-    /// organisation is accredited with a current DSPT, all judged on `today`.
+    /// organisation is accredited with a current DSPT, all judged on `today` by the rules.
     pub fn principal(&self, user: &str, today: NaiveDate) -> Result<Principal, RegistryError> {
-        self.with_conn(|conn| {
-            let row = conn
-                .query_row(
-                    "SELECT u.organisation_id, u.suspended, u.accreditation_expiry, u.training_date,
-                            o.accreditation, o.dspt_status, o.dspt_expiry
-                     FROM users u JOIN organisations o ON o.id = u.organisation_id
-                     WHERE u.id = ?1",
-                    params![user],
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, bool>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, String>(3)?,
-                            r.get::<_, String>(4)?,
-                            r.get::<_, String>(5)?,
-                            r.get::<_, String>(6)?,
-                        ))
-                    },
-                )
-                .optional()?;
-            let Some((org, suspended, accr, training, org_accr, dspt, dspt_expiry)) = row else {
-                return Err(Refusal::UnknownUser(user.to_owned()).into());
-            };
-            if suspended {
-                return Err(Refusal::UserSuspended.into());
-            }
-            let accr = date("users.accreditation_expiry", accr)?;
-            if accr < today {
-                return Err(Refusal::AccreditationExpired(accr).into());
-            }
-            let training = date("users.training_date", training)?;
-            if training < today - chrono::Months::new(self.training_months) {
-                return Err(Refusal::TrainingLapsed(training, self.training_months).into());
-            }
-            if org_accr != "accredited" {
-                return Err(Refusal::OrganisationNotAccredited(org, org_accr).into());
-            }
-            let dspt_expiry = date("organisations.dspt_expiry", dspt_expiry)?;
-            if dspt != "standards_met" {
-                return Err(Refusal::OrganisationDspt(org, dspt).into());
-            }
-            if dspt_expiry < today {
-                return Err(Refusal::OrganisationDspt(org, format!("expired on {dspt_expiry}")).into());
-            }
-            let mut stmt = conn.prepare_cached("SELECT role FROM user_roles WHERE user_id = ?1 ORDER BY role")?;
-            let roles = stmt
-                .query_map(params![user], |r| r.get::<_, String>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Principal {
-                user: user.to_owned(),
-                organisation: org,
-                roles,
-            })
+        let facts = self.with_conn(|conn| user_facts(conn, user))?;
+        self.decide(&facts, Action::Connect, None, today)?;
+        Ok(Principal {
+            user: facts.id,
+            organisation: facts.organisation.id,
+            roles: facts.roles,
         })
+    }
+
+    /// A call without a project (administration, audit) by a user who passed Safe People.
+    pub fn authorise(&self, principal: &Principal, action: Action, today: NaiveDate) -> Result<(), RegistryError> {
+        let facts = self.with_conn(|conn| user_facts(conn, &principal.user))?;
+        self.decide(&facts, action, None, today)
     }
 
     /// Safe Projects: `principal` is a researcher who may query `project` today.
@@ -219,68 +284,26 @@ impl Registry {
         project: &str,
         today: NaiveDate,
     ) -> Result<ProjectAccess, RegistryError> {
-        if !principal.has_role("researcher") {
-            return Err(Refusal::MissingRole("researcher").into());
-        }
         self.with_conn(|conn| {
-            let row = conn
-                .query_row(
-                    "SELECT p.state, p.start_date, p.end_date, p.cohort, p.disclosure
-                     FROM projects p JOIN project_members m ON m.project_id = p.id
-                     WHERE p.id = ?1 AND m.user_id = ?2",
-                    params![project, principal.user],
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, Option<String>>(3)?,
-                            r.get::<_, Option<String>>(4)?,
-                        ))
-                    },
-                )
-                .optional()?;
-            let Some((state, start, end, cohort, disclosure)) = row else {
-                return Err(Refusal::NotAMember(project.to_owned()).into());
-            };
-            if !matches!(state.as_str(), "approved" | "active") {
-                if state == "submitted" || state == "draft" {
-                    let missing = missing_approvals(conn, project)?;
-                    return Err(Refusal::NotApproved(project.to_owned(), missing.join(", ")).into());
-                }
-                return Err(Refusal::ProjectState(project.to_owned(), state).into());
-            }
-            // The state says approved; the approvals table must agree, role by role.
-            let missing = missing_approvals(conn, project)?;
-            if !missing.is_empty() {
-                return Err(Refusal::NotApproved(project.to_owned(), missing.join(", ")).into());
-            }
-            let start = date("projects.start_date", start)?;
-            let end = date("projects.end_date", end)?;
-            if today < start {
-                return Err(Refusal::NotStarted(project.to_owned(), start).into());
-            }
-            if today > end {
-                return Err(Refusal::Ended(project.to_owned(), end).into());
-            }
-            let party: bool = conn.query_row(
-                "SELECT EXISTS(SELECT 1 FROM project_parties WHERE project_id = ?1 AND organisation_id = ?2)",
-                params![project, principal.organisation],
-                |r| r.get(0),
+            let user = user_facts(conn, &principal.user)?;
+            // A project that does not exist has no members: the rules refuse it exactly as one
+            // the user is not a member of, so nobody learns which projects exist.
+            let facts = project_facts(conn, project)?.unwrap_or_else(|| ProjectFacts {
+                id: project.to_owned(),
+                state: "unknown".into(),
+                start_date: today,
+                end_date: today,
+                members: vec![],
+                parties: vec![],
+                approved_by: vec![],
+                rejected: false,
+            });
+            self.decide(&user, Action::Query, Some((&facts, conn)), today)?;
+            let (cohort, disclosure): (Option<String>, Option<String>) = conn.query_row(
+                "SELECT cohort, disclosure FROM projects WHERE id = ?1",
+                params![project],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            if !party {
-                return Err(Refusal::OrganisationNotParty(project.to_owned()).into());
-            }
-            let mut stmt = conn.prepare_cached(
-                "SELECT dataset, column_name FROM grants WHERE project_id = ?1 ORDER BY dataset, position",
-            )?;
-            let mut grants: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for row in stmt.query_map(params![project], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })? {
-                let (dataset, column) = row?;
-                grants.entry(dataset).or_default().push(column);
-            }
             let disclosure = match disclosure {
                 Some(json) => {
                     serde_json::from_str(&json).map_err(|_| RegistryError::BadDisclosure(project.to_owned()))?
@@ -289,12 +312,162 @@ impl Registry {
             };
             Ok(ProjectAccess {
                 project: project.to_owned(),
-                grants,
-                cohort,
+                grants: grants(conn, project)?,
+                cohort: cohort.filter(|c| !c.trim().is_empty()),
                 disclosure,
             })
         })
     }
+
+    /// Starts an administrative change: a transaction on the writer connection that is rolled
+    /// back unless [`Change::commit`] is called (after the change's audit record is durable).
+    pub async fn begin(&self) -> Result<Change<'_>, RegistryError> {
+        let conn = self.writer.lock().await;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(Change {
+            conn,
+            registry: self,
+            open: true,
+        })
+    }
+}
+
+/// An administrative change in progress (see [`Registry::begin`]).
+pub struct Change<'a> {
+    conn: tokio::sync::MutexGuard<'a, Connection>,
+    registry: &'a Registry,
+    open: bool,
+}
+
+impl Change<'_> {
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Requires `action` of `principal` under the rules, judged inside this transaction.
+    pub fn authorise(
+        &self,
+        principal: &Principal,
+        action: Action,
+        project: Option<&str>,
+        today: NaiveDate,
+    ) -> Result<(), RegistryError> {
+        let user = user_facts(&self.conn, &principal.user)?;
+        let facts = match project {
+            Some(id) => {
+                Some(project_facts(&self.conn, id)?.ok_or_else(|| Refusal::NotFound(format!("no project {id}")))?)
+            }
+            None => None,
+        };
+        self.registry
+            .decide(&user, action, facts.as_ref().map(|f| (f, &*self.conn)), today)
+    }
+
+    pub fn commit(mut self) -> Result<(), RegistryError> {
+        self.open = false;
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+}
+
+impl Drop for Change<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// The user and their organisation as the rules see them.
+fn user_facts(conn: &Connection, user: &str) -> Result<UserFacts, RegistryError> {
+    let row = conn
+        .query_row(
+            "SELECT u.organisation_id, u.suspended, u.accreditation_expiry, u.training_date,
+                    o.accreditation, o.dspt_status, o.dspt_expiry
+             FROM users u JOIN organisations o ON o.id = u.organisation_id
+             WHERE u.id = ?1",
+            params![user],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((org, suspended, accr, training, accreditation, dspt_status, dspt_expiry)) = row else {
+        return Err(Refusal::UnknownUser(user.to_owned()).into());
+    };
+    let mut stmt = conn.prepare_cached("SELECT role FROM user_roles WHERE user_id = ?1 ORDER BY role")?;
+    let roles = stmt
+        .query_map(params![user], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(UserFacts {
+        id: user.to_owned(),
+        organisation: OrganisationFacts {
+            id: org,
+            accreditation,
+            dspt_status,
+            dspt_expiry: date("organisations.dspt_expiry", dspt_expiry)?,
+        },
+        roles,
+        suspended,
+        accreditation_expiry: date("users.accreditation_expiry", accr)?,
+        training_date: date("users.training_date", training)?,
+    })
+}
+
+/// The project as the rules see it; `None` if there is no such project.
+pub(crate) fn project_facts(conn: &Connection, project: &str) -> Result<Option<ProjectFacts>, RegistryError> {
+    let row = conn
+        .query_row(
+            "SELECT state, start_date, end_date FROM projects WHERE id = ?1",
+            params![project],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)),
+        )
+        .optional()?;
+    let Some((state, start, end)) = row else {
+        return Ok(None);
+    };
+    let list = |sql: &str| -> Result<Vec<String>, RegistryError> {
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params![project], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    };
+    let rejected: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM approvals WHERE project_id = ?1 AND decision = 'rejected')",
+        params![project],
+        |r| r.get(0),
+    )?;
+    Ok(Some(ProjectFacts {
+        id: project.to_owned(),
+        state,
+        start_date: date("projects.start_date", start)?,
+        end_date: date("projects.end_date", end)?,
+        members: list("SELECT user_id FROM project_members WHERE project_id = ?1")?,
+        parties: list("SELECT organisation_id FROM project_parties WHERE project_id = ?1")?,
+        approved_by: list("SELECT role FROM approvals WHERE project_id = ?1 AND decision = 'approved'")?,
+        rejected,
+    }))
+}
+
+/// Dataset → granted columns, in table order.
+pub(crate) fn grants(conn: &Connection, project: &str) -> Result<BTreeMap<String, Vec<String>>, RegistryError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT dataset, column_name FROM grants WHERE project_id = ?1 ORDER BY dataset, position")?;
+    let mut grants: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for row in stmt.query_map(params![project], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })? {
+        let (dataset, column) = row?;
+        grants.entry(dataset).or_default().push(column);
+    }
+    Ok(grants)
 }
 
 /// Board roles that have not (yet) approved `project`.
@@ -319,7 +492,7 @@ mod tests {
 
     fn demo_registry() -> (Registry, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(&dir.path().join("r.db")).unwrap();
+        let reg = Registry::open(&dir.path().join("r.db"), RuleSet::shipped(), 12).unwrap();
         seed::demo(&reg, NaiveDate::from_ymd_opt(2026, 11, 24).unwrap()).unwrap();
         (reg, dir)
     }

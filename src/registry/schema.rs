@@ -65,6 +65,11 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 2: per-project disclosure overrides (JSON; they can only tighten the gateway's rules).
     "ALTER TABLE projects ADD COLUMN disclosure TEXT",
+    // 3: the project proposal as the board reads it (justification, data requested as JSON) and
+    // the board's comments on its decisions.
+    "ALTER TABLE projects ADD COLUMN justification TEXT NOT NULL DEFAULT '';
+    ALTER TABLE projects ADD COLUMN requested TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE approvals ADD COLUMN comment TEXT NOT NULL DEFAULT ''",
 ];
 
 pub(super) fn migrate(conn: &Connection) -> Result<(), RegistryError> {

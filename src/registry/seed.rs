@@ -136,7 +136,7 @@ pub fn demo(registry: &Registry, today: NaiveDate) -> Result<(), RegistryError> 
             for role in approvals {
                 let board_member = DEMO_USERS.iter().find(|u| u.2.contains(role)).expect("board user").0;
                 tx.execute(
-                    "INSERT INTO approvals VALUES (?1, ?2, ?3, 'approved', ?4)",
+                    "INSERT INTO approvals (project_id, role, user_id, decision, decided_at) VALUES (?1, ?2, ?3, 'approved', ?4)",
                     params![id, role, board_member, d(start)],
                 )?;
             }

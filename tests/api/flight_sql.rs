@@ -364,7 +364,8 @@ async fn datasets_and_projects_can_only_tighten_the_rules() {
         }
     }
     // A project's own settings tighten further, and cannot loosen below the gateway's.
-    let registry = sde_gateway::registry::Registry::open(&gw.config.registry.path).unwrap();
+    let shipped = sde_gateway::registry::rules::RuleSet::shipped();
+    let registry = sde_gateway::registry::Registry::open(&gw.config.registry.path, shipped, 12).unwrap();
     registry
         .set_project_disclosure(
             PROJECT,

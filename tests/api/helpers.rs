@@ -9,7 +9,9 @@ use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
+use sde_gateway::api::proto::admin_service_client::AdminServiceClient;
 use sde_gateway::demo::{self, DemoOptions};
+use sde_gateway::identity::TokenIssuer;
 use sde_gateway::{Gateway, GatewayConfig};
 use tokio::sync::oneshot;
 use tonic::Status;
@@ -122,9 +124,29 @@ impl TestGateway {
         query(&mut self.client(user, project).await, sql).await
     }
 
+    /// Signs a token for `user` with the demo world's key, as its identity provider would.
+    pub fn mint(&self, user: &str, issued_at: i64, lifetime_secs: i64) -> String {
+        let key = std::fs::read(self.path("keys/jwt-signing.key")).unwrap();
+        let issuer = TokenIssuer::new(&key, "ES256", demo::DEMO_ISSUER, demo::DEMO_AUDIENCE).unwrap();
+        issuer.issue(user, issued_at, lifetime_secs)
+    }
+
+    pub async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel().await)
+    }
+
     pub fn audit_log(&self) -> PathBuf {
         self.config.audit.dir.join(sde_gateway::audit::LOG_FILE)
     }
+}
+
+/// A gRPC request carrying a bearer token.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
 }
 
 pub fn status(e: FlightError) -> Status {

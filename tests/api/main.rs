@@ -1,6 +1,7 @@
 //! Integration tests: the real gateway on an ephemeral port, real TLS with certificates made at
 //! test time, real signed tokens, and the Rust Flight SQL client.
 
+mod admin;
 mod attacks;
 mod audit;
 mod flight_sql;

@@ -1,0 +1,337 @@
+//! AdminService over the real gateway: the whole lifecycle of an organisation, a user and a
+//! project, driven by the demo administrator and board, then used and stopped.
+
+use datafusion::arrow::array::{Array, StringArray};
+use sde_gateway::api::proto as pb;
+use tonic::Code;
+
+use crate::helpers::{authed, query, spawn_gateway};
+
+fn day(offset_days: i64) -> String {
+    (chrono::Utc::now().date_naive() + chrono::Duration::days(offset_days))
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lifecycle_from_new_organisation_to_query_to_suspension() {
+    let gw = spawn_gateway().await;
+    let mut admin = gw.admin().await;
+    let admin_token = gw.token("admin");
+    macro_rules! a {
+        ($m:expr) => {
+            authed($m, &admin_token)
+        };
+    }
+
+    // An organisation and a researcher join.
+    let org = admin
+        .create_organisation(a!(pb::Organisation {
+            id: "uoe".into(),
+            name: "University of Essex".into(),
+            ico_registration: "Z6530491".into(),
+            dspt_status: "standards_met".into(),
+            dspt_expiry: day(300),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(org.accreditation, "accredited");
+    admin
+        .create_user(a!(pb::User {
+            id: "erin".into(),
+            organisation: "uoe".into(),
+            display_name: "Erin".into(),
+            roles: vec!["researcher".into()],
+            accreditation_expiry: day(300),
+            training_date: day(-30),
+            suspended: false,
+        }))
+        .await
+        .unwrap();
+
+    // She proposes a project on older people only; the administrator sets it up.
+    let project = pb::Project {
+        id: "falls".into(),
+        title: "Falls among older residents".into(),
+        purpose: "Plan falls prevention services".into(),
+        justification: "Falls are the commonest reason for a care package".into(),
+        lawful_basis: "UK GDPR 6(1)(e), 9(2)(h)".into(),
+        start_date: day(-1),
+        end_date: day(365),
+        cohort: "age >= 65".into(),
+        parties: vec!["uoe".into()],
+        requested: vec![pb::Grant {
+            dataset: "patients".into(),
+            columns: vec!["person_id".into(), "age_band".into(), "sex".into()],
+        }],
+        ..Default::default()
+    };
+    let created = admin.create_project(a!(project)).await.unwrap().into_inner();
+    assert_eq!(created.state, "draft");
+    admin
+        .add_member(a!(pb::MemberRequest {
+            project: "falls".into(),
+            user: "erin".into(),
+        }))
+        .await
+        .unwrap();
+    admin
+        .grant_dataset(a!(pb::GrantRequest {
+            project: "falls".into(),
+            dataset: "patients".into(),
+            columns: vec!["person_id".into(), "age_band".into(), "sex".into()],
+        }))
+        .await
+        .unwrap();
+    let submitted = admin
+        .submit_project(a!(pb::ProjectRef { id: "falls".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(submitted.state, "submitted");
+
+    // Not approved yet: the query is refused, naming what is missing.
+    let erin = gw.mint("erin", chrono::Utc::now().timestamp(), 3600);
+    let mut client = gw.client_with(Some(erin.clone()), Some("falls")).await;
+    let sql = "SELECT age_band, COUNT(*) AS people FROM patients GROUP BY age_band";
+    let err = query(&mut client, sql).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("safe-projects/not-approved"), "{err:?}");
+
+    // The administrator cannot approve; the board can, each in their own role.
+    let decide = |role: &str| pb::DecisionRequest {
+        project: "falls".into(),
+        role: role.into(),
+        comment: "proportionate".into(),
+    };
+    let err = admin
+        .approve_project(a!(decide("board:caldicott_guardian")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    for (user, role) in [
+        ("guardian", "board:caldicott_guardian"),
+        ("ccio", "board:ccio"),
+        ("public-rep", "board:public_representative"),
+    ] {
+        admin
+            .approve_project(authed(decide(role), &gw.token(user)))
+            .await
+            .unwrap();
+    }
+    let approved = admin
+        .get_project(a!(pb::ProjectRef { id: "falls".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(approved.state, "approved");
+    assert_eq!(approved.approvals.len(), 3);
+
+    // Erin queries: only the cohort (65 and over) is counted.
+    let batches = query(&mut client, sql).await.expect("approved project answers");
+    let bands: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap().clone();
+            (0..col.len()).map(move |i| col.value(i).to_owned())
+        })
+        .collect();
+    assert!(!bands.is_empty());
+    for band in &bands {
+        let lower: u32 = band
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(lower >= 65, "band {band} is outside the cohort");
+    }
+    // A column not granted does not exist for her.
+    let err = query(
+        &mut client,
+        "SELECT ethnicity, COUNT(*) FROM patients GROUP BY ethnicity",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // The organisation is suspended: her next query is refused.
+    admin
+        .suspend_organisation(a!(pb::SuspendOrganisationRequest {
+            id: "uoe".into(),
+            withdraw: false,
+            reason: "DSPT audit finding".into(),
+        }))
+        .await
+        .unwrap();
+    let err = query(&mut client, sql).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("safe-people/organisation-not-accredited"),
+        "{err:?}"
+    );
+
+    // Every change is in the audit log with who made it.
+    let log = std::fs::read_to_string(gw.audit_log()).unwrap();
+    for call in [
+        "admin.create_organisation",
+        "admin.create_user",
+        "admin.create_project",
+        "admin.grant_dataset",
+        "admin.approve_project",
+        "admin.suspend_organisation",
+    ] {
+        assert!(log.contains(call), "{call} not audited");
+    }
+    let approvals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"admin.approve_project\"") && l.contains("\"accepted\""))
+        .collect();
+    assert_eq!(approvals.len(), 3);
+    assert!(approvals.iter().any(|l| l.contains("\"user\":\"guardian\"")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn board_members_cannot_approve_their_own_project_and_any_rejection_stops_it() {
+    let gw = spawn_gateway().await;
+    let mut admin = gw.admin().await;
+    let admin_token = gw.token("admin");
+    macro_rules! a {
+        ($m:expr) => {
+            authed($m, &admin_token)
+        };
+    }
+    admin
+        .create_project(a!(pb::Project {
+            id: "conflict".into(),
+            title: "t".into(),
+            purpose: "p".into(),
+            lawful_basis: "l".into(),
+            start_date: day(0),
+            end_date: day(10),
+            parties: vec!["ecc".into()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    admin
+        .add_member(a!(pb::MemberRequest {
+            project: "conflict".into(),
+            user: "guardian".into(),
+        }))
+        .await
+        .unwrap();
+    admin
+        .submit_project(a!(pb::ProjectRef { id: "conflict".into() }))
+        .await
+        .unwrap();
+    let decide = |role: &str| pb::DecisionRequest {
+        project: "conflict".into(),
+        role: role.into(),
+        comment: String::new(),
+    };
+    let err = admin
+        .approve_project(authed(decide("board:caldicott_guardian"), &gw.token("guardian")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("safe-projects/conflict-of-interest"), "{err:?}");
+    // A board member deciding in a role they do not hold.
+    let err = admin
+        .approve_project(authed(decide("board:ccio"), &gw.token("public-rep")))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("safe-projects/board-role"), "{err:?}");
+
+    let rejected = admin
+        .reject_project(authed(decide("board:ccio"), &gw.token("ccio")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rejected.state, "rejected");
+    let err = admin
+        .approve_project(authed(decide("board:public_representative"), &gw.token("public-rep")))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("safe-projects/not-submitted"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
+    let gw = spawn_gateway().await;
+    let mut admin = gw.admin().await;
+    let t = gw.token("admin");
+    let bad = [
+        pb::Organisation {
+            id: "Bad Id!".into(),
+            ..Default::default()
+        },
+        pb::Organisation {
+            id: "x".into(),
+            name: "X".into(),
+            ico_registration: "Z1".into(),
+            dspt_status: "maybe".into(),
+            dspt_expiry: day(1),
+            ..Default::default()
+        },
+        pb::Organisation {
+            id: "ecc".into(),
+            name: "Duplicate".into(),
+            ico_registration: "Z1".into(),
+            dspt_status: "standards_met".into(),
+            dspt_expiry: day(1),
+            ..Default::default()
+        },
+    ];
+    for org in bad {
+        let err = admin.create_organisation(authed(org, &t)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with("registry/invalid"), "{err:?}");
+    }
+    let err = admin
+        .create_project(authed(
+            pb::Project {
+                id: "bad-cohort".into(),
+                title: "t".into(),
+                purpose: "p".into(),
+                lawful_basis: "l".into(),
+                start_date: day(0),
+                end_date: day(1),
+                cohort: "no_such_column > 1".into(),
+                ..Default::default()
+            },
+            &t,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = admin
+        .grant_dataset(authed(
+            pb::GrantRequest {
+                project: "ews-asc-linkage".into(),
+                dataset: "opt_outs".into(),
+                columns: vec!["person_id".into()],
+            },
+            &t,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "the opt-out register is never grantable: {err:?}"
+    );
+    let err = admin
+        .get_project(authed(pb::ProjectRef { id: "nope".into() }, &t))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let orgs = admin
+        .list_organisations(authed(pb::ListOrganisationsRequest {}, &t))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(orgs.organisations.len(), 3, "nothing was created");
+}
