@@ -257,12 +257,11 @@ impl RuleSet {
         training_cutoff: NaiveDate,
     ) -> Result<Result<(), String>, String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
-        let mut entities = vec![organisation_entity(&user.organisation).map_err(|e| err(&e))?];
-        entities.push(user_entity(user).map_err(|e| err(&e))?);
+        let mut entities = vec![organisation_entity(&user.organisation)?, user_entity(user)?];
         let resource = match project {
             Some(p) => {
                 // Members and parties are referenced; they need not be loaded to be compared.
-                entities.push(project_entity(p).map_err(|e| err(&e))?);
+                entities.push(project_entity(p)?);
                 uid("Project", &p.id)
             }
             None => {
@@ -303,6 +302,10 @@ impl RuleSet {
     }
 }
 
+fn entity(uid: EntityUid, attrs: HashMap<String, RestrictedExpression>) -> Result<Entity, String> {
+    Entity::new(uid, attrs, HashSet::new()).map_err(|e| e.to_string())
+}
+
 fn uid(kind: &str, id: &str) -> EntityUid {
     EntityUid::from_type_name_and_id(
         EntityTypeName::from_str(kind).expect("entity type names are fixed"),
@@ -322,8 +325,8 @@ fn refs(kind: &str, ids: &[String]) -> RestrictedExpression {
     RestrictedExpression::new_set(ids.iter().map(|id| RestrictedExpression::new_entity_uid(uid(kind, id))))
 }
 
-fn organisation_entity(org: &OrganisationFacts) -> Result<Entity, cedar_policy::EntityAttrEvaluationError> {
-    Entity::new(
+fn organisation_entity(org: &OrganisationFacts) -> Result<Entity, String> {
+    entity(
         uid("Organisation", &org.id),
         HashMap::from([
             (
@@ -336,12 +339,11 @@ fn organisation_entity(org: &OrganisationFacts) -> Result<Entity, cedar_policy::
             ),
             ("dspt_expiry".to_owned(), day(org.dspt_expiry)),
         ]),
-        HashSet::new(),
     )
 }
 
-fn user_entity(user: &UserFacts) -> Result<Entity, cedar_policy::EntityAttrEvaluationError> {
-    Entity::new(
+fn user_entity(user: &UserFacts) -> Result<Entity, String> {
+    entity(
         uid("User", &user.id),
         HashMap::from([
             (
@@ -353,12 +355,11 @@ fn user_entity(user: &UserFacts) -> Result<Entity, cedar_policy::EntityAttrEvalu
             ("accreditation_expiry".to_owned(), day(user.accreditation_expiry)),
             ("training_date".to_owned(), day(user.training_date)),
         ]),
-        HashSet::new(),
     )
 }
 
-fn project_entity(project: &ProjectFacts) -> Result<Entity, cedar_policy::EntityAttrEvaluationError> {
-    Entity::new(
+fn project_entity(project: &ProjectFacts) -> Result<Entity, String> {
+    entity(
         uid("Project", &project.id),
         HashMap::from([
             (
@@ -372,7 +373,6 @@ fn project_entity(project: &ProjectFacts) -> Result<Entity, cedar_policy::Entity
             ("approved_by".to_owned(), strings(&project.approved_by)),
             ("rejected".to_owned(), RestrictedExpression::new_bool(project.rejected)),
         ]),
-        HashSet::new(),
     )
 }
 
