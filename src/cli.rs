@@ -40,6 +40,13 @@ pub enum Command {
         #[arg(long, default_value_t = demo::DEFAULT_PEOPLE, requires = "demo")]
         people: usize,
     },
+    /// Administer the registry through a running gateway (AdminService).
+    Admin {
+        #[command(flatten)]
+        connection: crate::admin_client::Connection,
+        #[command(subcommand)]
+        command: crate::admin_client::AdminCommand,
+    },
     /// Auditor tools.
     Audit {
         #[command(subcommand)]
@@ -102,6 +109,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             gateway.run(shutdown_signal()).await?;
         }
         Command::Serve { .. } => anyhow::bail!("serve needs --demo or --config FILE"),
+        Command::Admin { connection, command } => crate::admin_client::run(&connection, command).await?,
         Command::Audit {
             command: AuditCommand::Verify { dir },
         } => {

@@ -8,6 +8,7 @@
 //! aggregate-only, with identifiers used safely; rewrite it for disclosure control) → execute →
 //! `disclosure` (threshold, rounding) → `audit` (recorded before release) → `api` (gRPC).
 
+pub mod admin_client;
 pub mod api;
 pub mod audit;
 pub mod cli;

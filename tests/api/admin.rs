@@ -336,3 +336,45 @@ async fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
         .into_inner();
     assert_eq!(orgs.organisations.len(), 3, "nothing was created");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_command_line_drives_the_same_service() {
+    let gw = spawn_gateway().await;
+    let cli = |token: &str, args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sde-gateway"));
+        command
+            .arg("admin")
+            .args(["--addr", &gw.addr.to_string()])
+            .arg("--ca")
+            .arg(gw.path("tls/ca.pem"))
+            .arg("--token")
+            .arg(gw.path(&format!("tokens/{token}.jwt")))
+            .args(args);
+        command
+    };
+    let run = |mut command: std::process::Command| async move {
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
+            .unwrap()
+    };
+    let out = run(cli("admin", &["orgs"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Essex County Council") && text.contains("lapsed"),
+        "{text}"
+    );
+
+    let out = run(cli("admin", &["project", "ews-asc-linkage"])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("board:public_representative approved"), "{text}");
+
+    // Alice is no administrator: the command fails, naming the rule.
+    let out = run(cli("alice", &["suspend-org", "ecc"])).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("safe-people/role-admin"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

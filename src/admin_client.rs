@@ -1,0 +1,419 @@
+//! `sde-gateway admin …`: a command-line client of AdminService over TLS, printing readable
+//! tables. It holds no rights of its own: the gateway decides with the caller's token.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::api::proto::admin_service_client::AdminServiceClient;
+use crate::api::proto::{self as pb};
+
+/// Where the gateway is and who is calling.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Gateway address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// CA certificate that signed the gateway's TLS certificate.
+    #[arg(long, default_value = ".sde-demo/tls/ca.pem")]
+    pub ca: PathBuf,
+    /// File holding the caller's bearer token.
+    #[arg(long, default_value = ".sde-demo/tokens/admin.jwt")]
+    pub token: PathBuf,
+    /// Name the server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+}
+
+impl Connection {
+    /// A TLS channel to the gateway and the caller's token.
+    pub async fn open(&self) -> anyhow::Result<(Channel, String)> {
+        let ca = std::fs::read(&self.ca).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.ca.display()))?;
+        let token = std::fs::read_to_string(&self.token)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.token.display()))?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name(self.server_name.clone());
+        let channel = Endpoint::from_shared(format!("https://{}", self.addr))?
+            .tls_config(tls)?
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", self.addr))?;
+        Ok((channel, token.trim().to_owned()))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// List organisations.
+    Orgs,
+    /// Register an accredited organisation.
+    CreateOrg {
+        id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        ico: String,
+        /// DSPT status: standards_met, approaching_standards or not_met.
+        #[arg(long, default_value = "standards_met")]
+        dspt_status: String,
+        /// DSPT expiry, YYYY-MM-DD.
+        #[arg(long)]
+        dspt_expiry: String,
+    },
+    /// Suspend (or with --withdraw, withdraw) an organisation's accreditation.
+    SuspendOrg {
+        id: String,
+        #[arg(long)]
+        withdraw: bool,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Restore an organisation's accreditation.
+    ReinstateOrg { id: String },
+    /// List users (of one organisation with --org).
+    Users {
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Register a user.
+    CreateUser {
+        id: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Roles, comma separated: researcher, admin, auditor, board:caldicott_guardian, board:ccio,
+        /// board:public_representative.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Accreditation expiry, YYYY-MM-DD.
+        #[arg(long)]
+        accredited_until: String,
+        /// Date of the last data protection training, YYYY-MM-DD.
+        #[arg(long)]
+        trained_on: String,
+    },
+    /// Suspend a user (or reinstate with --reinstate).
+    SuspendUser {
+        id: String,
+        #[arg(long)]
+        reinstate: bool,
+    },
+    /// List projects.
+    Projects,
+    /// Show one project: proposal, state, members, grants and board decisions.
+    Project { id: String },
+    /// Propose a project (as a draft).
+    CreateProject {
+        id: String,
+        #[arg(long)]
+        title: String,
+        #[arg(long)]
+        purpose: String,
+        #[arg(long, default_value = "")]
+        justification: String,
+        #[arg(long)]
+        lawful_basis: String,
+        #[arg(long)]
+        start: String,
+        #[arg(long)]
+        end: String,
+        /// A SQL predicate on `patients` applied under every scan, e.g. "age >= 65".
+        #[arg(long, default_value = "")]
+        cohort: String,
+        /// Party organisations, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        parties: Vec<String>,
+    },
+    /// Submit a draft to the board.
+    Submit { id: String },
+    /// Approve a submitted project in one of your board roles.
+    Approve {
+        id: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Reject a submitted project in one of your board roles.
+    Reject {
+        id: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// approved -> active.
+    Activate { id: String },
+    /// Suspend an approved or active project.
+    SuspendProject { id: String },
+    /// End a project.
+    End { id: String },
+    /// Add a member to a project.
+    AddMember { project: String, user: String },
+    /// Remove a member from a project.
+    RemoveMember { project: String, user: String },
+    /// Grant columns of a dataset to a project.
+    Grant {
+        project: String,
+        dataset: String,
+        /// Columns, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        columns: Vec<String>,
+    },
+    /// Revoke columns (or, with none named, the whole dataset) from a project.
+    Revoke {
+        project: String,
+        dataset: String,
+        #[arg(long, value_delimiter = ',')]
+        columns: Vec<String>,
+    },
+}
+
+fn authed<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
+}
+
+/// Runs one admin command and prints its outcome.
+pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Result<()> {
+    let (channel, token) = connection.open().await?;
+    let mut client = AdminServiceClient::new(channel);
+    let state = |id: String| pb::ProjectStateRequest {
+        project: id,
+        reason: String::new(),
+    };
+    let project = match command {
+        AdminCommand::Orgs => {
+            let list = client
+                .list_organisations(authed(pb::ListOrganisationsRequest {}, &token)?)
+                .await?;
+            print_orgs(&list.into_inner().organisations);
+            return Ok(());
+        }
+        AdminCommand::CreateOrg {
+            id,
+            name,
+            ico,
+            dspt_status,
+            dspt_expiry,
+        } => {
+            let org = pb::Organisation {
+                id,
+                name,
+                ico_registration: ico,
+                dspt_status,
+                dspt_expiry,
+                accreditation: String::new(),
+            };
+            print_orgs(&[client.create_organisation(authed(org, &token)?).await?.into_inner()]);
+            return Ok(());
+        }
+        AdminCommand::SuspendOrg { id, withdraw, reason } => {
+            let m = pb::SuspendOrganisationRequest { id, withdraw, reason };
+            print_orgs(&[client.suspend_organisation(authed(m, &token)?).await?.into_inner()]);
+            return Ok(());
+        }
+        AdminCommand::ReinstateOrg { id } => {
+            let m = pb::ReinstateOrganisationRequest { id };
+            print_orgs(&[client.reinstate_organisation(authed(m, &token)?).await?.into_inner()]);
+            return Ok(());
+        }
+        AdminCommand::Users { org } => {
+            let m = pb::ListUsersRequest {
+                organisation: org.unwrap_or_default(),
+            };
+            print_users(&client.list_users(authed(m, &token)?).await?.into_inner().users);
+            return Ok(());
+        }
+        AdminCommand::CreateUser {
+            id,
+            org,
+            name,
+            roles,
+            accredited_until,
+            trained_on,
+        } => {
+            let user = pb::User {
+                id,
+                organisation: org,
+                display_name: name,
+                roles,
+                accreditation_expiry: accredited_until,
+                training_date: trained_on,
+                suspended: false,
+            };
+            print_users(&[client.create_user(authed(user, &token)?).await?.into_inner()]);
+            return Ok(());
+        }
+        AdminCommand::SuspendUser { id, reinstate } => {
+            let m = pb::SuspendUserRequest {
+                id,
+                suspended: !reinstate,
+                reason: String::new(),
+            };
+            print_users(&[client.suspend_user(authed(m, &token)?).await?.into_inner()]);
+            return Ok(());
+        }
+        AdminCommand::Projects => {
+            let list = client
+                .list_projects(authed(pb::ListProjectsRequest {}, &token)?)
+                .await?;
+            println!("{:<20} {:<10} {:<11} {:<11} TITLE", "ID", "STATE", "START", "END");
+            for p in list.into_inner().projects {
+                println!(
+                    "{:<20} {:<10} {:<11} {:<11} {}",
+                    p.id, p.state, p.start_date, p.end_date, p.title
+                );
+            }
+            return Ok(());
+        }
+        AdminCommand::Project { id } => client.get_project(authed(pb::ProjectRef { id }, &token)?).await?,
+        AdminCommand::CreateProject {
+            id,
+            title,
+            purpose,
+            justification,
+            lawful_basis,
+            start,
+            end,
+            cohort,
+            parties,
+        } => {
+            let p = pb::Project {
+                id,
+                title,
+                purpose,
+                justification,
+                lawful_basis,
+                start_date: start,
+                end_date: end,
+                cohort,
+                parties,
+                ..Default::default()
+            };
+            client.create_project(authed(p, &token)?).await?
+        }
+        AdminCommand::Submit { id } => client.submit_project(authed(pb::ProjectRef { id }, &token)?).await?,
+        AdminCommand::Approve { id, role, comment } => {
+            let m = pb::DecisionRequest {
+                project: id,
+                role,
+                comment,
+            };
+            client.approve_project(authed(m, &token)?).await?
+        }
+        AdminCommand::Reject { id, role, comment } => {
+            let m = pb::DecisionRequest {
+                project: id,
+                role,
+                comment,
+            };
+            client.reject_project(authed(m, &token)?).await?
+        }
+        AdminCommand::Activate { id } => client.activate_project(authed(state(id), &token)?).await?,
+        AdminCommand::SuspendProject { id } => client.suspend_project(authed(state(id), &token)?).await?,
+        AdminCommand::End { id } => client.end_project(authed(state(id), &token)?).await?,
+        AdminCommand::AddMember { project, user } => {
+            client
+                .add_member(authed(pb::MemberRequest { project, user }, &token)?)
+                .await?
+        }
+        AdminCommand::RemoveMember { project, user } => {
+            client
+                .remove_member(authed(pb::MemberRequest { project, user }, &token)?)
+                .await?
+        }
+        AdminCommand::Grant {
+            project,
+            dataset,
+            columns,
+        } => {
+            let m = pb::GrantRequest {
+                project,
+                dataset,
+                columns,
+            };
+            client.grant_dataset(authed(m, &token)?).await?
+        }
+        AdminCommand::Revoke {
+            project,
+            dataset,
+            columns,
+        } => {
+            let m = pb::GrantRequest {
+                project,
+                dataset,
+                columns,
+            };
+            client.revoke_dataset(authed(m, &token)?).await?
+        }
+    };
+    print_project(&project.into_inner());
+    Ok(())
+}
+
+fn print_orgs(orgs: &[pb::Organisation]) {
+    println!(
+        "{:<12} {:<12} {:<22} {:<11} {:<10} NAME",
+        "ID", "ACCREDITED", "DSPT", "DSPT UNTIL", "ICO"
+    );
+    for o in orgs {
+        println!(
+            "{:<12} {:<12} {:<22} {:<11} {:<10} {}",
+            o.id, o.accreditation, o.dspt_status, o.dspt_expiry, o.ico_registration, o.name
+        );
+    }
+}
+
+fn print_users(users: &[pb::User]) {
+    println!(
+        "{:<12} {:<10} {:<11} {:<11} {:<9} ROLES",
+        "ID", "ORG", "ACCREDITED", "TRAINED", "SUSPENDED"
+    );
+    for u in users {
+        println!(
+            "{:<12} {:<10} {:<11} {:<11} {:<9} {}",
+            u.id,
+            u.organisation,
+            u.accreditation_expiry,
+            u.training_date,
+            if u.suspended { "yes" } else { "no" },
+            u.roles.join(", ")
+        );
+    }
+}
+
+fn print_project(p: &pb::Project) {
+    println!("project       {} ({})", p.id, p.state);
+    println!("title         {}", p.title);
+    println!("purpose       {}", p.purpose);
+    if !p.justification.is_empty() {
+        println!("justification {}", p.justification);
+    }
+    println!("lawful basis  {}", p.lawful_basis);
+    println!("dates         {} to {}", p.start_date, p.end_date);
+    let cohort = if p.cohort.is_empty() { "everyone" } else { &p.cohort };
+    println!("cohort        {cohort}");
+    println!("parties       {}", p.parties.join(", "));
+    println!("members       {}", p.members.join(", "));
+    for g in &p.grants {
+        println!("grant         {}: {}", g.dataset, g.columns.join(", "));
+    }
+    for a in &p.approvals {
+        let comment = if a.comment.is_empty() {
+            String::new()
+        } else {
+            format!(" — {}", a.comment)
+        };
+        println!(
+            "board         {} {} by {} on {}{comment}",
+            a.role, a.decision, a.user, a.decided_at
+        );
+    }
+}
