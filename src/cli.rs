@@ -20,6 +20,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// One parsed command line lives for the life of the process: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve Flight SQL over TLS.
