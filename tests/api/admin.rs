@@ -174,8 +174,11 @@ async fn lifecycle_from_new_organisation_to_query_to_suspension() {
         "{err:?}"
     );
 
-    // Every change is in the audit log with who made it.
+    // Every change is in the audit log with who made it, and every record names the rules in force.
     let log = std::fs::read_to_string(gw.audit_log()).unwrap();
+    let rules = sde_gateway::registry::rules::RuleSet::shipped();
+    let in_force = format!("\"policy_hash\":\"{}\"", rules.hash());
+    assert!(log.lines().all(|l| l.contains(&in_force)), "a record without the rules' hash");
     for call in [
         "admin.create_organisation",
         "admin.create_user",
@@ -377,4 +380,30 @@ async fn the_admin_command_line_drives_the_same_service() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_lists_the_services_as_grpcurl_sees_them() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let gw = spawn_gateway().await;
+    let mut client = ServerReflectionClient::new(gw.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("{response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"sde.v1.AdminService".to_owned()), "{names:?}");
 }
