@@ -78,6 +78,10 @@ pub struct DataConfig {
     /// or inside COUNT(DISTINCT …), never output, grouped on or filtered.
     #[serde(default)]
     pub identifiers: std::collections::BTreeMap<String, Vec<String>>,
+    /// Folder of kept dataset versions (`<versions>/<dataset>/<version>/`, written by `ingest`),
+    /// read for grants that name a version. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,7 +194,10 @@ impl GatewayConfig {
             &mut self.registry.path,
             &mut self.data.dir,
             &mut self.audit.dir,
-        ] {
+        ]
+        .into_iter()
+        .chain(self.data.versions.as_mut())
+        {
             if path.is_relative() {
                 *path = base.join(&*path);
             }
@@ -265,6 +272,9 @@ impl GatewayConfig {
         }
         if !self.data.dir.is_dir() {
             return invalid("data.dir", format!("folder {} does not exist", self.data.dir.display()));
+        }
+        if let Some(versions) = self.data.versions.as_ref().filter(|v| !v.is_dir()) {
+            return invalid("data.versions", format!("folder {} does not exist", versions.display()));
         }
         Ok(())
     }

@@ -74,9 +74,13 @@ impl Gateway {
         let verifier =
             Arc::new(TokenVerifier::from_config(&config.identity, Arc::clone(&clock)).map_err(crate::Error::from)?);
         let registry = Registry::open(&config.registry.path).map_err(crate::Error::from)?;
-        let engine = Engine::open(&config.data.dir, &config.data.identifiers)
-            .await
-            .map_err(crate::Error::from)?;
+        let engine = Engine::open_with_versions(
+            &config.data.dir,
+            config.data.versions.as_deref(),
+            &config.data.identifiers,
+        )
+        .await
+        .map_err(crate::Error::from)?;
         let audit = AuditLog::open(&config.audit.dir).map_err(crate::Error::from)?;
         let core = Arc::new(Core::new(
             clock,

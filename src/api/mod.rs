@@ -24,7 +24,11 @@ pub fn status(error: Error) -> Status {
         Error::Registry(RegistryError::Refused(Refusal::NoProject)) => (Code::InvalidArgument, error.to_string()),
         Error::Registry(RegistryError::Refused(r)) => (Code::PermissionDenied, r.to_string()),
         Error::Registry(
-            RegistryError::Database(_) | RegistryError::BadDate { .. } | RegistryError::BadDisclosure(_),
+            RegistryError::Database(_)
+            | RegistryError::BadDate { .. }
+            | RegistryError::BadDisclosure(_)
+            | RegistryError::MixedVersions(..)
+            | RegistryError::NoSuchGrant(..),
         ) => (
             Code::Internal,
             "the registry is unavailable; try again later".to_owned(),

@@ -86,11 +86,37 @@ pub struct IngestReport {
     pub published: Option<PathBuf>,
 }
 
-/// Runs the ingest described by the spec file at `path`.
+/// Runs the ingest described by the spec file at `path`; `SDE_INGEST__KEY_FILE`, if set,
+/// names the key file instead of the spec.
 pub fn run(path: &Path) -> Result<IngestReport, IngestError> {
-    let (spec, text) = IngestSpec::load(path)?;
+    let (spec, text) = IngestSpec::load(path, std::env::var_os(spec::KEY_FILE_ENV))?;
     let key = read_key(&spec.key_file)?;
     ingest(&spec, &text, &key, Utc::now())
+}
+
+/// A short human report of an ingest: the version, rows, throughput and quarantine counts.
+pub fn describe(report: &IngestReport, elapsed: std::time::Duration) -> String {
+    let m = &report.manifest;
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let mut text = format!(
+        "dataset {} version {}\n  content hash {}\n  {} rows read, {} written, {} quarantined in {:.2}s ({:.0} rows/s)\n  version folder {}",
+        m.dataset,
+        m.version,
+        m.content_hash,
+        m.source_rows,
+        m.rows,
+        m.quarantined.values().sum::<u64>(),
+        secs,
+        m.source_rows as f64 / secs,
+        report.dir.display()
+    );
+    if let Some(published) = &report.published {
+        text.push_str(&format!("\n  published to {}", published.display()));
+    }
+    for (reason, n) in &m.quarantined {
+        text.push_str(&format!("\n  quarantined: {reason}: {n}"));
+    }
+    text
 }
 
 /// Reads a hex key file.

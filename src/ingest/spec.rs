@@ -151,18 +151,14 @@ impl ColumnRule {
 }
 
 impl IngestSpec {
-    /// Reads and checks a spec; relative paths are taken from the spec's folder, and
-    /// `SDE_INGEST__KEY_FILE` (if set) replaces `key_file`.
-    pub fn load(path: &Path) -> Result<(Self, String), IngestError> {
+    /// Reads and checks a spec; relative paths are taken from the spec's folder. `key_file`,
+    /// if given, replaces the spec's (the CLI passes `SDE_INGEST__KEY_FILE`).
+    pub fn load(path: &Path, key_file: Option<std::ffi::OsString>) -> Result<(Self, String), IngestError> {
         let text = std::fs::read_to_string(path).map_err(|source| IngestError::Io {
             path: path.to_owned(),
             source,
         })?;
-        let spec = Self::parse(
-            &text,
-            path.parent().unwrap_or(Path::new(".")),
-            std::env::var_os(KEY_FILE_ENV),
-        )?;
+        let spec = Self::parse(&text, path.parent().unwrap_or(Path::new(".")), key_file)?;
         Ok((spec, text))
     }
 

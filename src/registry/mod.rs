@@ -27,6 +27,10 @@ pub enum RegistryError {
     BadDate { field: &'static str, value: String },
     #[error("registry holds invalid disclosure settings for project {0}")]
     BadDisclosure(String),
+    #[error("project {0} is granted columns of dataset {1} at different versions")]
+    MixedVersions(String, String),
+    #[error("project {0} has no grant on dataset {1}")]
+    NoSuchGrant(String, String),
     #[error(transparent)]
     Refused(#[from] Refusal),
 }
@@ -94,6 +98,8 @@ pub struct ProjectAccess {
     pub cohort: Option<String>,
     /// Disclosure settings stricter than the gateway's, agreed for this project.
     pub disclosure: crate::disclosure::Overrides,
+    /// Datasets granted at a named version (dataset → version id); the rest read the latest.
+    pub versions: BTreeMap<String, String>,
 }
 
 /// The registry. SQLite calls are short (indexed point look-ups), so one connection behind a
@@ -140,6 +146,20 @@ impl Registry {
                 "UPDATE projects SET disclosure = ?1 WHERE id = ?2",
                 params![json, project],
             )?;
+            Ok(())
+        })
+    }
+
+    /// Pins every granted column of `dataset` for `project` to `version` (`None`: the latest).
+    pub fn set_grant_version(&self, project: &str, dataset: &str, version: Option<&str>) -> Result<(), RegistryError> {
+        self.with_conn(|conn| {
+            let changed = conn.execute(
+                "UPDATE grants SET version = ?1 WHERE project_id = ?2 AND dataset = ?3",
+                params![version, project, dataset],
+            )?;
+            if changed == 0 {
+                return Err(RegistryError::NoSuchGrant(project.to_owned(), dataset.to_owned()));
+            }
             Ok(())
         })
     }
@@ -272,15 +292,25 @@ impl Registry {
                 return Err(Refusal::OrganisationNotParty(project.to_owned()).into());
             }
             let mut stmt = conn.prepare_cached(
-                "SELECT dataset, column_name FROM grants WHERE project_id = ?1 ORDER BY dataset, position",
+                "SELECT dataset, column_name, version FROM grants WHERE project_id = ?1 ORDER BY dataset, position",
             )?;
             let mut grants: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut versions: BTreeMap<String, Option<String>> = BTreeMap::new();
             for row in stmt.query_map(params![project], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
             })? {
-                let (dataset, column) = row?;
+                let (dataset, column, version) = row?;
+                // Every column of a dataset must be granted at the same version.
+                if versions.entry(dataset.clone()).or_insert_with(|| version.clone()) != &version {
+                    return Err(RegistryError::MixedVersions(project.to_owned(), dataset));
+                }
                 grants.entry(dataset).or_default().push(column);
             }
+            let versions = versions.into_iter().filter_map(|(d, v)| Some((d, v?))).collect();
             let disclosure = match disclosure {
                 Some(json) => {
                     serde_json::from_str(&json).map_err(|_| RegistryError::BadDisclosure(project.to_owned()))?
@@ -292,6 +322,7 @@ impl Registry {
                 grants,
                 cohort,
                 disclosure,
+                versions,
             })
         })
     }

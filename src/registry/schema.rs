@@ -65,6 +65,8 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 2: per-project disclosure overrides (JSON; they can only tighten the gateway's rules).
     "ALTER TABLE projects ADD COLUMN disclosure TEXT",
+    // 3: a grant may name a dataset version (NULL: the latest served).
+    "ALTER TABLE grants ADD COLUMN version TEXT",
 ];
 
 pub(super) fn migrate(conn: &Connection) -> Result<(), RegistryError> {
