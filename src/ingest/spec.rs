@@ -271,6 +271,33 @@ to = "age"
     }
 
     #[test]
+    fn the_example_spec_parses_with_every_documented_key() {
+        let text = include_str!("../../config/ingest.example.toml");
+        let spec = parse(text).expect("example spec parses");
+        assert_eq!(spec.dataset, "patients");
+        assert_eq!(spec.publish.as_deref(), Some(Path::new("/base/data")));
+        let outputs: Vec<&str> = spec
+            .columns
+            .iter()
+            .filter(|c| c.action != Action::Drop)
+            .map(ColumnRule::output_name)
+            .collect();
+        assert_eq!(
+            outputs,
+            ["person_id", "sex", "age", "age_band", "ethnicity", "district", "imd_decile"]
+        );
+        assert_eq!(spec.columns[6].map.as_ref().unwrap()["CM1"], "Chelmsford");
+        // The commented keys parse too.
+        let text = text
+            .replace("# format = \"csv\"", "format = \"csv\"")
+            .replace("# [[columns]]\n# name = \"household_ref\"\n# action", "[[columns]]\nname = \"household_ref\"\naction")
+            .replace("# action = \"identifier\"", "action = \"identifier\"");
+        let spec = parse(&text).expect("uncommented keys parse");
+        assert_eq!(spec.format, Some(InputFormat::Csv));
+        assert_eq!(spec.identifiers(), ["person_id", "household_ref"]);
+    }
+
+    #[test]
     fn bad_specs_are_named() {
         let no_pseudonym = SPEC.replace("pseudonymise", "keep");
         assert!(parse(&no_pseudonym).unwrap_err().to_string().contains("pseudonymise"));
