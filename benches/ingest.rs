@@ -21,7 +21,10 @@ fn main() {
         let started = Instant::now();
         data::generate(&raw, people, sde_gateway::demo::DEFAULT_SEED).expect("raw extracts");
         std::fs::write(raw.join(".complete"), "").unwrap();
-        println!("raw extracts for {people} people written in {:.1}s", started.elapsed().as_secs_f64());
+        println!(
+            "raw extracts for {people} people written in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
     }
     std::fs::create_dir_all(root.join("keys")).unwrap();
     std::fs::write(root.join("keys/ingest-hmac.key"), LinkageKey::generate_hex()).unwrap();

@@ -284,13 +284,24 @@ to = "age"
             .collect();
         assert_eq!(
             outputs,
-            ["person_id", "sex", "age", "age_band", "ethnicity", "district", "imd_decile"]
+            [
+                "person_id",
+                "sex",
+                "age",
+                "age_band",
+                "ethnicity",
+                "district",
+                "imd_decile"
+            ]
         );
         assert_eq!(spec.columns[6].map.as_ref().unwrap()["CM1"], "Chelmsford");
         // The commented keys parse too.
         let text = text
             .replace("# format = \"csv\"", "format = \"csv\"")
-            .replace("# [[columns]]\n# name = \"household_ref\"\n# action", "[[columns]]\nname = \"household_ref\"\naction")
+            .replace(
+                "# [[columns]]\n# name = \"household_ref\"\n# action",
+                "[[columns]]\nname = \"household_ref\"\naction",
+            )
             .replace("# action = \"identifier\"", "action = \"identifier\"");
         let spec = parse(&text).expect("uncommented keys parse");
         assert_eq!(spec.format, Some(InputFormat::Csv));

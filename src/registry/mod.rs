@@ -371,12 +371,25 @@ mod tests {
         let (reg, _d) = demo_registry();
         let alice = reg.principal("alice", today()).unwrap();
         let project = "ews-asc-linkage";
-        assert!(reg.project_access(&alice, project, today()).unwrap().versions.is_empty());
+        assert!(
+            reg.project_access(&alice, project, today())
+                .unwrap()
+                .versions
+                .is_empty()
+        );
         reg.set_grant_version(project, "patients", Some("v1")).unwrap();
         let access = reg.project_access(&alice, project, today()).unwrap();
-        assert_eq!(access.versions, BTreeMap::from([("patients".to_owned(), "v1".to_owned())]));
+        assert_eq!(
+            access.versions,
+            BTreeMap::from([("patients".to_owned(), "v1".to_owned())])
+        );
         reg.set_grant_version(project, "patients", None).unwrap();
-        assert!(reg.project_access(&alice, project, today()).unwrap().versions.is_empty());
+        assert!(
+            reg.project_access(&alice, project, today())
+                .unwrap()
+                .versions
+                .is_empty()
+        );
         assert!(matches!(
             reg.set_grant_version(project, "gp_events", Some("v1")),
             Err(RegistryError::NoSuchGrant(..))

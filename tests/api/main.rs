@@ -6,3 +6,4 @@ mod audit;
 mod flight_sql;
 mod helpers;
 mod property;
+mod versions;
