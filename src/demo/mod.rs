@@ -161,6 +161,17 @@ pub fn ensure_data(root: &Path, people: usize, seed: u64) -> Result<PathBuf, Dem
     let key = root.join("keys").join(INGEST_KEY);
     if !key.exists() {
         write(&key, crate::ingest::nhs::LinkageKey::generate_hex())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Whoever holds the key can recompute pseudonyms: owner only.
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+                DemoError::Io {
+                    path: key.clone(),
+                    source,
+                }
+            })?;
+        }
     }
     let summary = data::generate(&root.join("raw"), people, seed)?;
     let generated_ms = started.elapsed().as_millis() as u64;
