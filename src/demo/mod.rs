@@ -165,11 +165,9 @@ pub fn ensure_data(root: &Path, people: usize, seed: u64) -> Result<PathBuf, Dem
         {
             use std::os::unix::fs::PermissionsExt;
             // Whoever holds the key can recompute pseudonyms: owner only.
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-                DemoError::Io {
-                    path: key.clone(),
-                    source,
-                }
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(|source| DemoError::Io {
+                path: key.clone(),
+                source,
             })?;
         }
     }

@@ -40,6 +40,23 @@ pub struct IngestSpec {
     pub columns: Vec<ColumnRule>,
 }
 
+/// `path` taken from `base` if relative, with `.` and `..` folded away (so reports say
+/// `world/versions`, not `world/ingest/../versions`).
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in base.join(path).components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// A TOML date or a `YYYY-MM-DD` string.
 fn date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<NaiveDate, D::Error> {
     let text = match toml::Value::deserialize(d)? {
@@ -167,13 +184,11 @@ impl IngestSpec {
         if let Some(key_file) = key_file {
             spec.key_file = key_file.into();
         }
-        for path in [&mut spec.input, &mut spec.versions, &mut spec.key_file] {
-            if path.is_relative() {
-                *path = base.join(&*path);
-            }
-        }
-        if let Some(publish) = spec.publish.as_mut().filter(|p| p.is_relative()) {
-            *publish = base.join(&*publish);
+        for path in [&mut spec.input, &mut spec.versions, &mut spec.key_file]
+            .into_iter()
+            .chain(spec.publish.as_mut())
+        {
+            *path = resolve(base, path);
         }
         spec.validate()?;
         Ok(spec)
@@ -268,6 +283,12 @@ to = "age"
         assert_eq!(spec.identifiers(), ["person_id"]);
         let spec = IngestSpec::parse(SPEC, Path::new("/base"), Some("/secret/k".into())).unwrap();
         assert_eq!(spec.key_file, Path::new("/secret/k"));
+        let spec = IngestSpec::parse(
+            &SPEC.replace("\"versions\"", "\"../versions\""),
+            Path::new("/w/ingest/"),
+            None,
+        );
+        assert_eq!(spec.unwrap().versions, Path::new("/w/versions"));
     }
 
     #[test]
