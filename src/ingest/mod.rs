@@ -507,6 +507,10 @@ impl Rows {
             };
             columns.push(column);
         }
+        if !self.bad.contains(&true) {
+            return RecordBatch::try_new(Arc::clone(&plan.output), columns)
+                .map_err(|e| IngestError::Write(e.to_string()));
+        }
         let keep = BooleanArray::from(self.bad.iter().map(|b| !b).collect::<Vec<bool>>());
         let columns = columns
             .iter()
