@@ -101,6 +101,14 @@ pub fn scan_batch(batch: &RecordBatch, exempt: &[String]) -> Vec<Finding> {
         if exempt.iter().any(|e| e == name) {
             continue;
         }
+        if let Some(finding) = full_dates_of_birth(name, column) {
+            findings.push(finding);
+            continue;
+        }
+        if let Some(finding) = numeric_nhs_numbers(name, column) {
+            findings.push(finding);
+            continue;
+        }
         if let Some(kind) = kind_by_name(name, field.data_type()) {
             findings.push(Finding {
                 column: name.clone(),
@@ -147,6 +155,59 @@ const ALL_KINDS: [IdentifierKind; 6] = [
     IdentifierKind::DateOfBirth,
 ];
 
+/// Whether `name` says the column holds dates of birth.
+fn is_birth_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.contains("birth") || lower == "dob" || lower.ends_with("_dob")
+}
+
+/// A date column named for births holding full dates: any sampled date that is not the first
+/// of its month (a month of birth, as `generalise` to `month` makes, is not a full date).
+fn full_dates_of_birth(name: &str, column: &dyn Array) -> Option<Finding> {
+    if column.data_type() != &DataType::Date32 || !is_birth_name(name) {
+        return None;
+    }
+    let dates = column.as_primitive::<datafusion::arrow::datatypes::Date32Type>();
+    let full = dates
+        .iter()
+        .flatten()
+        .filter(|&days| super::generalise::date_from_days(days).is_some_and(|d| chrono::Datelike::day(&d) != 1))
+        .count();
+    Some(Finding {
+        column: name.to_owned(),
+        kind: IdentifierKind::DateOfBirth,
+        matches: full,
+        sampled: dates.len() - dates.null_count(),
+    })
+    .filter(|f| f.matches > 0)
+}
+
+/// An integer column most of whose values are valid NHS numbers (a random 10-digit number
+/// passes the check one time in eleven or so, hence "most" rather than "any").
+fn numeric_nhs_numbers(name: &str, column: &dyn Array) -> Option<Finding> {
+    use datafusion::arrow::datatypes::{Int64Type, UInt64Type};
+    let values: Vec<u64> = match column.data_type() {
+        DataType::Int64 => column
+            .as_primitive::<Int64Type>()
+            .iter()
+            .flatten()
+            .map(|v| v as u64)
+            .collect(),
+        DataType::UInt64 => column.as_primitive::<UInt64Type>().iter().flatten().collect(),
+        _ => return None,
+    };
+    let matches = values
+        .iter()
+        .filter(|&&v| (1_000_000_000..=9_999_999_999).contains(&v) && nhs::normalise(&v.to_string()).is_ok())
+        .count();
+    (matches > 0 && matches * 2 >= values.len()).then(|| Finding {
+        column: name.to_owned(),
+        kind: IdentifierKind::NhsNumber,
+        matches,
+        sampled: values.len(),
+    })
+}
+
 /// A column whose name says what it holds.
 fn kind_by_name(name: &str, data_type: &DataType) -> Option<IdentifierKind> {
     let lower = name.to_ascii_lowercase();
@@ -159,12 +220,12 @@ fn kind_by_name(name: &str, data_type: &DataType) -> Option<IdentifierKind> {
         "phone" | "phone_number" | "telephone" | "mobile" | "tel" => IdentifierKind::Phone,
         "address" | "address_line_1" | "address_1" | "street" => IdentifierKind::Postcode,
         _ => {
-            let birth = lower.contains("birth") || lower == "dob" || lower.ends_with("_dob");
+            // Date32 columns are judged by their values (above); text and finer types by name.
             let full_date = matches!(
                 data_type,
-                DataType::Date32 | DataType::Date64 | DataType::Timestamp(..) | DataType::Utf8 | DataType::LargeUtf8
+                DataType::Date64 | DataType::Timestamp(..) | DataType::Utf8 | DataType::LargeUtf8
             );
-            if birth && full_date {
+            if is_birth_name(name) && full_date {
                 IdentifierKind::DateOfBirth
             } else {
                 return None;
@@ -386,6 +447,36 @@ mod tests {
     }
 
     #[test]
+    fn numeric_nhs_numbers_and_full_dates_of_birth_are_found_by_value() {
+        use datafusion::arrow::array::Int64Array;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ref", DataType::Int64, false),
+            Field::new("epoch_seconds", DataType::Int64, false),
+            Field::new("date_of_birth", DataType::Date32, false),
+            Field::new("month_of_birth", DataType::Date32, false),
+        ]));
+        // 2024-10-01 is day 19997; 19998 is the 2nd.
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(vec![9434765919, 4010232137, 9990000026])),
+            Arc::new(Int64Array::from(vec![1_700_000_000, 1_700_000_001, 1_700_000_002])),
+            Arc::new(Date32Array::from(vec![19_997, 19_998, 19_997])),
+            Arc::new(Date32Array::from(vec![19_997, 19_997, 19_997])),
+        ];
+        let batch = RecordBatch::try_new(schema, columns).unwrap();
+        let got: Vec<(String, IdentifierKind, usize)> = scan_batch(&batch, &[])
+            .into_iter()
+            .map(|f| (f.column, f.kind, f.matches))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ref".to_owned(), IdentifierKind::NhsNumber, 3),
+                ("date_of_birth".to_owned(), IdentifierKind::DateOfBirth, 1)
+            ]
+        );
+    }
+
+    #[test]
     fn columns_are_judged_by_name_and_by_sampled_values_and_exemptions_hold() {
         let schema = Arc::new(Schema::new(vec![
             Field::new("person_id", DataType::Utf8, false),
@@ -409,7 +500,7 @@ mod tests {
             got,
             [
                 ("notes", IdentifierKind::Postcode, 1),
-                ("date_of_birth", IdentifierKind::DateOfBirth, 0)
+                ("date_of_birth", IdentifierKind::DateOfBirth, 1)
             ]
         );
         assert_eq!(
