@@ -383,6 +383,20 @@ dir = "audit"
     }
 
     #[test]
+    fn the_versions_folder_is_optional_resolved_and_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path());
+        let c = GatewayConfig::from_toml(&text, dir.path(), std::iter::empty(), Path::new("t")).unwrap();
+        assert_eq!(c.data.versions, None);
+        let env = || vec![("SDE_DATA__VERSIONS".to_owned(), "versions".to_owned())].into_iter();
+        let err = GatewayConfig::from_toml(&text, dir.path(), env(), Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("data.versions"), "{err}");
+        std::fs::create_dir_all(dir.path().join("versions")).unwrap();
+        let c = GatewayConfig::from_toml(&text, dir.path(), env(), Path::new("t")).unwrap();
+        assert_eq!(c.data.versions, Some(dir.path().join("versions")));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_algorithms_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let text = sample(dir.path()).replace("ES256", "none");
