@@ -1613,6 +1613,15 @@ mod tests {
             .collect();
         assert!(linked.len() >= 10, "{} linked EWS→ASC people", linked.len());
 
+        // Nothing identifiable in any dataset: every value (not a sample) is scanned.
+        for dataset in DATASETS {
+            for batch in read(out, dataset) {
+                let findings = crate::ingest::scan::scan_batch(&batch, &["person_id".to_owned()]);
+                assert!(findings.is_empty(), "{dataset}: {findings:?}");
+                assert!(batch.schema().field_with_name("nhs_number").is_err());
+            }
+        }
+
         assert_eq!(manifest("gp_events").rows as usize, gp_rows);
         assert_eq!(manifest("asc_services").rows as usize, rows(&asc));
         assert_eq!(manifest("ews_referrals").rows as usize, rows(&ews));
