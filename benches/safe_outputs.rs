@@ -71,7 +71,7 @@ async fn main() {
     let people: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
     let runs: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-world-{people}"));
-    sde_gateway::demo::ensure_data(&dir, people, sde_gateway::demo::DEFAULT_SEED).expect("demo data");
+    let dir = sde_gateway::demo::ensure_data(&dir, people, sde_gateway::demo::DEFAULT_SEED).expect("demo data");
 
     let engine = Engine::open(&dir, &Default::default()).await.expect("engine");
     let grants: BTreeMap<String, Vec<String>> = DEMO_DATASETS
@@ -83,6 +83,7 @@ async fn main() {
         grants,
         cohort: None,
         disclosure: Default::default(),
+        versions: Default::default(),
     };
     let raw = SessionContext::new();
     for (dataset, _) in DEMO_DATASETS {

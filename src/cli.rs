@@ -1,4 +1,4 @@
-//! The command line: `serve` (the demo world or a production config) and `demo-data`.
+//! The command line: `serve` (the demo world or a production config), `ingest` and `demo-data`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,7 +54,14 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Write synthetic pseudonymised demo data (Parquet) only.
+    /// Pseudonymise a raw extract (CSV or Parquet) into a new dataset version, as its spec says
+    /// (see config/ingest.example.toml). SDE_INGEST__KEY_FILE overrides the spec's key file.
+    Ingest {
+        #[arg(long)]
+        spec: PathBuf,
+    },
+    /// Write the demo's synthetic raw extracts and ingest specs to OUT/raw and OUT/ingest, and
+    /// ingest them (key in OUT/keys) into OUT/versions and OUT/data.
     DemoData {
         #[arg(long)]
         out: PathBuf,
@@ -119,13 +126,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let last = records.last().map(|r| r.hash.as_str()).unwrap_or("(empty log)");
             println!("audit log intact: {} records, head {last}", records.len());
         }
+        Command::Ingest { spec } => {
+            let started = std::time::Instant::now();
+            let report = tokio::task::spawn_blocking(move || crate::ingest::run(&spec)).await??;
+            println!("{}", crate::ingest::describe(&report, started.elapsed()));
+        }
         Command::DemoData { out, people, seed } => {
             let started = std::time::Instant::now();
-            let summary = tokio::task::spawn_blocking(move || demo::data::generate(&out, people, seed)).await??;
-            for (dataset, rows) in &summary.rows {
-                println!("{dataset:>14}: {rows} rows");
-            }
-            println!("{} people in {:.1}s", summary.people, started.elapsed().as_secs_f64());
+            let data = tokio::task::spawn_blocking(move || demo::ensure_data(&out, people, seed)).await??;
+            println!(
+                "{people} people written and ingested in {:.1}s; data in {}",
+                started.elapsed().as_secs_f64(),
+                data.display()
+            );
         }
     }
     Ok(())

@@ -92,6 +92,10 @@ pub struct DataConfig {
     /// or inside COUNT(DISTINCT …), never output, grouped on or filtered.
     #[serde(default)]
     pub identifiers: std::collections::BTreeMap<String, Vec<String>>,
+    /// Folder of kept dataset versions (`<versions>/<dataset>/<version>/`, written by `ingest`),
+    /// read for grants that name a version. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,7 +209,10 @@ impl GatewayConfig {
             &mut self.registry.policies,
             &mut self.data.dir,
             &mut self.audit.dir,
-        ] {
+        ]
+        .into_iter()
+        .chain(self.data.versions.as_mut())
+        {
             if path.is_relative() {
                 *path = base.join(&*path);
             }
@@ -289,6 +296,9 @@ impl GatewayConfig {
         }
         if !self.data.dir.is_dir() {
             return invalid("data.dir", format!("folder {} does not exist", self.data.dir.display()));
+        }
+        if let Some(versions) = self.data.versions.as_ref().filter(|v| !v.is_dir()) {
+            return invalid("data.versions", format!("folder {} does not exist", versions.display()));
         }
         Ok(())
     }
@@ -395,6 +405,20 @@ dir = "audit"
         );
         let config: GatewayConfig = toml::from_str(&text).expect("dataset overrides parse");
         assert_eq!(config.disclosure.datasets["gp_events"].threshold, Some(20));
+    }
+
+    #[test]
+    fn the_versions_folder_is_optional_resolved_and_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path());
+        let c = GatewayConfig::from_toml(&text, dir.path(), std::iter::empty(), Path::new("t")).unwrap();
+        assert_eq!(c.data.versions, None);
+        let env = || vec![("SDE_DATA__VERSIONS".to_owned(), "versions".to_owned())].into_iter();
+        let err = GatewayConfig::from_toml(&text, dir.path(), env(), Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("data.versions"), "{err}");
+        std::fs::create_dir_all(dir.path().join("versions")).unwrap();
+        let c = GatewayConfig::from_toml(&text, dir.path(), env(), Path::new("t")).unwrap();
+        assert_eq!(c.data.versions, Some(dir.path().join("versions")));
     }
 
     #[test]

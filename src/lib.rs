@@ -20,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod gateway;
 pub mod identity;
+pub mod ingest;
 pub mod policy;
 pub mod registry;
 pub mod server;

@@ -82,9 +82,13 @@ impl Gateway {
         tracing::info!(rules = %rules.hash(), "access rules loaded");
         let registry = Registry::open(&config.registry.path, rules, config.registry.training_months)
             .map_err(crate::Error::from)?;
-        let engine = Engine::open(&config.data.dir, &config.data.identifiers)
-            .await
-            .map_err(crate::Error::from)?;
+        let engine = Engine::open_with_versions(
+            &config.data.dir,
+            config.data.versions.as_deref(),
+            &config.data.identifiers,
+        )
+        .await
+        .map_err(crate::Error::from)?;
         let audit = AuditLog::open(&config.audit.dir).map_err(crate::Error::from)?;
         let core = Arc::new(Core::new(
             clock,

@@ -32,7 +32,9 @@ pub fn status(error: Error) -> Status {
             RegistryError::Database(_)
             | RegistryError::BadDate { .. }
             | RegistryError::BadDisclosure(_)
-            | RegistryError::Rules(_),
+            | RegistryError::Rules(_)
+            | RegistryError::MixedVersions(..)
+            | RegistryError::NoSuchGrant(..),
         ) => (
             Code::Internal,
             "the registry is unavailable; try again later".to_owned(),

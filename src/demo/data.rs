@@ -1,20 +1,26 @@
-//! Synthetic demo data: a linked, pseudonymised extract shaped like the health and social
-//! care data a Secure Data Environment for Essex would hold.
+//! Synthetic demo data: raw, identifiable extracts shaped like the health and social care data
+//! a Secure Data Environment for Essex would receive, ready for `ingest` to pseudonymise.
 //!
-//! [`generate`] writes five Parquet datasets under one directory, one folder per dataset:
+//! [`generate`] writes five raw extracts under one directory, one folder per dataset
+//! (`patients` and `opt_outs` as CSV, the others as Parquet), and [`write_specs`] the ingest
+//! spec for each:
 //!
 //! | dataset         | one row per                                          |
 //! | --------------- | ---------------------------------------------------- |
-//! | `patients`      | person: sex, age, ethnicity, district, IMD decile    |
+//! | `patients`      | person: NHS number, name, date of birth, sex,        |
+//! |                 | ethnicity, full postcode, IMD decile                 |
 //! | `gp_events`     | coded GP record entry (a SNOMED CT concept)          |
 //! | `asc_services`  | adult social care service episode, with weekly cost  |
 //! | `ews_referrals` | referral to the Essex Wellbeing Service              |
 //! | `opt_outs`      | person who has registered a national data opt-out    |
 //!
-//! Every row carries `person_id`, which stands for a keyed pseudonym of the NHS number
-//! (see [`person_id`]), so the datasets join the way a real linked extract does: an analyst
-//! can follow people from an EWS referral into adult social care, or count GP events by
-//! district and ethnicity.
+//! Every row carries the person's NHS number (see [`nhs_number`]: synthetic, in the 9…
+//! range, with valid Modulus 11 check digits), which `ingest` turns into `person_id`, so the
+//! datasets join the way a real linked extract does: an analyst can follow people from an EWS
+//! referral into adult social care, or count GP events by district and ethnicity. As in real
+//! extracts, a few records cannot be linked: about 0.4% of people have a second registration
+//! with a mistyped NHS number (wrong check digit), and about 1% of adults a self-referral to
+//! the Essex Wellbeing Service with no NHS number. `ingest` quarantines those records.
 //!
 //! # Why it is realistic enough for disclosure control to matter
 //!
@@ -40,12 +46,14 @@
 //!
 //! # Determinism
 //!
-//! The output depends only on `(people, seed)`: every person draws from their own random
+//! The raw output depends only on `(people, seed)`: every person draws from their own random
 //! streams, seeded from the seed, their index and the dataset, and the split of people
 //! into chunks (one file per chunk per dataset, written in parallel) depends only on
 //! `people`, so thread scheduling never changes a byte. Byte identity holds for a given
 //! build: `SmallRng`'s algorithm and Parquet's encoder may change with the `rand` and
-//! `parquet` versions.
+//! `parquet` versions. Identifying details (name, exact date of birth, postcode, the extra
+//! unlinkable records) come from a separate stream, so the pseudonymised data has the same
+//! people, ages and events as the generator made before it wrote raw extracts.
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -63,6 +71,8 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+
+use crate::ingest::scan::{FAMILY_NAMES, GIVEN_NAMES};
 
 /// The twelve Essex County Council districts with their relative population weights
 /// (2021 census usual residents, in thousands).
@@ -153,22 +163,119 @@ pub fn generate(out: &Path, people: usize, seed: u64) -> Result<DemoDataSummary,
     })
 }
 
-/// The pseudonym of person `index` under `seed`: 16 lower-case hex digits.
-///
-/// It stands for a keyed pseudonym of the NHS number (as an SDE's pseudonymisation
-/// service would issue). The mapping is a bijection of `index` for a given seed, so
-/// pseudonyms never collide, yet they look random and carry no order.
-pub fn person_id(seed: u64, index: usize) -> String {
-    let mut id = String::with_capacity(16);
-    write_person_id(&mut id, seed, index);
-    id
+/// The synthetic NHS number of person `index` (up to 10 million people): ten digits starting
+/// with 9, outside the ranges issued to patients, with a valid Modulus 11 check digit. Person
+/// `i` gets the first nine digits `900000000 + 10 i` (or `+ 1` where that base has no valid
+/// check digit; two neighbouring bases never both lack one), so numbers never collide.
+pub fn nhs_number(index: usize) -> String {
+    let mut out = String::with_capacity(10);
+    write_nhs_number(&mut out, index);
+    out
+}
+
+fn write_nhs_number(out: &mut String, index: usize) {
+    assert!(index < 10_000_000, "synthetic NHS numbers run out at 10 million people");
+    let base = 900_000_000 + 10 * index as u64;
+    for candidate in [base, base + 1] {
+        let first_nine = candidate.to_string();
+        if let Some(check) = crate::ingest::nhs::check_digit(first_nine.as_bytes()) {
+            write!(out, "{first_nine}{check}").expect("writing to a String cannot fail");
+            return;
+        }
+    }
+    unreachable!("of two neighbouring bases at least one has a check digit");
+}
+
+/// Outward codes (postcode districts) of each of [`DISTRICTS`], in the same order. Each code
+/// belongs to one district only, so `ingest` can map postcodes to districts.
+pub const OUTWARD_CODES: [&[&str]; 12] = [
+    &["SS13", "SS14", "SS15", "SS16", "CM11", "CM12"], // Basildon
+    &["CM7", "CM77", "CM8", "CO9"],                    // Braintree
+    &["CM13", "CM14", "CM15"],                         // Brentwood
+    &["SS7", "SS8"],                                   // Castle Point
+    &["CM1", "CM2", "CM3"],                            // Chelmsford
+    &["CO1", "CO2", "CO3", "CO4"],                     // Colchester
+    &["CM16", "IG10", "EN9"],                          // Epping Forest
+    &["CM17", "CM18", "CM19", "CM20"],                 // Harlow
+    &["CM9", "CM0"],                                   // Maldon
+    &["SS4", "SS5", "SS6"],                            // Rochford
+    &["CO12", "CO13", "CO15", "CO16"],                 // Tendring
+    &["CB10", "CB11", "CM6", "CM24"],                  // Uttlesford
+];
+
+/// The extract date: ages are counted to it.
+pub const EXTRACT_DATE: &str = "2025-12-31";
+
+/// Writes `<dir>/<dataset>.toml`, the ingest spec of each raw extract, for a world laid out
+/// as `raw/`, `ingest/` (this folder), `keys/`, `versions/` and `data/` side by side.
+/// Returns the spec paths, in [`DATASETS`] order.
+pub fn write_specs(dir: &Path) -> Result<Vec<PathBuf>, DemoDataError> {
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let mut paths = Vec::new();
+    for dataset in DATASETS {
+        let mut spec = format!(
+            "# Ingest spec for the demo's raw {dataset} extract (see config/ingest.example.toml).\n\
+             dataset = \"{dataset}\"\n\
+             input = \"../raw/{dataset}\"\n\
+             extract_date = \"{EXTRACT_DATE}\"\n\
+             versions = \"../versions\"\n\
+             publish = \"../data\"\n\
+             key_file = \"../keys/ingest-hmac.key\"\n"
+        );
+        let rule = |spec: &mut String, name: &str, action: &str, extra: &str| {
+            write!(spec, "\n[[columns]]\nname = \"{name}\"\naction = \"{action}\"\n{extra}").expect("String");
+        };
+        rule(&mut spec, "nhs_number", "pseudonymise", "");
+        match dataset {
+            "patients" => {
+                rule(&mut spec, "name", "drop", "");
+                rule(&mut spec, "sex", "keep", "");
+                rule(&mut spec, "date_of_birth", "generalise", "to = \"age\"\n");
+                rule(&mut spec, "date_of_birth", "generalise", "to = \"age_band\"\n");
+                rule(&mut spec, "ethnicity", "keep", "");
+                let mut map = String::from("to = \"postcode_district\"\noutput = \"district\"\n[columns.map]\n");
+                for (codes, (district, _)) in OUTWARD_CODES.iter().zip(DISTRICTS) {
+                    for code in *codes {
+                        writeln!(map, "{code} = \"{district}\"").expect("String");
+                    }
+                }
+                rule(&mut spec, "postcode", "generalise", &map);
+                rule(&mut spec, "imd_decile", "keep", "type = \"int32\"\n");
+            }
+            "gp_events" => {
+                rule(&mut spec, "event_date", "keep", "");
+                rule(&mut spec, "snomed_code", "keep", "");
+            }
+            "asc_services" => {
+                for column in ["service_type", "primary_support_reason", "start_date"] {
+                    rule(&mut spec, column, "keep", "");
+                }
+                rule(&mut spec, "end_date", "keep", "nullable = true\n");
+                rule(&mut spec, "weekly_cost", "keep", "");
+            }
+            "ews_referrals" => {
+                for column in ["referral_date", "referral_source", "service", "outcome"] {
+                    rule(&mut spec, column, "keep", "");
+                }
+            }
+            _ => {}
+        }
+        let path = dir.join(format!("{dataset}.toml"));
+        fs::write(&path, spec).map_err(io_error(&path))?;
+        paths.push(path);
+    }
+    Ok(paths)
 }
 
 // ---------------------------------------------------------------------------------------
 // Layout, sizes and calendar
 // ---------------------------------------------------------------------------------------
 
-const DATASETS: [&str; 5] = ["patients", "gp_events", "asc_services", "ews_referrals", "opt_outs"];
+/// The datasets, in the order summaries list them.
+pub const DATASETS: [&str; 5] = ["patients", "gp_events", "asc_services", "ews_referrals", "opt_outs"];
+
+/// Raw extracts written as CSV (the others are Parquet).
+const CSV_DATASETS: [&str; 2] = ["patients", "opt_outs"];
 
 /// Rows per Arrow batch handed to the Parquet writer.
 const BATCH_ROWS: usize = 256 * 1024;
@@ -235,13 +342,7 @@ const fn district_shape(older: f64, young_adults: f64, minorities: f64, imd: f64
     }
 }
 
-/// Five-year age bands as written to `patients.age_band`; the last is open-ended.
-const AGE_BANDS: [&str; 21] = [
-    "0-4", "5-9", "10-14", "15-19", "20-24", "25-29", "30-34", "35-39", "40-44", "45-49", "50-54", "55-59", "60-64",
-    "65-69", "70-74", "75-79", "80-84", "85-89", "90-94", "95-99", "100+",
-];
-
-/// Share of the population in each band of [`AGE_BANDS`], in per cent (England and Wales,
+/// Share of the population in each five-year age band (`0-4` … `95-99`, `100+`), in per cent (England and Wales,
 /// 2021 census, rounded).
 const AGE_BAND_SHARES: [f64; 21] = [
     5.4, 5.9, 6.0, 5.6, 5.9, 6.6, 6.8, 6.6, 6.2, 6.5, 7.0, 6.8, 5.9, 5.1, 5.1, 3.7, 2.6, 1.6, 0.7, 0.2, 0.02,
@@ -400,6 +501,10 @@ const EWS_OUTCOME_MIX: [[f64; 5]; 2] = [[50.0, 12.0, 22.0, 5.0, 11.0], [45.0, 10
 
 /// Share of people with a national data opt-out.
 const OPT_OUT_SHARE: f64 = 0.03;
+/// Share of people with a second registration under a mistyped NHS number.
+const UNLINKABLE_DUPLICATE_SHARE: f64 = 0.004;
+/// Share of adults with a self-referral recorded without an NHS number.
+const ANONYMOUS_REFERRAL_SHARE: f64 = 0.01;
 
 // ---------------------------------------------------------------------------------------
 // Randomness
@@ -413,11 +518,6 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn write_person_id(out: &mut String, seed: u64, index: usize) {
-    let pseudonym = splitmix64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    write!(out, "{pseudonym:016x}").expect("writing to a String cannot fail");
-}
-
 /// Independent random streams per person, one for each dataset.
 #[derive(Clone, Copy)]
 enum Stream {
@@ -426,6 +526,10 @@ enum Stream {
     SocialCare = 3,
     Wellbeing = 4,
     OptOut = 5,
+    /// Identifying details: name, date of birth, postcode.
+    Identity = 6,
+    /// Records that cannot be linked (see [`Model::unlinkable`]).
+    Unlinkable = 7,
 }
 
 /// The random stream of person `index` for one dataset.
@@ -491,14 +595,14 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> DemoDataError + '_ {
     }
 }
 
-/// Removes `part-*.parquet` files left by an earlier run.
+/// Removes `part-*` files left by an earlier run.
 fn remove_stale_parts(dir: &Path) -> Result<(), DemoDataError> {
     for entry in fs::read_dir(dir).map_err(io_error(dir))? {
         let path = entry.map_err(io_error(dir))?.path();
         let stale = path
             .file_name()
             .and_then(|name| name.to_str())
-            .is_some_and(|name| name.starts_with("part-") && name.ends_with(".parquet"));
+            .is_some_and(|name| name.starts_with("part-"));
         if stale {
             fs::remove_file(&path).map_err(io_error(&path))?;
         }
@@ -526,24 +630,38 @@ trait Columns: Default {
     fn finish(&mut self) -> Vec<ArrayRef>;
 }
 
-/// One Parquet file being written: builders plus the writer they are flushed to.
+enum Writer {
+    Parquet(ArrowWriter<File>),
+    Csv(arrow::csv::Writer<std::io::BufWriter<File>>),
+}
+
+/// One raw file being written: builders plus the writer they are flushed to.
 struct Part<C> {
     schema: SchemaRef,
-    writer: ArrowWriter<File>,
+    writer: Writer,
     columns: C,
     rows: usize,
 }
 
 impl<C: Columns> Part<C> {
     fn create(out: &Path, dataset: &str, chunk: usize) -> Result<Self, DemoDataError> {
-        let path = out.join(dataset).join(format!("part-{chunk}.parquet"));
+        let csv = CSV_DATASETS.contains(&dataset);
+        let extension = if csv { "csv" } else { "parquet" };
+        let path = out.join(dataset).join(format!("part-{chunk}.{extension}"));
         let file = File::create(&path).map_err(io_error(&path))?;
-        let properties = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
-            .build();
         let schema = C::schema();
-        let writer = ArrowWriter::try_new(file, schema.clone(), Some(properties))?;
+        let writer = if csv {
+            Writer::Csv(arrow::csv::Writer::new(std::io::BufWriter::with_capacity(
+                1 << 20,
+                file,
+            )))
+        } else {
+            let properties = WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
+                .build();
+            Writer::Parquet(ArrowWriter::try_new(file, schema.clone(), Some(properties))?)
+        };
         Ok(Self {
             schema,
             writer,
@@ -566,54 +684,68 @@ impl<C: Columns> Part<C> {
         }
         let batch = RecordBatch::try_new(self.schema.clone(), self.columns.finish())?;
         self.rows += batch.num_rows();
-        self.writer.write(&batch)?;
+        match &mut self.writer {
+            Writer::Parquet(w) => w.write(&batch)?,
+            Writer::Csv(w) => w.write(&batch)?,
+        }
         Ok(())
     }
 
     /// Writes what is left and the footer; returns the number of rows written.
     fn close(mut self) -> Result<usize, DemoDataError> {
         self.flush()?;
-        self.writer.close()?;
+        match self.writer {
+            Writer::Parquet(w) => {
+                w.close()?;
+            }
+            Writer::Csv(w) => {
+                use std::io::Write as _;
+                w.into_inner().flush().map_err(|source| DemoDataError::Io {
+                    path: PathBuf::from("csv extract"),
+                    source,
+                })?;
+            }
+        }
         Ok(self.rows)
     }
 }
 
 #[derive(Default)]
 struct PatientColumns {
-    person_id: StringBuilder,
+    nhs_number: StringBuilder,
+    name: StringBuilder,
+    date_of_birth: Date32Builder,
     sex: StringBuilder,
-    age: Int32Builder,
-    age_band: StringBuilder,
     ethnicity: StringBuilder,
-    district: StringBuilder,
+    postcode: StringBuilder,
     imd_decile: Int32Builder,
 }
 
 impl Columns for PatientColumns {
     fn schema() -> SchemaRef {
         schema(vec![
-            utf8("person_id"),
+            utf8("nhs_number"),
+            utf8("name"),
+            date("date_of_birth", false),
             utf8("sex"),
-            Field::new("age", DataType::Int32, false),
-            utf8("age_band"),
             utf8("ethnicity"),
-            utf8("district"),
+            utf8("postcode"),
             Field::new("imd_decile", DataType::Int32, false),
         ])
     }
 
     fn len(&self) -> usize {
-        self.person_id.len()
+        self.nhs_number.len()
     }
 
     fn finish(&mut self) -> Vec<ArrayRef> {
         vec![
-            Arc::new(self.person_id.finish()),
+            Arc::new(self.nhs_number.finish()),
+            Arc::new(self.name.finish()),
+            Arc::new(self.date_of_birth.finish()),
             Arc::new(self.sex.finish()),
-            Arc::new(self.age.finish()),
-            Arc::new(self.age_band.finish()),
             Arc::new(self.ethnicity.finish()),
-            Arc::new(self.district.finish()),
+            Arc::new(self.postcode.finish()),
             Arc::new(self.imd_decile.finish()),
         ]
     }
@@ -621,23 +753,23 @@ impl Columns for PatientColumns {
 
 #[derive(Default)]
 struct GpEventColumns {
-    person_id: StringBuilder,
+    nhs_number: StringBuilder,
     event_date: Date32Builder,
     snomed_code: StringBuilder,
 }
 
 impl Columns for GpEventColumns {
     fn schema() -> SchemaRef {
-        schema(vec![utf8("person_id"), date("event_date", false), utf8("snomed_code")])
+        schema(vec![utf8("nhs_number"), date("event_date", false), utf8("snomed_code")])
     }
 
     fn len(&self) -> usize {
-        self.person_id.len()
+        self.nhs_number.len()
     }
 
     fn finish(&mut self) -> Vec<ArrayRef> {
         vec![
-            Arc::new(self.person_id.finish()),
+            Arc::new(self.nhs_number.finish()),
             Arc::new(self.event_date.finish()),
             Arc::new(self.snomed_code.finish()),
         ]
@@ -646,7 +778,7 @@ impl Columns for GpEventColumns {
 
 #[derive(Default)]
 struct AscColumns {
-    person_id: StringBuilder,
+    nhs_number: StringBuilder,
     service_type: StringBuilder,
     primary_support_reason: StringBuilder,
     start_date: Date32Builder,
@@ -657,7 +789,7 @@ struct AscColumns {
 impl Columns for AscColumns {
     fn schema() -> SchemaRef {
         schema(vec![
-            utf8("person_id"),
+            utf8("nhs_number"),
             utf8("service_type"),
             utf8("primary_support_reason"),
             date("start_date", false),
@@ -667,12 +799,12 @@ impl Columns for AscColumns {
     }
 
     fn len(&self) -> usize {
-        self.person_id.len()
+        self.nhs_number.len()
     }
 
     fn finish(&mut self) -> Vec<ArrayRef> {
         vec![
-            Arc::new(self.person_id.finish()),
+            Arc::new(self.nhs_number.finish()),
             Arc::new(self.service_type.finish()),
             Arc::new(self.primary_support_reason.finish()),
             Arc::new(self.start_date.finish()),
@@ -684,7 +816,7 @@ impl Columns for AscColumns {
 
 #[derive(Default)]
 struct EwsColumns {
-    person_id: StringBuilder,
+    nhs_number: StringBuilder,
     referral_date: Date32Builder,
     referral_source: StringBuilder,
     service: StringBuilder,
@@ -694,7 +826,7 @@ struct EwsColumns {
 impl Columns for EwsColumns {
     fn schema() -> SchemaRef {
         schema(vec![
-            utf8("person_id"),
+            Field::new("nhs_number", DataType::Utf8, true),
             date("referral_date", false),
             utf8("referral_source"),
             utf8("service"),
@@ -703,12 +835,12 @@ impl Columns for EwsColumns {
     }
 
     fn len(&self) -> usize {
-        self.person_id.len()
+        self.nhs_number.len()
     }
 
     fn finish(&mut self) -> Vec<ArrayRef> {
         vec![
-            Arc::new(self.person_id.finish()),
+            Arc::new(self.nhs_number.finish()),
             Arc::new(self.referral_date.finish()),
             Arc::new(self.referral_source.finish()),
             Arc::new(self.service.finish()),
@@ -719,20 +851,20 @@ impl Columns for EwsColumns {
 
 #[derive(Default)]
 struct OptOutColumns {
-    person_id: StringBuilder,
+    nhs_number: StringBuilder,
 }
 
 impl Columns for OptOutColumns {
     fn schema() -> SchemaRef {
-        schema(vec![utf8("person_id")])
+        schema(vec![utf8("nhs_number")])
     }
 
     fn len(&self) -> usize {
-        self.person_id.len()
+        self.nhs_number.len()
     }
 
     fn finish(&mut self) -> Vec<ArrayRef> {
-        vec![Arc::new(self.person_id.finish())]
+        vec![Arc::new(self.nhs_number.finish())]
     }
 }
 
@@ -786,6 +918,11 @@ struct Person {
     index: usize,
     age: i32,
     imd_decile: i32,
+    name: String,
+    date_of_birth: i32,
+    sex: &'static str,
+    ethnicity: &'static str,
+    postcode: String,
 }
 
 impl Person {
@@ -807,7 +944,7 @@ struct CareRun {
 /// Buffers reused from one person to the next.
 #[derive(Default)]
 struct Scratch {
-    person_id: String,
+    nhs_number: String,
     events: Vec<(i32, usize)>,
     conditions: Vec<usize>,
     referrals: Vec<i32>,
@@ -892,23 +1029,52 @@ impl Model {
         let mut parts = ChunkParts::create(out, chunk)?;
         let mut scratch = Scratch::default();
         for index in range {
-            scratch.person_id.clear();
-            write_person_id(&mut scratch.person_id, seed, index);
-            let person = self.patient(seed, index, &scratch.person_id, &mut parts.patients.columns);
+            scratch.nhs_number.clear();
+            write_nhs_number(&mut scratch.nhs_number, index);
+            let person = self.patient(seed, index, &scratch.nhs_number, &mut parts.patients.columns);
             self.gp_events(&person, &mut scratch, &mut parts.gp_events.columns);
             // Referrals come first: they decide who is referred on to social care.
             self.ews_referrals(&person, &mut scratch, &mut parts.ews_referrals.columns);
             self.asc_services(&person, &scratch, &mut parts.asc_services.columns);
             if person.rng(Stream::OptOut).random_bool(OPT_OUT_SHARE) {
                 let opt_outs = &mut parts.opt_outs.columns;
-                opt_outs.person_id.append_value(&scratch.person_id);
+                opt_outs.nhs_number.append_value(&scratch.nhs_number);
             }
+            self.unlinkable(&person, &mut parts);
             parts.flush_if_full()?;
         }
         parts.close()
     }
 
-    fn patient(&self, seed: u64, index: usize, id: &str, out: &mut PatientColumns) -> Person {
+    /// Records `ingest` must quarantine: a second registration with a mistyped NHS number
+    /// (wrong check digit), and a self-referral to the wellbeing service with no NHS number.
+    fn unlinkable(&self, person: &Person, parts: &mut ChunkParts) {
+        let rng = &mut person.rng(Stream::Unlinkable);
+        let number = nhs_number(person.index);
+        if rng.random_bool(UNLINKABLE_DUPLICATE_SHARE) {
+            let check = number.as_bytes()[9] - b'0';
+            let mistyped = format!("{}{}", &number[..9], (check + 1) % 10);
+            let out = &mut parts.patients.columns;
+            out.nhs_number.append_value(mistyped);
+            out.name.append_value(&person.name);
+            out.date_of_birth.append_value(person.date_of_birth);
+            out.sex.append_value(person.sex);
+            out.ethnicity.append_value(person.ethnicity);
+            out.postcode.append_value(&person.postcode);
+            out.imd_decile.append_value(person.imd_decile);
+        }
+        if person.age >= 18 && rng.random_bool(ANONYMOUS_REFERRAL_SHARE) {
+            let out = &mut parts.ews_referrals.columns;
+            out.nhs_number.append_null();
+            out.referral_date.append_value(random_day(rng));
+            out.referral_source.append_value("Self-referral");
+            out.service
+                .append_value(EWS_SERVICES[rng.random_range(0..EWS_SERVICES.len())]);
+            out.outcome.append_value("Did not engage");
+        }
+    }
+
+    fn patient(&self, seed: u64, index: usize, nhs_number: &str, out: &mut PatientColumns) -> Person {
         let rng = &mut person_rng(seed, index, Stream::Patient);
         let district = self.district.sample(rng);
         let band = self.age_band[district].sample(rng);
@@ -930,19 +1096,48 @@ impl Model {
         let shape = &DISTRICT_SHAPES[district];
         let imd_decile = (shape.imd_centre + 2.0 * standard_normal(rng)).round().clamp(1.0, 10.0) as i32;
 
-        out.person_id.append_value(id);
+        // Identifying details come from their own stream, leaving the draws above unchanged.
+        let identity = &mut person_rng(seed, index, Stream::Identity);
+        let year = 2025 - age;
+        let days_in_year = days_from_civil(year + 1, 1, 1) - days_from_civil(year, 1, 1);
+        let date_of_birth = days_from_civil(year, 1, 1) + identity.random_range(0..days_in_year);
+        let given = if sex == "M" {
+            &GIVEN_NAMES[..24]
+        } else {
+            &GIVEN_NAMES[24..]
+        };
+        let name = format!(
+            "{} {}",
+            given[identity.random_range(0..given.len())],
+            FAMILY_NAMES[identity.random_range(0..FAMILY_NAMES.len())]
+        );
+        let codes = OUTWARD_CODES[district];
+        let postcode = format!(
+            "{} {}{}{}",
+            codes[identity.random_range(0..codes.len())],
+            identity.random_range(0..10),
+            char::from(b'A' + identity.random_range(0..26u8)),
+            char::from(b'A' + identity.random_range(0..26u8)),
+        );
+
+        let spaced = format!("{} {} {}", &nhs_number[..3], &nhs_number[3..6], &nhs_number[6..]);
+        out.nhs_number.append_value(&spaced);
+        out.name.append_value(&name);
+        out.date_of_birth.append_value(date_of_birth);
         out.sex.append_value(sex);
-        out.age.append_value(age);
-        let age_band = AGE_BANDS[(age as usize / 5).min(AGE_BANDS.len() - 1)];
-        out.age_band.append_value(age_band);
         out.ethnicity.append_value(ETHNICITIES[ethnicity]);
-        out.district.append_value(DISTRICTS[district].0);
+        out.postcode.append_value(&postcode);
         out.imd_decile.append_value(imd_decile);
         Person {
             seed,
             index,
             age,
             imd_decile,
+            name,
+            date_of_birth,
+            sex,
+            ethnicity: ETHNICITIES[ethnicity],
+            postcode,
         }
     }
 
@@ -993,7 +1188,7 @@ impl Model {
         }
         scratch.events.sort_unstable();
         for &(day, code) in &scratch.events {
-            out.person_id.append_value(&scratch.person_id);
+            out.nhs_number.append_value(&scratch.nhs_number);
             out.event_date.append_value(day);
             out.snomed_code.append_value(SNOMED_CODES[code].0);
         }
@@ -1037,7 +1232,7 @@ impl Model {
             if outcome == REFERRED_TO_ASC && rng.random_bool(REFERRAL_TAKEN_UP) {
                 scratch.asc_links.push(day);
             }
-            out.person_id.append_value(&scratch.person_id);
+            out.nhs_number.append_value(&scratch.nhs_number);
             out.referral_date.append_value(day);
             out.referral_source.append_value(REFERRAL_SOURCES[source]);
             out.service.append_value(EWS_SERVICES[service]);
@@ -1076,7 +1271,7 @@ impl Model {
                 reason,
                 first_service: None,
             };
-            self.care_episodes(rng, &scratch.person_id, run, out);
+            self.care_episodes(rng, &scratch.nhs_number, run, out);
         }
         for &referral in &scratch.asc_links {
             let start = referral + rng.random_range(1..=180);
@@ -1099,13 +1294,13 @@ impl Model {
                 reason,
                 first_service: Some(first),
             };
-            self.care_episodes(rng, &scratch.person_id, run, out);
+            self.care_episodes(rng, &scratch.nhs_number, run, out);
         }
     }
 
     /// Writes a run of consecutive care episodes from `start`, stopping at the first one
     /// still open at the extract date.
-    fn care_episodes(&self, rng: &mut SmallRng, person_id: &str, run: CareRun, out: &mut AscColumns) {
+    fn care_episodes(&self, rng: &mut SmallRng, nhs_number: &str, run: CareRun, out: &mut AscColumns) {
         let CareRun {
             start,
             episodes,
@@ -1133,7 +1328,7 @@ impl Model {
             };
             let open = day + length > LAST_DAY
                 || (episode + 1 == episodes && service != REABLEMENT && rng.random_bool(LAST_EPISODE_ONGOING));
-            out.person_id.append_value(person_id);
+            out.nhs_number.append_value(nhs_number);
             out.service_type.append_value(SERVICE_TYPES[service]);
             out.primary_support_reason.append_value(SUPPORT_REASONS[reason]);
             out.start_date.append_value(day);
@@ -1176,6 +1371,7 @@ mod tests {
         let mut files: Vec<PathBuf> = fs::read_dir(out.join(dataset))
             .unwrap()
             .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|e| e == "parquet" || e == "csv"))
             .collect();
         files.sort();
         files
@@ -1238,18 +1434,16 @@ mod tests {
     }
 
     #[test]
-    fn person_ids_are_unique_hex() {
-        let ids: HashSet<String> = (0..100_000).map(|index| person_id(7, index)).collect();
-        assert_eq!(ids.len(), 100_000);
-        assert!(
-            ids.iter()
-                .all(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        );
-        assert_ne!(person_id(7, 0), person_id(8, 0));
+    fn nhs_numbers_are_unique_and_valid() {
+        let numbers: HashSet<String> = (0..100_000).map(nhs_number).collect();
+        assert_eq!(numbers.len(), 100_000);
+        assert!(numbers.iter().all(|n| crate::ingest::nhs::normalise(n).is_ok()));
+        assert!(numbers.iter().all(|n| n.starts_with('9')));
+        assert_eq!(nhs_number(9_999_999).len(), 10);
     }
 
     #[test]
-    fn same_seed_gives_identical_files() {
+    fn same_seed_gives_identical_raw_files() {
         let (a, b, c) = (
             tempfile::tempdir().unwrap(),
             tempfile::tempdir().unwrap(),
@@ -1268,16 +1462,39 @@ mod tests {
 
         // Regenerating in place with fewer people leaves no stale parts behind.
         let summary = generate(a.path(), 10, SEED).unwrap();
-        assert_eq!(summary.rows[0], ("patients".to_owned(), 10));
+        assert!(summary.rows[0].1 >= 10);
         assert_eq!(part_files(a.path(), "patients").len(), 1);
+    }
+
+    #[test]
+    fn raw_extracts_hold_identifiers_and_unlinkable_records() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), PEOPLE, SEED).unwrap();
+        let csv = fs::read_to_string(dir.path().join("patients/part-0.csv")).unwrap();
+        let header = csv.lines().next().unwrap();
+        assert_eq!(
+            header,
+            "nhs_number,name,date_of_birth,sex,ethnicity,postcode,imd_decile"
+        );
+        let first = csv.lines().nth(1).unwrap();
+        assert!(first.starts_with(&format!("{} ", &nhs_number(0)[..3])), "{first}");
+        let ews = read(dir.path(), "ews_referrals");
+        let missing: usize = ews
+            .iter()
+            .map(|b| b.column_by_name("nhs_number").unwrap().null_count())
+            .sum();
+        assert!(missing > 50, "{missing} referrals without an NHS number");
     }
 
     #[test]
     fn shapes_are_realistic() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path();
-        let summary = generate(out, PEOPLE, SEED).unwrap();
-        assert_eq!(summary.people, PEOPLE);
+        let out = &crate::demo::ensure_data(dir.path(), PEOPLE, SEED).unwrap();
+        let manifest = |dataset: &str| {
+            crate::ingest::version::read_manifest(&out.join(dataset))
+                .unwrap()
+                .unwrap()
+        };
 
         // patients
         let patients = read(out, "patients");
@@ -1303,7 +1520,18 @@ mod tests {
         let ids = strings(&patients, "person_id");
         let id_set: HashSet<&String> = ids.iter().collect();
         assert_eq!(id_set.len(), PEOPLE);
-        assert_eq!(ids[123], person_id(SEED, 123));
+        assert!(ids.iter().all(|id| id.len() == crate::ingest::nhs::PERSON_ID_LEN));
+        // The mistyped duplicate registrations were quarantined, and nothing else.
+        let quarantined = manifest("patients").quarantined;
+        assert_eq!(
+            quarantined.keys().collect::<Vec<_>>(),
+            ["nhs_number: check digit invalid"]
+        );
+        assert!((20..=140).contains(&quarantined["nhs_number: check digit invalid"]));
+        assert_eq!(
+            manifest("ews_referrals").quarantined.keys().collect::<Vec<_>>(),
+            ["nhs_number: missing"]
+        );
 
         let districts: HashSet<String> = strings(&patients, "district").into_iter().collect();
         assert_eq!(districts.len(), 12);
@@ -1385,10 +1613,18 @@ mod tests {
             .collect();
         assert!(linked.len() >= 10, "{} linked EWS→ASC people", linked.len());
 
-        let counts: HashMap<String, usize> = summary.rows.into_iter().collect();
-        assert_eq!(counts["gp_events"], gp_rows);
-        assert_eq!(counts["asc_services"], rows(&asc));
-        assert_eq!(counts["ews_referrals"], rows(&ews));
-        assert_eq!(counts["opt_outs"], opt_outs.len());
+        // Nothing identifiable in any dataset: every value (not a sample) is scanned.
+        for dataset in DATASETS {
+            for batch in read(out, dataset) {
+                let findings = crate::ingest::scan::scan_batch(&batch, &["person_id".to_owned()]);
+                assert!(findings.is_empty(), "{dataset}: {findings:?}");
+                assert!(batch.schema().field_with_name("nhs_number").is_err());
+            }
+        }
+
+        assert_eq!(manifest("gp_events").rows as usize, gp_rows);
+        assert_eq!(manifest("asc_services").rows as usize, rows(&asc));
+        assert_eq!(manifest("ews_referrals").rows as usize, rows(&ews));
+        assert_eq!(manifest("opt_outs").rows as usize, opt_outs.len());
     }
 }

@@ -1,5 +1,7 @@
-//! The demo world of `shared/DESIGN.md`, created by `serve --demo` in one step: synthetic
-//! pseudonymised data, a CA and server certificate, a token signing key, a seeded registry and a
+//! The demo world of `shared/DESIGN.md`, created by `serve --demo` in one step: synthetic raw
+//! extracts (`raw/`) with their ingest specs (`ingest/`), pseudonymised by the real ingest
+//! under a demo linkage key (`keys/ingest-hmac.key`) into `versions/` and `data/`, a CA and
+//! server certificate, a token signing key, a seeded registry and a
 //! signed token for each demo user. Everything is made here, on this machine; nothing is fetched.
 
 use std::net::SocketAddr;
@@ -41,6 +43,8 @@ pub enum DemoError {
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
 }
 
 /// Where and how big the demo world is.
@@ -75,8 +79,12 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         path: dir.clone(),
         source,
     })?;
-    let data_dir = opts.data_dir.clone().unwrap_or_else(|| dir.join("data"));
-    ensure_data(&data_dir, opts.people, opts.seed)?;
+    let data_dir = match &opts.data_dir {
+        Some(data_dir) => data_dir.clone(),
+        None => ensure_data(dir, opts.people, opts.seed)?,
+    };
+    // Kept versions live beside the data folder, where the demo's ingest puts them.
+    let versions = data_dir.parent().map(|p| p.join("versions")).filter(|p| p.is_dir());
 
     let tls = dir.join("tls");
     if !tls.join("server.pem").exists() {
@@ -134,6 +142,7 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         data: DataConfig {
             dir: data_dir,
             identifiers: Default::default(),
+            versions,
         },
         audit: AuditConfig { dir: dir.join("audit") },
         disclosure: DisclosureConfig::default(),
@@ -144,22 +153,65 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
     Ok(config)
 }
 
-/// Generates the synthetic data unless `dir` already holds data of the same size and seed.
-pub fn ensure_data(dir: &Path, people: usize, seed: u64) -> Result<(), DemoError> {
-    let marker = dir.join(".demo-world");
+/// File name, under `<world>/keys/`, of the demo's HMAC linkage key.
+pub const INGEST_KEY: &str = "ingest-hmac.key";
+
+/// Builds the demo's data under `root` unless it already holds data of the same size and seed:
+/// raw extracts in `root/raw/`, one ingest spec per dataset in `root/ingest/`, a linkage key
+/// made once in `root/keys/`, then the real ingest into `root/versions/`, published to
+/// `root/data/`. Returns the data folder.
+pub fn ensure_data(root: &Path, people: usize, seed: u64) -> Result<PathBuf, DemoError> {
+    let data_dir = root.join("data");
+    let marker = data_dir.join(".demo-world");
     // The stamp names the generator version, so data from an older generator is remade.
-    let stamp = format!("generator=1 people={people} seed={seed}\n");
+    let stamp = format!("generator=2 people={people} seed={seed}\n");
     if std::fs::read_to_string(&marker).is_ok_and(|s| s == stamp) {
-        return Ok(());
+        return Ok(data_dir);
     }
     let started = std::time::Instant::now();
-    let summary = data::generate(dir, people, seed)?;
+    let key = root.join("keys").join(INGEST_KEY);
+    if !key.exists() {
+        write(&key, crate::ingest::nhs::LinkageKey::generate_hex())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Whoever holds the key can recompute pseudonyms: owner only.
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(|source| DemoError::Io {
+                path: key.clone(),
+                source,
+            })?;
+        }
+    }
+    let summary = data::generate(&root.join("raw"), people, seed)?;
+    let generated_ms = started.elapsed().as_millis() as u64;
+    let versions = root.join("versions");
+    for spec in data::write_specs(&root.join("ingest"))? {
+        let (spec, text) = crate::ingest::spec::IngestSpec::load(&spec, None)?;
+        // A new world: versions of an older one would not link with it.
+        let old = versions.join(&spec.dataset);
+        if old.exists() {
+            remove_versions(&old)?;
+        }
+        let key = crate::ingest::read_key(&spec.key_file)?;
+        crate::ingest::ingest(&spec, &text, &key, Utc::now())?;
+    }
     tracing::info!(
         people = summary.people,
+        generated_ms,
         elapsed_ms = started.elapsed().as_millis() as u64,
-        "demo data generated"
+        "demo data generated and ingested"
     );
-    write(&marker, stamp)
+    write(&marker, stamp)?;
+    Ok(data_dir)
+}
+
+/// Removes a dataset's old versions (their files are read-only, as versions are immutable).
+fn remove_versions(dir: &Path) -> Result<(), DemoError> {
+    let io = |source| DemoError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::remove_dir_all(dir).map_err(io)
 }
 
 /// A demo CA and a server certificate for `localhost` and `127.0.0.1`.

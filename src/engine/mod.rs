@@ -4,6 +4,13 @@
 //! keeps only the project's cohort, *under* the scan, so no query — however written — sees an
 //! opted-out person or one outside the cohort. The opt-out register itself is never registered
 //! in any catalogue, so it cannot be named in SQL.
+//!
+//! Nothing unscanned is served: every dataset folder is checked when it is opened. A folder
+//! with a manifest (written by `ingest`) must match its content hash, or it is refused; every
+//! folder's schema and a sample of its values go through the identifier scan, and a column
+//! that looks like a direct identifier refuses the dataset unless it is marked as an
+//! identifier (in the manifest or the config), which the policy then treats like `person_id`.
+//! [`Engine::snapshot`] names the version and content hash of each dataset served.
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -23,6 +30,7 @@ use datafusion::logical_expr::{Expr, JoinType, LogicalPlanBuilder, TableProvider
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+use crate::ingest::{scan, version};
 use crate::registry::ProjectAccess;
 
 /// The privacy unit: the pseudonymised person identifier present in every dataset.
@@ -53,6 +61,106 @@ pub enum EngineError {
     Cohort(DataFusionError),
     #[error("query execution failed: {0}")]
     Execution(DataFusionError),
+    #[error("dataset {dataset}: its files do not match its manifest ({detail}); refusing to serve it")]
+    Tampered { dataset: String, detail: String },
+    #[error(
+        "dataset {dataset} refused by the identifier scan: {findings}. Re-ingest it with the column dropped, \
+         pseudonymised or generalised, or mark the column as an identifier"
+    )]
+    Identifiers { dataset: String, findings: String },
+    #[error("project grants version {version} of dataset {dataset}, which is not kept in the versions folder")]
+    UnknownVersion { dataset: String, version: String },
+}
+
+/// Which bytes a dataset is: the version id (from the manifest, or `unversioned-…` for a
+/// folder without one) and the SHA-256 content hash of its Parquet files
+/// ([`crate::ingest::content_hash`]). Audit records carry it so replay reads the same data.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetVersion {
+    pub version: String,
+    pub content_hash: String,
+}
+
+/// A checked dataset folder, ready to be opened.
+struct Checked {
+    version: DatasetVersion,
+    /// Identifier columns the manifest marks (besides `person_id`).
+    identifiers: Vec<String>,
+}
+
+/// Verifies a dataset folder against its manifest (if any) and runs the identifier scan.
+fn check_folder(dataset: &str, dir: &Path, config_identifiers: &[String]) -> Result<Checked, EngineError> {
+    let tampered = |detail: String| EngineError::Tampered {
+        dataset: dataset.to_owned(),
+        detail,
+    };
+    let io = |source| EngineError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    let manifest = version::read_manifest(dir).map_err(|e| tampered(format!("unreadable manifest: {e}")))?;
+    let content_hash = version::content_hash(dir).map_err(io)?;
+    let (version, identifiers) = match manifest {
+        Some(m) if m.dataset != dataset => return Err(tampered(format!("manifest names dataset {}", m.dataset))),
+        Some(m) if m.content_hash != content_hash => return Err(tampered("content hash differs".into())),
+        Some(m) => (m.version, m.identifiers),
+        None => (format!("unversioned-{}", &content_hash[..12]), vec![]),
+    };
+    let mut exempt = vec![PERSON_ID.to_owned()];
+    exempt.extend(config_identifiers.iter().cloned());
+    exempt.extend(identifiers.iter().cloned());
+    let findings = scan::scan_dir(dir, &exempt).map_err(|e| EngineError::Dataset {
+        dataset: dataset.to_owned(),
+        source: DataFusionError::ParquetError(Box::new(e)),
+    })?;
+    if !findings.is_empty() {
+        return Err(EngineError::Identifiers {
+            dataset: dataset.to_owned(),
+            findings: findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        });
+    }
+    Ok(Checked {
+        version: DatasetVersion { version, content_hash },
+        identifiers: identifiers.into_iter().filter(|c| c != PERSON_ID).collect(),
+    })
+}
+
+/// Sub-folders of `dir` not starting with `.`, by name.
+fn sub_folders(dir: &Path) -> Result<Vec<(String, std::path::PathBuf)>, EngineError> {
+    let io = |source| EngineError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut folders = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type().map_err(io)?.is_dir() && !name.starts_with('.') {
+            folders.push((name, entry.path()));
+        }
+    }
+    folders.sort();
+    Ok(folders)
+}
+
+/// Checks folders in parallel (hashing and scanning are the slow part of opening).
+fn check_all(
+    folders: &[(String, std::path::PathBuf)],
+    identifiers: &BTreeMap<String, Vec<String>>,
+) -> Vec<Result<Checked, EngineError>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = folders
+            .iter()
+            .map(|(dataset, dir)| {
+                let config = identifiers.get(dataset).map(Vec::as_slice).unwrap_or_default();
+                scope.spawn(move || check_folder(dataset, dir, config))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    })
 }
 
 /// The loaded datasets; shared by every project's session.
@@ -60,43 +168,46 @@ pub enum EngineError {
 pub struct Engine {
     datasets: BTreeMap<String, Arc<ListingTable>>,
     opt_outs: Arc<ListingTable>,
-    /// Per dataset, columns besides `person_id` that are identifiers.
+    /// Per dataset, columns besides `person_id` that are identifiers (config and manifests).
     identifiers: BTreeMap<String, Vec<String>>,
+    /// Version and content hash of each dataset in the data folder, `opt_outs` included.
+    snapshot: BTreeMap<String, DatasetVersion>,
+    /// Kept versions, by (dataset, version id), for grants that name a version.
+    versions: BTreeMap<(String, String), (Arc<ListingTable>, DatasetVersion)>,
 }
 
 impl Engine {
     /// Opens every sub-folder of `dir` as a Parquet dataset. `opt_outs/` must exist.
     /// `identifiers` names, per dataset, the columns besides `person_id` that are identifiers.
     pub async fn open(dir: &Path, identifiers: &BTreeMap<String, Vec<String>>) -> Result<Self, EngineError> {
-        let io = |source| EngineError::Io {
-            path: dir.display().to_string(),
-            source,
-        };
+        Self::open_with_versions(dir, None, identifiers).await
+    }
+
+    /// As [`Engine::open`], also opening the kept versions under `versions`
+    /// (`<versions>/<dataset>/<version>/`) for grants that name one.
+    pub async fn open_with_versions(
+        dir: &Path,
+        versions: Option<&Path>,
+        identifiers: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Self, EngineError> {
         let ctx = SessionContext::new();
         let mut datasets = BTreeMap::new();
         let mut opt_outs = None;
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .map_err(io)?
-            .collect::<Result<_, _>>()
-            .map_err(io)?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            if !entry.file_type().map_err(io)?.is_dir() {
-                continue;
-            }
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            let table = open_listing(&ctx, &entry.path())
-                .await
-                .map_err(|source| EngineError::Dataset {
-                    dataset: name.clone(),
-                    source,
-                })?;
+        let mut snapshot = BTreeMap::new();
+        let mut identifiers = identifiers.clone();
+        let folders = sub_folders(dir)?;
+        let checked = check_all(&folders, &identifiers);
+        for ((name, path), checked) in folders.into_iter().zip(checked) {
+            let checked = checked?;
+            let table = open_listing(&ctx, &path).await.map_err(|source| EngineError::Dataset {
+                dataset: name.clone(),
+                source,
+            })?;
             if table.schema().field_with_name(PERSON_ID).is_err() {
                 return Err(EngineError::NoPersonId(name));
             }
+            add_identifiers(&mut identifiers, &name, checked.identifiers);
+            snapshot.insert(name.clone(), checked.version);
             if name == OPT_OUTS {
                 opt_outs = Some(table);
             } else {
@@ -104,7 +215,7 @@ impl Engine {
             }
         }
         let opt_outs = opt_outs.ok_or_else(|| EngineError::NoOptOuts(dir.display().to_string()))?;
-        for (dataset, columns) in identifiers {
+        for (dataset, columns) in &identifiers {
             let table = datasets
                 .get(dataset)
                 .ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
@@ -117,11 +228,102 @@ impl Engine {
                 }
             }
         }
-        Ok(Self {
+        let mut engine = Self {
             datasets,
             opt_outs,
-            identifiers: identifiers.clone(),
-        })
+            identifiers,
+            snapshot,
+            versions: BTreeMap::new(),
+        };
+        if let Some(versions) = versions {
+            engine.open_versions(&ctx, versions).await?;
+        }
+        Ok(engine)
+    }
+
+    /// Opens `<versions>/<dataset>/<version>/` for every dataset served. A version that is the
+    /// one served reuses its table; the others are verified and scanned like the data folder.
+    async fn open_versions(&mut self, ctx: &SessionContext, root: &Path) -> Result<(), EngineError> {
+        let mut folders = Vec::new();
+        for (dataset, dataset_dir) in sub_folders(root)? {
+            if !self.datasets.contains_key(&dataset) {
+                continue;
+            }
+            for (version, dir) in sub_folders(&dataset_dir)? {
+                if self.snapshot.get(&dataset).is_some_and(|s| s.version == version) {
+                    let table = Arc::clone(&self.datasets[&dataset]);
+                    self.versions
+                        .insert((dataset.clone(), version), (table, self.snapshot[&dataset].clone()));
+                } else {
+                    folders.push((dataset.clone(), version, dir));
+                }
+            }
+        }
+        let named: Vec<(String, std::path::PathBuf)> =
+            folders.iter().map(|(d, _, dir)| (d.clone(), dir.clone())).collect();
+        let checked = check_all(&named, &self.identifiers);
+        for ((dataset, version, dir), checked) in folders.into_iter().zip(checked) {
+            let checked = checked?;
+            if checked.version.version != version {
+                return Err(EngineError::Tampered {
+                    dataset,
+                    detail: format!("folder {version} holds version {}", checked.version.version),
+                });
+            }
+            let table = open_listing(ctx, &dir).await.map_err(|source| EngineError::Dataset {
+                dataset: dataset.clone(),
+                source,
+            })?;
+            if table.schema().field_with_name(PERSON_ID).is_err() {
+                return Err(EngineError::NoPersonId(dataset));
+            }
+            add_identifiers(&mut self.identifiers, &dataset, checked.identifiers);
+            self.versions.insert((dataset, version), (table, checked.version));
+        }
+        Ok(())
+    }
+
+    /// Version and content hash of each dataset served as the latest, `opt_outs` included.
+    pub fn snapshot(&self) -> &BTreeMap<String, DatasetVersion> {
+        &self.snapshot
+    }
+
+    /// The versions a project's session reads: each granted dataset (at its granted version)
+    /// and the opt-out register.
+    pub fn snapshot_for(&self, access: &ProjectAccess) -> Result<BTreeMap<String, DatasetVersion>, EngineError> {
+        let mut out = BTreeMap::new();
+        for dataset in access.grants.keys() {
+            out.insert(dataset.clone(), self.table_for(access, dataset)?.1);
+        }
+        if let Some(opt_outs) = self.snapshot.get(OPT_OUTS) {
+            out.insert(OPT_OUTS.to_owned(), opt_outs.clone());
+        }
+        Ok(out)
+    }
+
+    /// The table a project reads for `dataset`: the version its grant names, else the latest.
+    fn table_for(
+        &self,
+        access: &ProjectAccess,
+        dataset: &str,
+    ) -> Result<(&Arc<ListingTable>, DatasetVersion), EngineError> {
+        match access.versions.get(dataset) {
+            Some(version) => self
+                .versions
+                .get(&(dataset.to_owned(), version.clone()))
+                .map(|(table, v)| (table, v.clone()))
+                .ok_or_else(|| EngineError::UnknownVersion {
+                    dataset: dataset.to_owned(),
+                    version: version.clone(),
+                }),
+            None => {
+                let table = self
+                    .datasets
+                    .get(dataset)
+                    .ok_or_else(|| EngineError::UnknownDataset(dataset.to_owned()))?;
+                Ok((table, self.snapshot[dataset].clone()))
+            }
+        }
     }
 
     pub fn dataset_names(&self) -> impl Iterator<Item = &str> {
@@ -139,21 +341,26 @@ impl Engine {
             Some(sql) => Some(self.cohort_expr(&ctx, sql)?),
             None => None,
         };
+        let population = match access.grants.contains_key(POPULATION) {
+            true => Some(self.table_for(access, POPULATION)?.0),
+            false => self.datasets.get(POPULATION),
+        };
         for (dataset, columns) in &access.grants {
-            let source = self
-                .datasets
-                .get(dataset)
-                .ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
+            let (source, _) = self.table_for(access, dataset)?;
             let table = GuardedTable {
                 name: dataset.clone(),
                 schema: granted_schema(dataset, &source.schema(), columns)?,
                 source: Arc::clone(source) as Arc<dyn TableProvider>,
                 opt_outs: Arc::clone(&self.opt_outs) as Arc<dyn TableProvider>,
                 identifiers: self.identifiers.get(dataset).cloned().unwrap_or_default(),
-                cohort: cohort.clone().map(|expr| Cohort {
-                    expr,
-                    population: Arc::clone(&self.datasets[POPULATION]) as Arc<dyn TableProvider>,
-                }),
+                cohort: match (&cohort, population) {
+                    (Some(expr), Some(population)) => Some(Cohort {
+                        expr: expr.clone(),
+                        population: Arc::clone(population) as Arc<dyn TableProvider>,
+                    }),
+                    (Some(_), None) => return Err(EngineError::UnknownDataset(POPULATION.into())),
+                    (None, _) => None,
+                },
             };
             ctx.register_table(dataset.as_str(), Arc::new(table))
                 .map_err(|e| EngineError::Dataset {
@@ -170,10 +377,7 @@ impl Engine {
             .grants
             .iter()
             .map(|(dataset, columns)| {
-                let source = self
-                    .datasets
-                    .get(dataset)
-                    .ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
+                let (source, _) = self.table_for(access, dataset)?;
                 Ok((dataset.clone(), granted_schema(dataset, &source.schema(), columns)?))
             })
             .collect()
@@ -204,6 +408,19 @@ impl Engine {
         ctx.state()
             .create_logical_expr(sql, &schema)
             .map_err(EngineError::Cohort)
+    }
+}
+
+/// Adds manifest-marked identifiers to the config's, without repeats.
+fn add_identifiers(identifiers: &mut BTreeMap<String, Vec<String>>, dataset: &str, more: Vec<String>) {
+    if more.is_empty() {
+        return;
+    }
+    let columns = identifiers.entry(dataset.to_owned()).or_default();
+    for column in more {
+        if !columns.contains(&column) {
+            columns.push(column);
+        }
     }
 }
 
@@ -366,3 +583,6 @@ impl GuardedTable {
         (provider as &dyn Any).downcast_ref::<GuardedTable>()
     }
 }
+
+#[cfg(test)]
+mod dataset_tests;

@@ -32,6 +32,10 @@ pub enum RegistryError {
     BadDate { field: &'static str, value: String },
     #[error("registry holds invalid disclosure settings for project {0}")]
     BadDisclosure(String),
+    #[error("project {0} is granted columns of dataset {1} at different versions")]
+    MixedVersions(String, String),
+    #[error("project {0} has no grant on dataset {1}")]
+    NoSuchGrant(String, String),
     #[error(transparent)]
     Rules(#[from] rules::RulesError),
     #[error(transparent)]
@@ -116,6 +120,8 @@ pub struct ProjectAccess {
     pub cohort: Option<String>,
     /// Disclosure settings stricter than the gateway's, agreed for this project.
     pub disclosure: crate::disclosure::Overrides,
+    /// Datasets granted at a named version (dataset → version id); the rest read the latest.
+    pub versions: BTreeMap<String, String>,
 }
 
 /// The registry. Reads (the checks made at every call) share one connection behind a mutex;
@@ -180,6 +186,20 @@ impl Registry {
                 "UPDATE projects SET disclosure = ?1 WHERE id = ?2",
                 params![json, project],
             )?;
+            Ok(())
+        })
+    }
+
+    /// Pins every granted column of `dataset` for `project` to `version` (`None`: the latest).
+    pub fn set_grant_version(&self, project: &str, dataset: &str, version: Option<&str>) -> Result<(), RegistryError> {
+        self.with_conn(|conn| {
+            let changed = conn.execute(
+                "UPDATE grants SET version = ?1 WHERE project_id = ?2 AND dataset = ?3",
+                params![version, project, dataset],
+            )?;
+            if changed == 0 {
+                return Err(RegistryError::NoSuchGrant(project.to_owned(), dataset.to_owned()));
+            }
             Ok(())
         })
     }
@@ -304,6 +324,26 @@ impl Registry {
                 params![project],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT dataset, column_name, version FROM grants WHERE project_id = ?1 ORDER BY dataset, position",
+            )?;
+            let mut grants: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut versions: BTreeMap<String, Option<String>> = BTreeMap::new();
+            for row in stmt.query_map(params![project], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })? {
+                let (dataset, column, version) = row?;
+                // Every column of a dataset must be granted at the same version.
+                if versions.entry(dataset.clone()).or_insert_with(|| version.clone()) != &version {
+                    return Err(RegistryError::MixedVersions(project.to_owned(), dataset));
+                }
+                grants.entry(dataset).or_default().push(column);
+            }
+            let versions = versions.into_iter().filter_map(|(d, v)| Some((d, v?))).collect();
             let disclosure = match disclosure {
                 Some(json) => {
                     serde_json::from_str(&json).map_err(|_| RegistryError::BadDisclosure(project.to_owned()))?
@@ -312,9 +352,10 @@ impl Registry {
             };
             Ok(ProjectAccess {
                 project: project.to_owned(),
-                grants: grants(conn, project)?,
+                grants,
                 cohort: cohort.filter(|c| !c.trim().is_empty()),
                 disclosure,
+                versions,
             })
         })
     }
@@ -506,6 +547,53 @@ mod tests {
             RegistryError::Refused(r) => r,
             other => panic!("expected a refusal, got {other}"),
         }
+    }
+
+    #[test]
+    fn a_grant_can_name_a_dataset_version() {
+        let (reg, _d) = demo_registry();
+        let alice = reg.principal("alice", today()).unwrap();
+        let project = "ews-asc-linkage";
+        assert!(
+            reg.project_access(&alice, project, today())
+                .unwrap()
+                .versions
+                .is_empty()
+        );
+        reg.set_grant_version(project, "patients", Some("v1")).unwrap();
+        let access = reg.project_access(&alice, project, today()).unwrap();
+        assert_eq!(
+            access.versions,
+            BTreeMap::from([("patients".to_owned(), "v1".to_owned())])
+        );
+        reg.set_grant_version(project, "patients", None).unwrap();
+        assert!(
+            reg.project_access(&alice, project, today())
+                .unwrap()
+                .versions
+                .is_empty()
+        );
+        assert!(matches!(
+            reg.set_grant_version(project, "gp_events", Some("v1")),
+            Err(RegistryError::NoSuchGrant(..))
+        ));
+        // Columns of one dataset granted at two versions: refused rather than guessed.
+        reg.with_conn(|conn| {
+            conn.execute(
+                "UPDATE grants SET version = 'v2' WHERE project_id = ?1 AND column_name = 'sex'",
+                params![project],
+            )?;
+            conn.execute(
+                "UPDATE grants SET version = 'v1' WHERE project_id = ?1 AND column_name = 'age'",
+                params![project],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        assert!(matches!(
+            reg.project_access(&alice, project, today()),
+            Err(RegistryError::MixedVersions(..))
+        ));
     }
 
     #[test]

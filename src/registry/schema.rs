@@ -70,6 +70,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE projects ADD COLUMN justification TEXT NOT NULL DEFAULT '';
     ALTER TABLE projects ADD COLUMN requested TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE approvals ADD COLUMN comment TEXT NOT NULL DEFAULT ''",
+    // 4: a grant may name a dataset version (NULL: the latest served).
+    "ALTER TABLE grants ADD COLUMN version TEXT",
 ];
 
 pub(super) fn migrate(conn: &Connection) -> Result<(), RegistryError> {

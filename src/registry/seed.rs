@@ -144,7 +144,7 @@ pub fn demo(registry: &Registry, today: NaiveDate) -> Result<(), RegistryError> 
                 let columns = DEMO_DATASETS.iter().find(|(n, _)| n == dataset).expect("demo dataset").1;
                 for (position, column) in columns.iter().enumerate() {
                     tx.execute(
-                        "INSERT INTO grants VALUES (?1, ?2, ?3, ?4)",
+                        "INSERT INTO grants (project_id, dataset, column_name, position) VALUES (?1, ?2, ?3, ?4)",
                         params![id, dataset, column, position as i64],
                     )?;
                 }

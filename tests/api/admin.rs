@@ -178,7 +178,10 @@ async fn lifecycle_from_new_organisation_to_query_to_suspension() {
     let log = std::fs::read_to_string(gw.audit_log()).unwrap();
     let rules = sde_gateway::registry::rules::RuleSet::shipped();
     let in_force = format!("\"policy_hash\":\"{}\"", rules.hash());
-    assert!(log.lines().all(|l| l.contains(&in_force)), "a record without the rules' hash");
+    assert!(
+        log.lines().all(|l| l.contains(&in_force)),
+        "a record without the rules' hash"
+    );
     for call in [
         "admin.create_organisation",
         "admin.create_user",
@@ -384,10 +387,10 @@ async fn the_admin_command_line_drives_the_same_service() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_the_services_as_grpcurl_sees_them() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let gw = spawn_gateway().await;
     let mut client = ServerReflectionClient::new(gw.channel().await);

@@ -21,13 +21,13 @@ pub const PEOPLE: usize = 20_000;
 pub const SEED: u64 = 2026;
 pub const PROJECT: &str = "ews-asc-linkage";
 
-/// The synthetic data, generated once per build and shared by every test.
+/// The synthetic data (raw extracts put through the real ingest), made once per build and
+/// shared by every test; returns its data folder.
 pub fn world_data() -> PathBuf {
     static DATA: OnceLock<PathBuf> = OnceLock::new();
     DATA.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-world-{PEOPLE}-{SEED}"));
-        demo::ensure_data(&dir, PEOPLE, SEED).expect("demo data");
-        dir
+        demo::ensure_data(&dir, PEOPLE, SEED).expect("demo data")
     })
     .clone()
 }

@@ -8,3 +8,4 @@ mod flight_sql;
 mod helpers;
 mod matrix;
 mod property;
+mod versions;
