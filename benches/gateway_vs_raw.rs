@@ -1,0 +1,386 @@
+//! The gateway against the raw engine, on the same Parquet files in one run (issue 7).
+//!
+//! For each query of a fixed set, three ways:
+//! 1. `flight`: end to end through the gateway — Flight SQL over TLS with a signed token, Safe
+//!    People and Safe Projects, the plan checks, Safe Outputs and the audit log;
+//! 2. `raw`: plain DataFusion in this process on the raw files, the same SQL;
+//! 3. `core`: the gateway's own walk in this process, without the network.
+//!
+//! Then the small query at 1, 8 and 32 concurrent Flight SQL clients (throughput, p50, p99,
+//! errors), 64 concurrent heavy queries (completed, refused, errors), and the peak memory of the
+//! process. The report is printed and written between the `gateway_vs_raw` markers of
+//! `docs/benchmarks.md`.
+//!
+//! Run: `cargo bench --bench gateway_vs_raw -- [PEOPLE] [RUNS]` (defaults 1000000 and 10). The
+//! demo world is made once in target/bench-gateway-PEOPLE.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use sde_gateway::demo::{self, DemoOptions};
+use sde_gateway::gateway::{CallContext, Core};
+use sde_gateway::identity::Subject;
+use sde_gateway::registry::admin;
+use sde_gateway::registry::rules::RuleSet;
+use sde_gateway::registry::{BOARD_ROLES, Registry};
+use sde_gateway::{Gateway, GatewayConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+const PROJECT: &str = "bench";
+const USER: &str = "alice";
+const SMALL: &str = "SELECT COUNT(*) AS n FROM patients WHERE district = 'Maldon'";
+const HEAVY: &str = "SELECT snomed_code, COUNT(DISTINCT person_id) AS people FROM gp_events GROUP BY 1";
+
+const QUERIES: [(&str, &str); 11] = [
+    (
+        "age band x sex x district",
+        "SELECT age_band, sex, district, COUNT(*) AS n FROM patients GROUP BY 1, 2, 3",
+    ),
+    (
+        "worked example",
+        "SELECT age_band, sex, COUNT(*) AS n FROM patients GROUP BY age_band, sex",
+    ),
+    (
+        "EWS -> ASC pathway",
+        "SELECT r.outcome, COUNT(DISTINCT a.person_id) AS people FROM ews_referrals r JOIN asc_services a ON r.person_id = a.person_id WHERE a.start_date > r.referral_date GROUP BY 1",
+    ),
+    (
+        "EWS source -> ASC service",
+        "SELECT r.referral_source, a.service_type, COUNT(DISTINCT r.person_id) AS people FROM ews_referrals r JOIN asc_services a ON r.person_id = a.person_id GROUP BY 1, 2",
+    ),
+    (
+        "mean weekly cost by service",
+        "SELECT service_type, AVG(weekly_cost) AS mean_cost, SUM(weekly_cost) AS total FROM asc_services GROUP BY 1",
+    ),
+    (
+        "GP codes, distinct people",
+        "SELECT snomed_code, COUNT(DISTINCT person_id) AS people FROM gp_events GROUP BY 1",
+    ),
+    (
+        "GP events by year",
+        "SELECT date_part('year', event_date) AS year, COUNT(*) AS events FROM gp_events GROUP BY 1",
+    ),
+    (
+        "cohort: 65+ by district, ethnicity",
+        "SELECT district, ethnicity, COUNT(*) AS n FROM patients WHERE age >= 65 GROUP BY 1, 2",
+    ),
+    (
+        "cohort: diabetes by age band",
+        "SELECT p.age_band, COUNT(DISTINCT p.person_id) AS people FROM patients p JOIN gp_events g ON p.person_id = g.person_id WHERE g.snomed_code = '44054006' GROUP BY 1",
+    ),
+    (
+        "IMD decile x ASC service",
+        "SELECT p.imd_decile, a.service_type, COUNT(DISTINCT p.person_id) AS people FROM patients p JOIN asc_services a ON p.person_id = a.person_id GROUP BY 1, 2",
+    ),
+    ("small query", SMALL),
+];
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct Timing {
+    median: f64,
+    p95: f64,
+}
+
+async fn time<F, Fut>(runs: usize, mut f: F) -> Timing
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    f().await; // warm-up
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        f().await;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    Timing {
+        median: percentile(&times, 0.5),
+        p95: percentile(&times, 0.95),
+    }
+}
+
+/// A project granting every demo dataset to alice, approved by the whole board (made once).
+async fn bench_project(config: &GatewayConfig, columns: &std::collections::BTreeMap<String, Vec<String>>) {
+    let registry = Registry::open(&config.registry.path, RuleSet::shipped(), 12).expect("registry");
+    let change = registry.begin().await.expect("registry transaction");
+    let conn = change.conn();
+    if admin::project(conn, PROJECT).is_ok() {
+        return;
+    }
+    let today = chrono::Utc::now().date_naive();
+    let day = |d: chrono::NaiveDate| d.format("%Y-%m-%d").to_string();
+    let project = admin::Project {
+        id: PROJECT.into(),
+        title: "Benchmark".into(),
+        purpose: "Measure the gateway".into(),
+        lawful_basis: "n/a".into(),
+        start_date: day(today - chrono::Days::new(1)),
+        end_date: day(today + chrono::Days::new(365)),
+        parties: vec!["ecc".into()],
+        ..Default::default()
+    };
+    admin::create_project(conn, &project).expect("project");
+    admin::add_member(conn, PROJECT, USER).expect("member");
+    for (dataset, cols) in columns {
+        admin::grant(conn, PROJECT, dataset, cols, columns).expect("grant");
+    }
+    admin::transition(conn, PROJECT, &["draft"], "submitted").expect("submit");
+    for (role, user) in BOARD_ROLES.iter().zip(["guardian", "ccio", "public-rep"]) {
+        admin::decide(conn, PROJECT, role, user, true, "", today).expect("approval");
+    }
+    change.commit().expect("commit");
+}
+
+async fn flight_client(dir: &Path, addr: std::net::SocketAddr) -> FlightSqlServiceClient<Channel> {
+    let ca = std::fs::read(dir.join("tls/ca.pem")).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.set_token(std::fs::read_to_string(dir.join(format!("tokens/{USER}.jwt"))).unwrap());
+    client.set_header("x-sde-project", PROJECT);
+    client
+}
+
+async fn flight_query(client: &mut FlightSqlServiceClient<Channel>, sql: &str) -> Result<usize, String> {
+    let info = client.execute(sql.to_owned(), None).await.map_err(|e| e.to_string())?;
+    let ticket = info.endpoint[0].ticket.clone().ok_or("no ticket")?;
+    let batches: Vec<_> = client
+        .do_get(ticket)
+        .await
+        .map_err(|e| e.to_string())?
+        .try_collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(batches.iter().map(|b| b.num_rows()).sum())
+}
+
+/// The walk in process; a refusal (at this size, differencing can refuse a query) is an
+/// outcome like any other, reported with the timings.
+async fn core_query(core: &Core, call: &CallContext, sql: &str) -> Result<(), String> {
+    let planned = core.plan_query(call, sql).await.map_err(|e| e.rule())?;
+    core.run_query(call, &planned.handle).await.map_err(|e| e.rule())?;
+    Ok(())
+}
+
+/// The machine, for the report: CPU model, cores and memory.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, {memory}")
+}
+
+fn peak_memory_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// `clients` Flight SQL clients each sending the small query for `duration`.
+async fn concurrent(dir: &Path, addr: std::net::SocketAddr, clients: usize, duration: Duration) -> String {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut client = flight_client(dir, addr).await;
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::new();
+            let mut errors = 0usize;
+            while started.elapsed() < duration {
+                let t = Instant::now();
+                match flight_query(&mut client, SMALL).await {
+                    Ok(_) => times.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => errors += 1,
+                }
+            }
+            (times, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (times, e) = task.await.unwrap();
+        all.extend(times);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    format!(
+        "| {clients} | {:.0} | {:.1} | {:.1} | {errors} |",
+        all.len() as f64 / elapsed,
+        percentile(&all, 0.5),
+        percentile(&all, 0.99)
+    )
+}
+
+/// Replaces the text between the report's markers in `docs/benchmarks.md`.
+fn write_report(report: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+    let (start, end) = ("<!-- gateway_vs_raw:start -->", "<!-- gateway_vs_raw:end -->");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let updated = match (text.find(start), text.find(end)) {
+        (Some(a), Some(b)) if a < b => format!("{}{start}\n{report}{}", &text[..a], &text[b..]),
+        _ => format!("{text}\n{start}\n{report}{end}\n"),
+    };
+    std::fs::write(&path, updated).unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let people: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let runs: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-gateway-{people}"));
+    let opts = DemoOptions {
+        dir: dir.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        people,
+        seed: demo::DEFAULT_SEED,
+        data_dir: None,
+    };
+    let config = tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now()))
+        .await
+        .unwrap()
+        .expect("demo world");
+
+    let gateway = Gateway::build(&config).await.expect("gateway");
+    let core = gateway.core();
+    bench_project(&config, &core.engine.columns()).await;
+    let addr = gateway.local_addr();
+    tokio::spawn(gateway.run(std::future::pending()));
+
+    let raw = SessionContext::new();
+    for dataset in ["patients", "gp_events", "asc_services", "ews_referrals"] {
+        let path = config.data.dir.join(dataset);
+        raw.register_parquet(dataset, path.to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
+    }
+    let call = CallContext {
+        authenticated: Ok(Subject { user: USER.into() }),
+        project: Some(PROJECT.into()),
+    };
+    let mut client = flight_client(&dir, addr).await;
+
+    let mut report = format!(
+        "Machine: {}. Demo world of {people} people; {runs} runs per query after one warm-up; milliseconds.\n\
+         Command: `cargo bench --bench gateway_vs_raw -- {people} {runs}`.\n\n\
+         | query | raw median | raw p95 | core median | core p95 | flight median | flight p95 | flight / raw |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        machine()
+    );
+    for (name, sql) in QUERIES {
+        let r = time(runs, || async {
+            raw.sql(sql).await.unwrap().collect().await.unwrap();
+        })
+        .await;
+        let outcome = core_query(&core, &call, sql).await;
+        let c = time(runs, || async {
+            let _ = core_query(&core, &call, sql).await;
+        })
+        .await;
+        let client = &mut client;
+        let f = time(runs, || {
+            let mut client = client.clone();
+            async move {
+                let _ = flight_query(&mut client, sql).await;
+            }
+        })
+        .await;
+        let name = match outcome {
+            Ok(()) => name.to_owned(),
+            Err(rule) => format!("{name} (refused: {rule})"),
+        };
+        let line = format!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            r.median,
+            r.p95,
+            c.median,
+            c.p95,
+            f.median,
+            f.p95,
+            f.median / r.median
+        );
+        eprint!("{line}");
+        report.push_str(&line);
+    }
+
+    report.push_str(
+        "\nThe small query at 1, 8 and 32 concurrent Flight SQL clients, 10 s each:\n\n\
+         | clients | queries/s | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|\n",
+    );
+    for clients in [1, 8, 32] {
+        let line = concurrent(&dir, addr, clients, Duration::from_secs(10)).await;
+        eprintln!("{line}");
+        report.push_str(&line);
+        report.push('\n');
+    }
+
+    // 64 heavy queries at once: each completes or is refused cleanly; the process survives.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let mut client = flight_client(&dir, addr).await;
+        tasks.push(tokio::spawn(async move { flight_query(&mut client, HEAVY).await }));
+    }
+    let (mut ok, mut refused) = (0, Vec::new());
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => refused.push(e),
+        }
+    }
+    refused.sort();
+    refused.dedup();
+    report.push_str(&format!(
+        "\n64 concurrent heavy queries (`{HEAVY}`): {ok} completed, {} refused or failed in {:.1} s{}.\n\
+         Peak resident memory of the whole process (gateway, raw engine and clients): {:.0} MiB.\n",
+        64 - ok,
+        started.elapsed().as_secs_f64(),
+        if refused.is_empty() {
+            String::new()
+        } else {
+            format!(" (distinct errors: {})", refused.join("; "))
+        },
+        peak_memory_mib()
+    ));
+    println!("{report}");
+    write_report(&report);
+}
