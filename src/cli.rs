@@ -59,11 +59,15 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Verify a whole audit log offline: every record's hash, its link to the one before and
-    /// its sequence number. Exits non-zero naming the first bad record.
+    /// its sequence number, and every signed checkpoint (signature, Merkle root, truncation).
+    /// Exits non-zero naming the first bad record or checkpoint.
     Verify {
-        /// The audit folder (holding audit.log).
+        /// The audit folder (holding audit.log and checkpoints.log).
         #[arg(long)]
         dir: PathBuf,
+        /// The checkpoint public key (PEM), e.g. `.sde-demo/audit.pub`.
+        #[arg(long)]
+        public_key: PathBuf,
     },
 }
 
@@ -103,11 +107,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { .. } => anyhow::bail!("serve needs --demo or --config FILE"),
         Command::Audit {
-            command: AuditCommand::Verify { dir },
+            command: AuditCommand::Verify { dir, public_key },
         } => {
-            let records = crate::audit::verify(&dir.join(crate::audit::LOG_FILE))?;
-            let last = records.last().map(|r| r.hash.as_str()).unwrap_or("(empty log)");
-            println!("audit log intact: {} records, head {last}", records.len());
+            let key = crate::audit::PublicKey::load(&public_key)?;
+            let v = crate::audit::verify_dir(&dir, &key)?;
+            let last = v.checkpoints.last().map(|c| c.root.as_str()).unwrap_or("(empty log)");
+            println!(
+                "audit log intact: {} records, {} signed checkpoints, latest root {last}; {} records after it not yet signed",
+                v.records.len(),
+                v.checkpoints.len(),
+                v.unsigned
+            );
         }
         Command::DemoData { out, people, seed } => {
             let started = std::time::Instant::now();

@@ -79,7 +79,9 @@ impl Gateway {
         let engine = Engine::open(&config.data.dir, &config.data.identifiers)
             .await
             .map_err(crate::Error::from)?;
-        let audit = AuditLog::open(&config.audit.dir).map_err(crate::Error::from)?;
+        let audit = crate::audit::SigningKey::load(&config.audit.signing_key)
+            .and_then(|key| AuditLog::open_with(&config.audit.dir, key, (&config.audit).into()))
+            .map_err(crate::Error::from)?;
         let core = Arc::new(Core::new(
             clock,
             registry,
@@ -117,6 +119,7 @@ impl Gateway {
 
     /// Serves until `shutdown` completes, then lets in-flight calls finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        let audit = self.core.audit.clone();
         let flight = InterceptedService::new(
             FlightServiceServer::new(FlightSqlApi::new(self.core)).max_decoding_message_size(16 * 1024 * 1024),
             api::authenticate(self.verifier),
@@ -144,6 +147,8 @@ impl Gateway {
             .add_service(flight)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
+        // In-flight calls have finished: sign a final checkpoint over every record.
+        audit.close().await.map_err(crate::Error::from)?;
         Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! The auditor's offline check: `sde-gateway audit verify --dir` on the log a real gateway wrote.
+//! The auditor's offline check: `sde-gateway audit verify --dir --public-key` on the log a real
+//! gateway wrote.
 
 use std::process::Command;
 
@@ -6,7 +7,8 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn audit_verify_passes_an_intact_log_and_names_the_first_edited_record() {
-    let gw = spawn_gateway().await;
+    // A checkpoint after every record, so the live log is signed up to its last record.
+    let gw = spawn_gateway_with(|c| c.audit.checkpoint_records = 1).await;
     gw.query_as("alice", PROJECT, "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
         .await
         .unwrap();
@@ -17,6 +19,8 @@ async fn audit_verify_passes_an_intact_log_and_names_the_first_edited_record() {
         Command::new(env!("CARGO_BIN_EXE_sde-gateway"))
             .args(["audit", "verify", "--dir"])
             .arg(&gw.config.audit.dir)
+            .arg("--public-key")
+            .arg(gw.path(sde_gateway::demo::AUDIT_PUBLIC_KEY))
             .output()
             .unwrap()
     };
