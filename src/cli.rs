@@ -69,6 +69,21 @@ pub enum AuditCommand {
         #[arg(long)]
         public_key: PathBuf,
     },
+    /// List audit records from a running gateway (role auditor), one JSON record per line.
+    Show {
+        #[command(flatten)]
+        connection: crate::api::audit_client::Connection,
+        #[command(flatten)]
+        filter: crate::api::audit_client::ShowFilter,
+    },
+    /// Re-run a released query on a running gateway and check it gives the recorded result.
+    Replay {
+        /// Sequence number of the query.release record.
+        #[arg(long)]
+        seq: u64,
+        #[command(flatten)]
+        connection: crate::api::audit_client::Connection,
+    },
 }
 
 /// Runs a parsed command line to completion.
@@ -119,6 +134,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 v.unsigned
             );
         }
+        Command::Audit {
+            command: AuditCommand::Show { connection, filter },
+        } => crate::api::audit_client::show(&connection, filter).await?,
+        Command::Audit {
+            command: AuditCommand::Replay { seq, connection },
+        } => crate::api::audit_client::replay(&connection, seq).await?,
         Command::DemoData { out, people, seed } => {
             let started = std::time::Instant::now();
             let summary = tokio::task::spawn_blocking(move || demo::data::generate(&out, people, seed)).await??;

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod auditor;
 pub mod cli;
 pub mod clock;
 pub mod config;

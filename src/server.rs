@@ -120,6 +120,12 @@ impl Gateway {
     /// Serves until `shutdown` completes, then lets in-flight calls finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let audit = self.core.audit.clone();
+        let audit_service = InterceptedService::new(
+            api::proto::audit_service_server::AuditServiceServer::new(api::audit::AuditApi::new(Arc::clone(
+                &self.core,
+            ))),
+            api::authenticate(Arc::clone(&self.verifier)),
+        );
         let flight = InterceptedService::new(
             FlightServiceServer::new(FlightSqlApi::new(self.core)).max_decoding_message_size(16 * 1024 * 1024),
             api::authenticate(self.verifier),
@@ -145,6 +151,7 @@ impl Gateway {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(flight)
+            .add_service(audit_service)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         // In-flight calls have finished: sign a final checkpoint over every record.

@@ -60,7 +60,7 @@ impl FlightSqlApi {
 type DoGetStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
 
 /// Reads who is calling (set by the authentication layer) and the project header.
-fn call_context<T>(request: &Request<T>) -> CallContext {
+pub(crate) fn call_context<T>(request: &Request<T>) -> CallContext {
     let authenticated = request
         .extensions()
         .get::<Authenticated>()

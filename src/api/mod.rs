@@ -2,6 +2,8 @@
 //! knows gRPC status codes: [`status`] maps every domain error to one, with a message that names
 //! the rule and the fix and never contains data, paths or internal dumps.
 
+pub mod audit;
+pub mod audit_client;
 pub mod flight_sql;
 pub mod proto;
 
@@ -55,6 +57,7 @@ pub fn status(error: Error) -> Status {
         Error::UnknownStatement => (Code::NotFound, error.to_string()),
         Error::TooManyRows(_) => (Code::ResourceExhausted, error.to_string()),
         Error::Internal(_) => (Code::Internal, "internal error".to_owned()),
+        Error::Replay(_) => (Code::FailedPrecondition, error.to_string()),
     };
     match code {
         Code::Internal | Code::Unavailable => tracing::error!(error = %error, "call failed"),

@@ -15,6 +15,7 @@
 //! log and recorded in the log itself; damage anywhere else stops the gateway from starting.
 
 pub mod checkpoint;
+mod result;
 mod writer;
 
 use std::fs::File;
@@ -28,6 +29,7 @@ use sha2::{Digest, Sha256};
 
 use checkpoint::Tree;
 pub use checkpoint::{Checkpoint, PublicKey, SigningKey};
+pub use result::result_hash;
 
 pub const LOG_FILE: &str = "audit.log";
 pub const CHECKPOINT_FILE: &str = "checkpoints.log";

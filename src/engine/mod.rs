@@ -25,6 +25,9 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::registry::ProjectAccess;
 
+mod snapshot;
+pub use snapshot::content_hash;
+
 /// The privacy unit: the pseudonymised person identifier present in every dataset.
 pub const PERSON_ID: &str = "person_id";
 /// The dataset holding the opt-out register. Never queryable.
@@ -62,6 +65,8 @@ pub struct Engine {
     opt_outs: Arc<ListingTable>,
     /// Per dataset, columns besides `person_id` that are identifiers.
     identifiers: BTreeMap<String, Vec<String>>,
+    /// Dataset → folder and content hash when opened (the data audit records name).
+    snapshot: BTreeMap<String, (std::path::PathBuf, String)>,
 }
 
 impl Engine {
@@ -75,6 +80,7 @@ impl Engine {
         let ctx = SessionContext::new();
         let mut datasets = BTreeMap::new();
         let mut opt_outs = None;
+        let mut snapshot = BTreeMap::new();
         let mut entries: Vec<_> = std::fs::read_dir(dir)
             .map_err(io)?
             .collect::<Result<_, _>>()
@@ -97,6 +103,8 @@ impl Engine {
             if table.schema().field_with_name(PERSON_ID).is_err() {
                 return Err(EngineError::NoPersonId(name));
             }
+            let hash = content_hash(&entry.path()).map_err(io)?;
+            snapshot.insert(name.clone(), (entry.path(), hash));
             if name == OPT_OUTS {
                 opt_outs = Some(table);
             } else {
@@ -121,7 +129,19 @@ impl Engine {
             datasets,
             opt_outs,
             identifiers: identifiers.clone(),
+            snapshot,
         })
+    }
+
+    /// Each dataset's content hash as opened (the opt-out register included).
+    pub fn snapshot(&self) -> BTreeMap<String, String> {
+        self.snapshot.iter().map(|(d, (_, h))| (d.clone(), h.clone())).collect()
+    }
+
+    /// A dataset's content hash as it is on disk now (None if it is gone).
+    pub fn content_hash_now(&self, dataset: &str) -> Option<String> {
+        let (dir, _) = self.snapshot.get(dataset)?;
+        content_hash(dir).ok()
     }
 
     pub fn dataset_names(&self) -> impl Iterator<Item = &str> {

@@ -297,6 +297,45 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// A project's grants, cohort and disclosure overrides as they are now, with no check of
+    /// who asks: for an auditor's replay of a query the project ran.
+    pub fn project_data(&self, project: &str) -> Result<ProjectAccess, RegistryError> {
+        self.with_conn(|conn| {
+            let (cohort, disclosure) = conn
+                .query_row(
+                    "SELECT cohort, disclosure FROM projects WHERE id = ?1",
+                    params![project],
+                    |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?)),
+                )
+                .optional()?
+                .ok_or_else(|| Refusal::NotAMember(project.to_owned()))?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT dataset, column_name FROM grants WHERE project_id = ?1 ORDER BY dataset, position",
+            )?;
+            let mut grants: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for row in stmt.query_map(params![project], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })? {
+                let (dataset, column) = row?;
+                grants.entry(dataset).or_default().push(column);
+            }
+            let disclosure = match disclosure {
+                Some(json) => {
+                    serde_json::from_str(&json).map_err(|_| RegistryError::BadDisclosure(project.to_owned()))?
+                }
+                None => Default::default(),
+            };
+            Ok(ProjectAccess {
+                project: project.to_owned(),
+                grants,
+                cohort,
+                disclosure,
+            })
+        })
+    }
+}
+
 /// Board roles that have not (yet) approved `project`.
 fn missing_approvals(conn: &Connection, project: &str) -> Result<Vec<&'static str>, RegistryError> {
     let mut missing = Vec::new();
