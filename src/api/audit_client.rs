@@ -49,12 +49,10 @@ pub struct ShowFilter {
     pub limit: u32,
 }
 
-type Client = AuditServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
->;
+/// Adds the bearer token to every request.
+pub type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+/// An AuditService client with its token.
+pub type Client = AuditServiceClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
 
 async fn connect(c: &Connection) -> anyhow::Result<Client> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -72,11 +70,10 @@ async fn connect(c: &Connection) -> anyhow::Result<Client> {
         .connect()
         .await
         .with_context(|| format!("connecting to {}", c.server))?;
-    let auth: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
-        Box::new(move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", header.clone());
-            Ok(req)
-        });
+    let auth: Auth = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    });
     Ok(AuditServiceClient::with_interceptor(channel, auth))
 }
 

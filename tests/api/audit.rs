@@ -49,12 +49,7 @@ async fn audit_verify_passes_an_intact_log_and_names_the_first_edited_record() {
     );
 }
 
-type AuditClient = AuditServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Send>,
-    >,
->;
+use sde_gateway::api::audit_client::{Auth, Client as AuditClient};
 
 /// An AuditService client over TLS with `user`'s token (none for `None`).
 async fn audit_client(gw: &TestGateway, user: Option<&str>) -> AuditClient {
@@ -63,13 +58,12 @@ async fn audit_client(gw: &TestGateway, user: Option<&str>) -> AuditClient {
             .parse::<tonic::metadata::MetadataValue<_>>()
             .unwrap()
     });
-    let auth: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Send> =
-        Box::new(move |mut req: tonic::Request<()>| {
-            if let Some(h) = &header {
-                req.metadata_mut().insert("authorization", h.clone());
-            }
-            Ok(req)
-        });
+    let auth: Auth = Box::new(move |mut req: tonic::Request<()>| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    });
     AuditServiceClient::with_interceptor(gw.channel().await, auth)
 }
 

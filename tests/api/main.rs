@@ -3,6 +3,7 @@
 
 mod attacks;
 mod audit;
+mod crash;
 mod flight_sql;
 mod helpers;
 mod property;
