@@ -245,3 +245,24 @@ fn after_close_nothing_more_is_accepted() {
     let err = log.append_blocking(entry(9)).unwrap_err();
     assert!(matches!(err, AuditError::Unavailable(_)), "{err}");
 }
+
+#[test]
+fn a_checkpoint_is_signed_once_the_interval_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, public) = key();
+    let options = Options {
+        checkpoint_records: 1_000_000,
+        checkpoint_interval: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let log = open(dir.path(), &pem, options);
+    log.append_blocking(entry(0)).unwrap();
+    // The writer wakes by itself once the interval has passed; wait (bounded) for it.
+    let signed = (0..1000).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        log.latest_checkpoint()
+    });
+    let c = signed.expect("a time-based checkpoint within 10 s");
+    assert_eq!(c.size, 1);
+    assert!(c.signed_by(&public));
+}

@@ -242,3 +242,42 @@ pub fn start(writer: Writer) -> std::io::Result<mpsc::Sender<Msg>> {
         .spawn(move || writer.run(rx))?;
     Ok(tx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::GENESIS;
+
+    #[test]
+    fn a_failed_write_fails_every_waiter_and_poisons_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let key = SigningKey::from_pem(&SigningKey::generate_pem()).unwrap();
+        let state = Arc::new(Mutex::new(State {
+            tree: checkpoint::Tree::new(),
+            offsets: vec![0],
+            checkpoints: Vec::new(),
+        }));
+        let mut w = Writer::new(
+            &path,
+            &dir.path().join("checkpoints.log"),
+            key,
+            Options::default(),
+            Arc::clone(&state),
+            0,
+            GENESIS.into(),
+        )
+        .unwrap();
+        // A descriptor the kernel refuses to write through stands in for a failing disk.
+        w.file = File::open(&path).unwrap();
+        let entry = || Entry {
+            call: "query.release".into(),
+            ..Default::default()
+        };
+        assert!(matches!(w.append_now(entry()), Err(AuditError::Unavailable(_))));
+        w.file = OpenOptions::new().append(true).open(&path).unwrap();
+        let err = w.append_now(entry()).unwrap_err();
+        assert!(err.to_string().contains("writing"), "stays failed: {err}");
+        assert_eq!(state.lock().unwrap().tree.len(), 0);
+    }
+}

@@ -235,3 +235,29 @@ async fn auditors_prove_and_replay_releases_refuse_changed_data_and_every_read_i
         assert!(calls.contains(&expected), "{expected:?} not in {calls:?}");
     }
 }
+
+#[tokio::test]
+async fn when_the_audit_log_cannot_record_nothing_is_released() {
+    let gw = spawn_gateway().await;
+    let mut alice = gw.client("alice", PROJECT).await;
+    let info = alice
+        .execute("SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex".into(), None)
+        .await
+        .unwrap();
+    // The log stops taking records (as after a failed fsync): the computed result stays unreleased.
+    gw.core.audit.close().await.unwrap();
+    let err = status(
+        alice
+            .do_get(info.endpoint[0].ticket.clone().unwrap())
+            .await
+            .err()
+            .unwrap(),
+    );
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("nothing was released"), "{}", err.message());
+    let err = gw
+        .query_as("alice", PROJECT, "SELECT COUNT(*) AS n FROM patients")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+}
