@@ -240,7 +240,16 @@ impl Core {
             ..Default::default()
         };
         entry.sql = Some(sql.chars().take(self.limits.max_sql_bytes).collect());
+        let guard = self.audit.cancel_guard(
+            Entry {
+                user: call.authenticated.as_ref().ok().map(|s| s.user.clone()),
+                project: call.project.clone(),
+                ..entry.clone()
+            },
+            started,
+        );
         let outcome = self.execute(call, sql, &mut who, &mut entry).await;
+        guard.disarm();
         who.fill(&mut entry);
         Ok(self.record(entry, started, outcome).await?.0)
     }

@@ -261,3 +261,32 @@ async fn when_the_audit_log_cannot_record_nothing_is_released() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
 }
+
+#[tokio::test]
+async fn a_query_abandoned_while_running_is_recorded_as_cancelled() {
+    use sde_gateway::gateway::CallContext;
+    use sde_gateway::identity::Subject;
+    let gw = spawn_gateway().await;
+    let call = CallContext {
+        authenticated: Ok(Subject { user: "alice".into() }),
+        project: Some(PROJECT.into()),
+    };
+    let sql = "SELECT district, COUNT(*) AS n FROM patients GROUP BY district";
+    // Poll the query once (it is then waiting on execution) and drop it, as tonic does when the
+    // client goes away.
+    let mut query = Box::pin(gw.core.plan_query(&call, sql));
+    assert!(
+        futures::poll!(query.as_mut()).is_pending(),
+        "the query is still running"
+    );
+    drop(query);
+    gw.core.audit.close().await.unwrap();
+    let records = sde_gateway::audit::verify(&gw.audit_log()).unwrap();
+    let last = &records.last().unwrap().entry;
+    assert_eq!(
+        (last.decision.as_str(), last.call.as_str()),
+        ("cancelled", "query.execute")
+    );
+    assert_eq!(last.user.as_deref(), Some("alice"));
+    assert_eq!(last.sql.as_deref(), Some(sql));
+}
