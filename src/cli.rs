@@ -75,11 +75,30 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Verify a whole audit log offline: every record's hash, its link to the one before and
-    /// its sequence number. Exits non-zero naming the first bad record.
+    /// its sequence number, and every signed checkpoint (signature, Merkle root, truncation).
+    /// Exits non-zero naming the first bad record or checkpoint.
     Verify {
-        /// The audit folder (holding audit.log).
+        /// The audit folder (holding audit.log and checkpoints.log).
         #[arg(long)]
         dir: PathBuf,
+        /// The checkpoint public key (PEM), e.g. `.sde-demo/audit.pub`.
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+    /// List audit records from a running gateway (role auditor), one JSON record per line.
+    Show {
+        #[command(flatten)]
+        connection: crate::api::audit_client::Connection,
+        #[command(flatten)]
+        filter: crate::api::audit_client::ShowFilter,
+    },
+    /// Re-run a released query on a running gateway and check it gives the recorded result.
+    Replay {
+        /// Sequence number of the query.release record.
+        #[arg(long)]
+        seq: u64,
+        #[command(flatten)]
+        connection: crate::api::audit_client::Connection,
     },
 }
 
@@ -120,17 +139,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { .. } => anyhow::bail!("serve needs --demo or --config FILE"),
         Command::Admin { connection, command } => crate::admin_client::run(&connection, command).await?,
         Command::Audit {
-            command: AuditCommand::Verify { dir },
+            command: AuditCommand::Verify { dir, public_key },
         } => {
-            let records = crate::audit::verify(&dir.join(crate::audit::LOG_FILE))?;
-            let last = records.last().map(|r| r.hash.as_str()).unwrap_or("(empty log)");
-            println!("audit log intact: {} records, head {last}", records.len());
+            let key = crate::audit::PublicKey::load(&public_key)?;
+            let v = crate::audit::verify_dir(&dir, &key)?;
+            let last = v.checkpoints.last().map(|c| c.root.as_str()).unwrap_or("(empty log)");
+            println!(
+                "audit log intact: {} records, {} signed checkpoints, latest root {last}; {} records after it not yet signed",
+                v.records.len(),
+                v.checkpoints.len(),
+                v.unsigned
+            );
         }
         Command::Ingest { spec } => {
             let started = std::time::Instant::now();
             let report = tokio::task::spawn_blocking(move || crate::ingest::run(&spec)).await??;
             println!("{}", crate::ingest::describe(&report, started.elapsed()));
         }
+        Command::Audit {
+            command: AuditCommand::Show { connection, filter },
+        } => crate::api::audit_client::show(&connection, filter).await?,
+        Command::Audit {
+            command: AuditCommand::Replay { seq, connection },
+        } => crate::api::audit_client::replay(&connection, seq).await?,
         Command::DemoData { out, people, seed } => {
             let started = std::time::Instant::now();
             let data = tokio::task::spawn_blocking(move || demo::ensure_data(&out, people, seed)).await??;

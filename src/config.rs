@@ -103,6 +103,28 @@ pub struct DataConfig {
 pub struct AuditConfig {
     /// Folder of the append-only, hash-chained audit log.
     pub dir: PathBuf,
+    /// PEM (PKCS#8) Ed25519 private key that signs the log's checkpoints. Auditors verify them
+    /// with the matching public key, kept apart from the log.
+    pub signing_key: PathBuf,
+    /// A signed checkpoint is written once this many records have been added since the last one…
+    #[serde(default = "default_checkpoint_records")]
+    pub checkpoint_records: u64,
+    /// …or once this many seconds have passed with records not yet covered (and at shutdown).
+    #[serde(default = "default_checkpoint_seconds")]
+    pub checkpoint_seconds: u64,
+    /// Most records written with one fsync (group commit); 1 syncs every record on its own.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+}
+
+fn default_checkpoint_records() -> u64 {
+    1000
+}
+fn default_checkpoint_seconds() -> u64 {
+    60
+}
+fn default_max_batch() -> usize {
+    512
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,6 +231,7 @@ impl GatewayConfig {
             &mut self.registry.policies,
             &mut self.data.dir,
             &mut self.audit.dir,
+            &mut self.audit.signing_key,
         ]
         .into_iter()
         .chain(self.data.versions.as_mut())
@@ -222,6 +245,12 @@ impl GatewayConfig {
     /// Checks every rule a config must meet, naming the key that breaks one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.audit.max_batch == 0 || self.audit.checkpoint_records == 0 || self.audit.checkpoint_seconds == 0 {
+            return invalid(
+                "audit.max_batch",
+                "audit.max_batch, checkpoint_records and checkpoint_seconds must be at least 1".into(),
+            );
+        }
         let d = &self.disclosure;
         if d.floor_threshold < 2 {
             return invalid("disclosure.floor_threshold", "must be at least 2".into());
@@ -375,6 +404,7 @@ path = "registry.db"
 dir = "data"
 [audit]
 dir = "audit"
+signing_key = "audit.key"
 "#
         .to_owned()
     }

@@ -25,6 +25,9 @@ pub enum Error {
     TooManyRows(usize),
     #[error("internal error: {0}")]
     Internal(String),
+    /// An auditor's replay that cannot be carried out (data changed, not a released query).
+    #[error("{0}")]
+    Replay(String),
 }
 
 impl Error {
@@ -51,6 +54,7 @@ impl Error {
                 | Error::Policy(_)
                 | Error::UnknownStatement
                 | Error::TooManyRows(_)
+                | Error::Replay(_)
         )
     }
 }

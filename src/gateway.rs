@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use sha2::{Digest, Sha256};
 
@@ -73,6 +72,17 @@ pub struct Released {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
     pub receipt: Receipt,
+}
+
+/// A permitted plan, executed with disclosure control applied.
+pub(crate) struct Evaluated {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub rows: u64,
+    pub groups_withheld: u64,
+    pub cells_withheld: u64,
+    pub result_hash: String,
+    pub plan_hash: String,
 }
 
 /// A table as a project sees it, for catalogue browsing.
@@ -174,7 +184,7 @@ impl Core {
     }
 
     /// Records the outcome of a call; a call whose record cannot be written fails.
-    async fn record<T>(
+    pub(crate) async fn record<T>(
         &self,
         mut entry: Entry,
         started: Instant,
@@ -276,7 +286,16 @@ impl Core {
             ..Default::default()
         };
         entry.sql = Some(sql.chars().take(self.limits.max_sql_bytes).collect());
+        let guard = self.audit.cancel_guard(
+            Entry {
+                user: call.authenticated.as_ref().ok().map(|s| s.user.clone()),
+                project: call.project.clone(),
+                ..entry.clone()
+            },
+            started,
+        );
         let outcome = self.execute(call, sql, &mut who, &mut entry).await;
+        guard.disarm();
         who.fill(&mut entry);
         Ok(self.record(entry, started, outcome).await?.0)
     }
@@ -285,6 +304,44 @@ impl Core {
         let (principal, access) = self.access(call, who)?;
         let session = self.engine.session(&access)?;
         let permit = self.check(&session, &access, sql).await?;
+        let evaluated = self.evaluate(&session, &permit).await?;
+        entry.rows = Some(evaluated.rows);
+        entry.groups_withheld = Some(evaluated.groups_withheld);
+        entry.cells_withheld = Some(evaluated.cells_withheld);
+        entry.rule = Some(serde_json::to_string(&permit.disclosure().rules()).expect("rules serialise"));
+        entry.result_hash = Some(evaluated.result_hash.clone());
+        entry.plan_hash = Some(evaluated.plan_hash.clone());
+        entry.snapshot = self.snapshot_of(&access, permit.plan());
+        let (schema, batches, rows) = (evaluated.schema, evaluated.batches, evaluated.rows as usize);
+
+        let handle = uuid::Uuid::new_v4().to_string();
+        let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
+        let mut pending = self.pending.lock().expect("pending lock");
+        pending.retain(|_, p| p.created.elapsed() < ttl);
+        let result = Computed {
+            schema: Arc::clone(&schema),
+            batches,
+        };
+        pending.insert(
+            handle.clone(),
+            Pending {
+                user: principal.user,
+                project: access.project,
+                result,
+                executed: entry.clone(),
+                created: Instant::now(),
+            },
+        );
+        Ok(Planned {
+            handle,
+            schema,
+            rows: rows as u64,
+        })
+    }
+
+    /// Executes a permitted plan and applies what makes it a result: the row limit, and a schema
+    /// describing the disclosure control applied. Used by queries and by replays alike.
+    pub(crate) async fn evaluate(&self, session: &SessionContext, permit: &Permit) -> Result<Evaluated, Error> {
         let execution = |e: datafusion::error::DataFusionError| match e.find_root() {
             // Disclosure control can refuse while the query runs (differencing).
             datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
@@ -293,6 +350,8 @@ impl Core {
             },
             _ => Error::Engine(EngineError::Execution(e)),
         };
+        let optimised = session.state().optimize(permit.plan()).map_err(execution)?;
+        let plan_hash = hex::encode(Sha256::digest(optimised.display_indent().to_string()));
         let df = session
             .execute_logical_plan(permit.plan().clone())
             .await
@@ -324,36 +383,33 @@ impl Core {
             batches.push(RecordBatch::new_empty(Arc::clone(&schema)));
         }
         let withheld = disclosure.withheld();
-        let hash = result_hash(&schema, &batches)?;
-        entry.rows = Some(rows as u64);
-        entry.groups_withheld = Some(withheld.groups());
-        entry.cells_withheld = Some(withheld.cells());
-        entry.rule = Some(serde_json::to_string(&disclosure.rules()).expect("rules serialise"));
-        entry.result_hash = Some(hash);
-
-        let handle = uuid::Uuid::new_v4().to_string();
-        let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
-        let mut pending = self.pending.lock().expect("pending lock");
-        pending.retain(|_, p| p.created.elapsed() < ttl);
-        let result = Computed {
-            schema: Arc::clone(&schema),
-            batches,
-        };
-        pending.insert(
-            handle.clone(),
-            Pending {
-                user: principal.user,
-                project: access.project,
-                result,
-                executed: entry.clone(),
-                created: Instant::now(),
-            },
-        );
-        Ok(Planned {
-            handle,
+        Ok(Evaluated {
+            result_hash: result_hash(&schema, &batches)?,
+            plan_hash,
             schema,
+            batches,
             rows: rows as u64,
+            groups_withheld: withheld.groups(),
+            cells_withheld: withheld.cells(),
         })
+    }
+
+    /// The content hash of every dataset behind a result: those the plan reads, the opt-out
+    /// register, and the population table when a cohort filter reads it.
+    pub(crate) fn snapshot_of(
+        &self,
+        access: &ProjectAccess,
+        plan: &datafusion::logical_expr::LogicalPlan,
+    ) -> std::collections::BTreeMap<String, String> {
+        let all = self.engine.fingerprints(access).unwrap_or_default();
+        let mut read = policy::datasets_read(plan);
+        read.push(crate::engine::OPT_OUTS.to_owned());
+        if access.cohort.is_some() {
+            read.push(crate::engine::POPULATION.to_owned());
+        }
+        read.into_iter()
+            .filter_map(|d| all.get(&d).map(|h| (d, h.clone())))
+            .collect()
     }
 
     /// Plans and checks under the strictest of the gateway's, the project's and the datasets'
@@ -469,15 +525,7 @@ impl Core {
     }
 }
 
-/// SHA-256 over the Arrow IPC stream of the result: what a receipt proves was released.
+/// The hash of a released result ([`crate::audit::result_hash`]): what a receipt proves was released.
 pub fn result_hash(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, Error> {
-    let mut buf = Vec::new();
-    {
-        let mut w = StreamWriter::try_new(&mut buf, schema).map_err(|e| Error::Internal(e.to_string()))?;
-        for b in batches {
-            w.write(b).map_err(|e| Error::Internal(e.to_string()))?;
-        }
-        w.finish().map_err(|e| Error::Internal(e.to_string()))?;
-    }
-    Ok(hex::encode(Sha256::digest(&buf)))
+    crate::audit::result_hash(schema, batches).map_err(|e| Error::Internal(e.to_string()))
 }

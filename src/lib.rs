@@ -11,6 +11,7 @@
 pub mod admin_client;
 pub mod api;
 pub mod audit;
+pub mod auditor;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -89,7 +89,9 @@ impl Gateway {
         )
         .await
         .map_err(crate::Error::from)?;
-        let audit = AuditLog::open(&config.audit.dir).map_err(crate::Error::from)?;
+        let audit = crate::audit::SigningKey::load(&config.audit.signing_key)
+            .and_then(|key| AuditLog::open_with(&config.audit.dir, key, (&config.audit).into()))
+            .map_err(crate::Error::from)?;
         let core = Arc::new(Core::new(
             clock,
             registry,
@@ -127,6 +129,13 @@ impl Gateway {
 
     /// Serves until `shutdown` completes, then lets in-flight calls finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        let audit = self.core.audit.clone();
+        let audit_service = InterceptedService::new(
+            api::proto::audit_service_server::AuditServiceServer::new(api::audit::AuditApi::new(Arc::clone(
+                &self.core,
+            ))),
+            api::authenticate(Arc::clone(&self.verifier)),
+        );
         let flight = InterceptedService::new(
             FlightServiceServer::new(FlightSqlApi::new(Arc::clone(&self.core)))
                 .max_decoding_message_size(16 * 1024 * 1024),
@@ -158,8 +167,11 @@ impl Gateway {
             .add_service(reflection)
             .add_service(flight)
             .add_service(admin)
+            .add_service(audit_service)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
+        // In-flight calls have finished: sign a final checkpoint over every record.
+        audit.close().await.map_err(crate::Error::from)?;
         Ok(())
     }
 }

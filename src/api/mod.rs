@@ -3,6 +3,8 @@
 //! the rule and the fix and never contains data, paths or internal dumps.
 
 pub mod admin;
+pub mod audit;
+pub mod audit_client;
 pub mod flight_sql;
 pub mod proto;
 
@@ -64,6 +66,7 @@ pub fn status(error: Error) -> Status {
         Error::UnknownStatement => (Code::NotFound, error.to_string()),
         Error::TooManyRows(_) => (Code::ResourceExhausted, error.to_string()),
         Error::Internal(_) => (Code::Internal, "internal error".to_owned()),
+        Error::Replay(_) => (Code::FailedPrecondition, error.to_string()),
     };
     match code {
         Code::Internal | Code::Unavailable => tracing::error!(error = %error, "call failed"),

@@ -23,6 +23,8 @@ pub mod data;
 
 pub const DEMO_ISSUER: &str = "https://sde-demo.invalid/issuer";
 pub const DEMO_AUDIENCE: &str = "sde-gateway";
+/// The checkpoint public key, next to `audit/`.
+pub const AUDIT_PUBLIC_KEY: &str = "audit.pub";
 /// Default number of synthetic people.
 pub const DEFAULT_PEOPLE: usize = 20_000;
 pub const DEFAULT_SEED: u64 = 2026;
@@ -144,13 +146,38 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
             identifiers: Default::default(),
             versions,
         },
-        audit: AuditConfig { dir: dir.join("audit") },
+        audit: demo_audit(dir)?,
         disclosure: DisclosureConfig::default(),
         limits: LimitsConfig::default(),
     };
     config.validate()?;
     write(&dir.join("gateway.toml"), config.to_toml())?;
     Ok(config)
+}
+
+/// The audit log under `audit/`, its checkpoint signing key (made once and kept, so the log stays
+/// verifiable across restarts) and, next to the log, the public key auditors verify with.
+fn demo_audit(dir: &Path) -> Result<AuditConfig, DemoError> {
+    let signing_key = dir.join("audit-signing.key");
+    if !signing_key.exists() {
+        write(&signing_key, crate::audit::SigningKey::generate_pem())?;
+    }
+    let pem = std::fs::read_to_string(&signing_key).map_err(|source| DemoError::Io {
+        path: signing_key.clone(),
+        source,
+    })?;
+    let key = crate::audit::SigningKey::from_pem(&pem).map_err(|e| DemoError::Io {
+        path: signing_key.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    write(&dir.join(AUDIT_PUBLIC_KEY), key.public_key().to_pem())?;
+    Ok(AuditConfig {
+        dir: dir.join("audit"),
+        signing_key,
+        checkpoint_records: 1000,
+        checkpoint_seconds: 60,
+        max_batch: 512,
+    })
 }
 
 /// File name, under `<world>/keys/`, of the demo's HMAC linkage key.

@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::config::DisclosureConfig;
 
 /// The disclosure rules in force for one query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 pub struct Rules {
     /// Fewest distinct people behind a released group or cell.
     pub threshold: u64,

@@ -174,6 +174,8 @@ pub struct Engine {
     snapshot: BTreeMap<String, DatasetVersion>,
     /// Kept versions, by (dataset, version id), for grants that name a version.
     versions: BTreeMap<(String, String), (Arc<ListingTable>, DatasetVersion)>,
+    /// The folder of each (dataset, version id) opened, to hash again for replay.
+    folders: BTreeMap<(String, String), std::path::PathBuf>,
 }
 
 impl Engine {
@@ -195,9 +197,10 @@ impl Engine {
         let mut opt_outs = None;
         let mut snapshot = BTreeMap::new();
         let mut identifiers = identifiers.clone();
-        let folders = sub_folders(dir)?;
-        let checked = check_all(&folders, &identifiers);
-        for ((name, path), checked) in folders.into_iter().zip(checked) {
+        let mut folders = BTreeMap::new();
+        let served = sub_folders(dir)?;
+        let checked = check_all(&served, &identifiers);
+        for ((name, path), checked) in served.into_iter().zip(checked) {
             let checked = checked?;
             let table = open_listing(&ctx, &path).await.map_err(|source| EngineError::Dataset {
                 dataset: name.clone(),
@@ -207,6 +210,7 @@ impl Engine {
                 return Err(EngineError::NoPersonId(name));
             }
             add_identifiers(&mut identifiers, &name, checked.identifiers);
+            folders.insert((name.clone(), checked.version.version.clone()), path);
             snapshot.insert(name.clone(), checked.version);
             if name == OPT_OUTS {
                 opt_outs = Some(table);
@@ -234,6 +238,7 @@ impl Engine {
             identifiers,
             snapshot,
             versions: BTreeMap::new(),
+            folders,
         };
         if let Some(versions) = versions {
             engine.open_versions(&ctx, versions).await?;
@@ -278,6 +283,7 @@ impl Engine {
                 return Err(EngineError::NoPersonId(dataset));
             }
             add_identifiers(&mut self.identifiers, &dataset, checked.identifiers);
+            self.folders.insert((dataset.clone(), version.clone()), dir);
             self.versions.insert((dataset, version), (table, checked.version));
         }
         Ok(())
@@ -324,6 +330,35 @@ impl Engine {
                 Ok((table, self.snapshot[dataset].clone()))
             }
         }
+    }
+
+    /// What an audit record names for each dataset behind a project's result: `version@hash`,
+    /// as opened (the version a grant names, else the latest; the opt-out register included).
+    /// The population table, which a cohort filter reads, is included as served.
+    pub fn fingerprints(&self, access: &ProjectAccess) -> Result<BTreeMap<String, String>, EngineError> {
+        let mut read = self.snapshot_for(access)?;
+        if let Some(population) = self.snapshot.get(POPULATION) {
+            read.entry(POPULATION.to_owned()).or_insert_with(|| population.clone());
+        }
+        Ok(read
+            .into_iter()
+            .map(|(dataset, v)| (dataset, format!("{}@{}", v.version, v.content_hash)))
+            .collect())
+    }
+
+    /// The fingerprint of `dataset` as `access` would read it, with the content hash computed
+    /// from the files on disk now, so a replay notices data changed under a running gateway.
+    /// `None` if the dataset or its version is no longer there.
+    pub fn fingerprint_now(&self, access: &ProjectAccess, dataset: &str) -> Option<String> {
+        // Granted datasets at their granted version; others (the opt-out register, the population
+        // a cohort reads) as served.
+        let version = match self.table_for(access, dataset) {
+            Ok((_, version)) if access.grants.contains_key(dataset) => version,
+            _ => self.snapshot.get(dataset)?.clone(),
+        };
+        let folder = self.folders.get(&(dataset.to_owned(), version.version.clone()))?;
+        let hash = version::content_hash(folder).ok()?;
+        Some(format!("{}@{hash}", version.version))
     }
 
     pub fn dataset_names(&self) -> impl Iterator<Item = &str> {

@@ -144,7 +144,7 @@ pub async fn plan_and_check_with(
 }
 
 /// The granted datasets a plan reads, subqueries included.
-fn datasets_read(plan: &LogicalPlan) -> Vec<String> {
+pub fn datasets_read(plan: &LogicalPlan) -> Vec<String> {
     let mut out = Vec::new();
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node

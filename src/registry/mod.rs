@@ -319,44 +319,7 @@ impl Registry {
                 rejected: false,
             });
             self.decide(&user, Action::Query, Some((&facts, conn)), today)?;
-            let (cohort, disclosure): (Option<String>, Option<String>) = conn.query_row(
-                "SELECT cohort, disclosure FROM projects WHERE id = ?1",
-                params![project],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            let mut stmt = conn.prepare_cached(
-                "SELECT dataset, column_name, version FROM grants WHERE project_id = ?1 ORDER BY dataset, position",
-            )?;
-            let mut grants: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            let mut versions: BTreeMap<String, Option<String>> = BTreeMap::new();
-            for row in stmt.query_map(params![project], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                ))
-            })? {
-                let (dataset, column, version) = row?;
-                // Every column of a dataset must be granted at the same version.
-                if versions.entry(dataset.clone()).or_insert_with(|| version.clone()) != &version {
-                    return Err(RegistryError::MixedVersions(project.to_owned(), dataset));
-                }
-                grants.entry(dataset).or_default().push(column);
-            }
-            let versions = versions.into_iter().filter_map(|(d, v)| Some((d, v?))).collect();
-            let disclosure = match disclosure {
-                Some(json) => {
-                    serde_json::from_str(&json).map_err(|_| RegistryError::BadDisclosure(project.to_owned()))?
-                }
-                None => Default::default(),
-            };
-            Ok(ProjectAccess {
-                project: project.to_owned(),
-                grants,
-                cohort: cohort.filter(|c| !c.trim().is_empty()),
-                disclosure,
-                versions,
-            })
+            load_access(conn, project)
         })
     }
 
@@ -417,6 +380,50 @@ impl Drop for Change<'_> {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
     }
+}
+
+/// A project's grants (with the versions they name), cohort and disclosure overrides, as they are
+/// now. The caller has decided who may see them.
+fn load_access(conn: &Connection, project: &str) -> Result<ProjectAccess, RegistryError> {
+    let (cohort, disclosure): (Option<String>, Option<String>) = conn
+        .query_row(
+            "SELECT cohort, disclosure FROM projects WHERE id = ?1",
+            params![project],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .ok_or_else(|| Refusal::NotAMember(project.to_owned()))?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT dataset, column_name, version FROM grants WHERE project_id = ?1 ORDER BY dataset, position",
+    )?;
+    let mut grants: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut versions: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for row in stmt.query_map(params![project], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+        ))
+    })? {
+        let (dataset, column, version) = row?;
+        // Every column of a dataset must be granted at the same version.
+        if versions.entry(dataset.clone()).or_insert_with(|| version.clone()) != &version {
+            return Err(RegistryError::MixedVersions(project.to_owned(), dataset));
+        }
+        grants.entry(dataset).or_default().push(column);
+    }
+    let versions = versions.into_iter().filter_map(|(d, v)| Some((d, v?))).collect();
+    let disclosure = match disclosure {
+        Some(json) => serde_json::from_str(&json).map_err(|_| RegistryError::BadDisclosure(project.to_owned()))?,
+        None => Default::default(),
+    };
+    Ok(ProjectAccess {
+        project: project.to_owned(),
+        grants,
+        cohort: cohort.filter(|c| !c.trim().is_empty()),
+        disclosure,
+        versions,
+    })
 }
 
 /// The user and their organisation as the rules see them.
@@ -509,6 +516,14 @@ pub(crate) fn grants(conn: &Connection, project: &str) -> Result<BTreeMap<String
         grants.entry(dataset).or_default().push(column);
     }
     Ok(grants)
+}
+
+impl Registry {
+    /// A project's grants, cohort and disclosure overrides as they are now, with no check of
+    /// who asks: for an auditor's replay of a query the project ran.
+    pub fn project_data(&self, project: &str) -> Result<ProjectAccess, RegistryError> {
+        self.with_conn(|conn| load_access(conn, project))
+    }
 }
 
 /// Board roles that have not (yet) approved `project`.

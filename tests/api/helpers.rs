@@ -36,6 +36,8 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config: GatewayConfig,
+    /// The running gateway's core (its audit log, registry, engine).
+    pub core: std::sync::Arc<sde_gateway::gateway::Core>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -69,6 +71,7 @@ pub async fn spawn_gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> Test
     adjust(&mut config);
     let gateway = Gateway::build(&config).await.expect("gateway builds");
     let addr = gateway.local_addr();
+    let core = gateway.core();
     let (tx, rx) = oneshot::channel();
     tokio::spawn(gateway.run(async {
         let _ = rx.await;
@@ -77,6 +80,7 @@ pub async fn spawn_gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> Test
         addr,
         dir,
         config,
+        core,
         shutdown: Some(tx),
     }
 }

@@ -4,6 +4,7 @@
 mod admin;
 mod attacks;
 mod audit;
+mod crash;
 mod flight_sql;
 mod helpers;
 mod matrix;

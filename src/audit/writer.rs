@@ -1,0 +1,283 @@
+//! The single writer thread: group commit and checkpoints.
+//!
+//! It blocks for the first request, then drains whatever else is queued (up to `max_batch`
+//! records), writes them with one `write` and one `fsync`, and only then answers each waiter.
+//! A failed write or sync poisons the writer: every later append fails, so nothing is released
+//! without its record (after a failed fsync the kernel may have dropped the dirty pages, so
+//! retrying could report durability that is not there).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Instant;
+
+use super::checkpoint::{self, Checkpoint, SigningKey};
+use super::{AuditError, Entry, Options, Receipt, Record, State, io, now, record_hash};
+
+pub type Reply<T> = tokio::sync::oneshot::Sender<Result<T, AuditError>>;
+
+pub enum Msg {
+    Append(Box<Entry>, Reply<Receipt>),
+    Checkpoint(Reply<Option<Checkpoint>>),
+    Close(Reply<Option<Checkpoint>>),
+}
+
+pub struct Writer {
+    path: PathBuf,
+    file: File,
+    ckpt_path: PathBuf,
+    ckpt_file: File,
+    key: SigningKey,
+    options: Options,
+    state: Arc<Mutex<State>>,
+    next_seq: u64,
+    last_hash: String,
+    end: u64,
+    /// When the oldest record not covered by a checkpoint was written.
+    uncovered_since: Option<Instant>,
+    failed: Option<String>,
+}
+
+impl Writer {
+    pub fn new(
+        path: &Path,
+        ckpt_path: &Path,
+        key: SigningKey,
+        options: Options,
+        state: Arc<Mutex<State>>,
+        next_seq: u64,
+        last_hash: String,
+    ) -> Result<Self, AuditError> {
+        let open = |p: &Path| OpenOptions::new().create(true).append(true).open(p).map_err(io(p));
+        let file = open(path)?;
+        let ckpt_file = open(ckpt_path)?;
+        let end = *state
+            .lock()
+            .expect("audit state")
+            .offsets
+            .last()
+            .expect("offsets start at 0");
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            ckpt_path: ckpt_path.to_owned(),
+            ckpt_file,
+            key,
+            options,
+            state,
+            next_seq,
+            last_hash,
+            end,
+            uncovered_since: None,
+            failed: None,
+        })
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let first = match self.uncovered_since {
+                Some(since) => {
+                    let wait = self.options.checkpoint_interval.saturating_sub(since.elapsed());
+                    match rx.recv_timeout(wait) {
+                        Ok(m) => Some(m),
+                        Err(mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => break,
+                },
+            };
+            let mut appends = Vec::new();
+            let mut others = Vec::new();
+            let mut next = first;
+            while let Some(m) = next.take() {
+                match m {
+                    Msg::Append(entry, reply) => appends.push((*entry, reply)),
+                    other => others.push(other),
+                }
+                // Stop draining at a checkpoint or close, so it covers exactly what came before.
+                if appends.len() < self.options.max_batch && others.is_empty() {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit(appends);
+            let mut closed = false;
+            for m in others {
+                match m {
+                    Msg::Checkpoint(reply) => {
+                        let _ = reply.send(self.checkpoint());
+                    }
+                    Msg::Close(reply) => {
+                        let _ = reply.send(self.checkpoint());
+                        closed = true;
+                    }
+                    Msg::Append(..) => unreachable!("appends are taken apart"),
+                }
+            }
+            if closed {
+                tracing::info!(path = %self.path.display(), "audit log closed");
+                return;
+            }
+            let covered = self
+                .state
+                .lock()
+                .expect("audit state")
+                .checkpoints
+                .last()
+                .map_or(0, |c| c.size);
+            let due = self.next_seq - covered >= self.options.checkpoint_records
+                || self
+                    .uncovered_since
+                    .is_some_and(|t| t.elapsed() >= self.options.checkpoint_interval);
+            if due && let Err(e) = self.checkpoint() {
+                tracing::error!(error = %e, "cannot write an audit checkpoint");
+            }
+        }
+        // Every handle is gone: sign what is there.
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "cannot write the final audit checkpoint");
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<(Entry, Reply<Receipt>)>) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Some(reason) = &self.failed {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(AuditError::Unavailable(reason.clone())));
+            }
+            return;
+        }
+        let mut buf = Vec::new();
+        let mut ends = Vec::with_capacity(batch.len());
+        let mut receipts = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        let (mut seq, mut prev) = (self.next_seq, self.last_hash.clone());
+        for (entry, reply) in batch {
+            let time = now();
+            let hash = record_hash(seq, &time, &prev, &entry);
+            let record = Record {
+                seq,
+                time,
+                prev_hash: prev,
+                entry,
+                hash: hash.clone(),
+            };
+            serde_json::to_writer(&mut buf, &record).expect("record serialises");
+            buf.push(b'\n');
+            ends.push(self.end + buf.len() as u64);
+            receipts.push(Receipt {
+                seq,
+                hash: hash.clone(),
+            });
+            replies.push(reply);
+            prev = hash;
+            seq += 1;
+        }
+        if let Err(e) = self.file.write_all(&buf).and_then(|()| self.file.sync_data()) {
+            let reason = format!("writing {} failed: {e}", self.path.display());
+            tracing::error!(%reason, "audit log unavailable: nothing more will be released");
+            self.failed = Some(reason.clone());
+            for reply in replies {
+                let _ = reply.send(Err(AuditError::Unavailable(reason.clone())));
+            }
+            return;
+        }
+        {
+            let mut state = self.state.lock().expect("audit state");
+            for r in &receipts {
+                state.tree.push(checkpoint::leaf(&r.hash).expect("own hash is hex"));
+            }
+            state.offsets.extend(ends);
+        }
+        self.end += buf.len() as u64;
+        self.next_seq = seq;
+        self.last_hash = prev;
+        self.uncovered_since.get_or_insert_with(Instant::now);
+        for (reply, receipt) in replies.into_iter().zip(receipts) {
+            let _ = reply.send(Ok(receipt));
+        }
+    }
+
+    /// Appends one record on the calling thread (before the writer thread starts).
+    pub fn append_now(&mut self, entry: Entry) -> Result<Receipt, AuditError> {
+        let (reply, mut rx) = tokio::sync::oneshot::channel();
+        self.commit(vec![(entry, reply)]);
+        rx.try_recv()
+            .map_err(|_| AuditError::Unavailable("the audit writer did not answer".into()))?
+    }
+
+    /// Signs and syncs a checkpoint over every durable record, unless one already covers them.
+    pub fn checkpoint(&mut self) -> Result<Option<Checkpoint>, AuditError> {
+        let (size, root) = {
+            let state = self.state.lock().expect("audit state");
+            let size = state.tree.len();
+            if size == 0 || state.checkpoints.last().is_some_and(|c| c.size == size) {
+                return Ok(None);
+            }
+            (size, checkpoint::root_hex(&state.tree))
+        };
+        let c = self.key.sign(size, root, now());
+        let mut line = serde_json::to_vec(&c).expect("checkpoint serialises");
+        line.push(b'\n');
+        self.ckpt_file
+            .write_all(&line)
+            .and_then(|()| self.ckpt_file.sync_data())
+            .map_err(io(&self.ckpt_path))?;
+        self.state.lock().expect("audit state").checkpoints.push(c.clone());
+        self.uncovered_since = None;
+        Ok(Some(c))
+    }
+}
+
+/// Starts the writer thread; it stops when every sender is gone or on [`Msg::Close`].
+pub fn start(writer: Writer) -> std::io::Result<mpsc::Sender<Msg>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("audit-writer".into())
+        .spawn(move || writer.run(rx))?;
+    Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::GENESIS;
+
+    #[test]
+    fn a_failed_write_fails_every_waiter_and_poisons_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let key = SigningKey::from_pem(&SigningKey::generate_pem()).unwrap();
+        let state = Arc::new(Mutex::new(State {
+            tree: checkpoint::Tree::new(),
+            offsets: vec![0],
+            checkpoints: Vec::new(),
+        }));
+        let mut w = Writer::new(
+            &path,
+            &dir.path().join("checkpoints.log"),
+            key,
+            Options::default(),
+            Arc::clone(&state),
+            0,
+            GENESIS.into(),
+        )
+        .unwrap();
+        // A descriptor the kernel refuses to write through stands in for a failing disk.
+        w.file = File::open(&path).unwrap();
+        let entry = || Entry {
+            call: "query.release".into(),
+            ..Default::default()
+        };
+        assert!(matches!(w.append_now(entry()), Err(AuditError::Unavailable(_))));
+        w.file = OpenOptions::new().append(true).open(&path).unwrap();
+        let err = w.append_now(entry()).unwrap_err();
+        assert!(err.to_string().contains("writing"), "stays failed: {err}");
+        assert_eq!(state.lock().unwrap().tree.len(), 0);
+    }
+}
