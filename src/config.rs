@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     pub disclosure: DisclosureConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +135,24 @@ pub struct LimitsConfig {
     pub max_result_rows: usize,
     /// How long a planned statement waits for its DoGet before it is forgotten.
     pub statement_ttl_seconds: u64,
+    /// Most bytes (Arrow, in memory) a single result may hold.
+    pub max_result_bytes: usize,
+    /// Memory all running queries together may reserve (DataFusion memory pool), in bytes.
+    pub memory_pool_bytes: usize,
+    /// Memory one query may reserve, in bytes: one heavy query cannot starve the others.
+    pub query_memory_bytes: usize,
+    /// Longest a query may run (planning, execution and disclosure control), in seconds.
+    pub query_timeout_seconds: u64,
+    /// Queries executing at once; more wait in a queue.
+    pub max_concurrent_queries: usize,
+    /// Queries waiting for a slot; beyond this a query is refused at once.
+    pub max_queued_queries: usize,
+    /// Longest a query waits in the queue before it is refused, in seconds.
+    pub queue_timeout_seconds: u64,
+    /// Queries one user may start per minute (a token bucket refilled continuously).
+    pub user_queries_per_minute: u32,
+    /// At shutdown, how long in-flight calls may take to finish before they are cut off.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for LimitsConfig {
@@ -141,8 +161,32 @@ impl Default for LimitsConfig {
             max_sql_bytes: 64 * 1024,
             max_result_rows: 100_000,
             statement_ttl_seconds: 300,
+            max_result_bytes: 64 * 1024 * 1024,
+            memory_pool_bytes: 2 * 1024 * 1024 * 1024,
+            query_memory_bytes: 512 * 1024 * 1024,
+            query_timeout_seconds: 120,
+            max_concurrent_queries: 8,
+            max_queued_queries: 64,
+            queue_timeout_seconds: 30,
+            user_queries_per_minute: 120,
+            shutdown_grace_seconds: 30,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector endpoint (e.g. `http://otel-collector:4317`) for spans and metrics;
+    /// unset, nothing is exported.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` resource attribute of exported spans and metrics.
+    pub service_name: Option<String>,
+    /// How often metrics are pushed over OTLP, in seconds (default 30).
+    pub metrics_interval_seconds: Option<u64>,
+    /// Address of the admin listener serving Prometheus text at `/metrics`; unset (the
+    /// default), no second port is opened.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_leeway() -> u64 {
@@ -254,6 +298,7 @@ impl GatewayConfig {
         if self.limits.max_result_rows == 0 {
             return invalid("limits.max_result_rows", "must be greater than 0".into());
         }
+        self.validate_operations()?;
         for (key, path) in [
             ("tls.cert", &self.tls.cert),
             ("tls.key", &self.tls.key),
@@ -265,6 +310,57 @@ impl GatewayConfig {
         }
         if !self.data.dir.is_dir() {
             return invalid("data.dir", format!("folder {} does not exist", self.data.dir.display()));
+        }
+        Ok(())
+    }
+
+    /// Limits and telemetry: every bound positive, the per-query memory within the pool, the
+    /// metrics port distinct from the gRPC port, the OTLP endpoint a URL.
+    fn validate_operations(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_result_bytes", l.max_result_bytes as u64),
+            ("limits.memory_pool_bytes", l.memory_pool_bytes as u64),
+            ("limits.query_memory_bytes", l.query_memory_bytes as u64),
+            ("limits.query_timeout_seconds", l.query_timeout_seconds),
+            ("limits.max_concurrent_queries", l.max_concurrent_queries as u64),
+            ("limits.queue_timeout_seconds", l.queue_timeout_seconds),
+            ("limits.user_queries_per_minute", u64::from(l.user_queries_per_minute)),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0".into());
+            }
+        }
+        if l.query_memory_bytes > l.memory_pool_bytes {
+            return invalid(
+                "limits.query_memory_bytes",
+                format!(
+                    "{} is more than the whole pool (limits.memory_pool_bytes = {})",
+                    l.query_memory_bytes, l.memory_pool_bytes
+                ),
+            );
+        }
+        let t = &self.telemetry;
+        if let Some(endpoint) = &t.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return invalid(
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL such as http://otel-collector:4317".into(),
+            );
+        }
+        if t.metrics_interval_seconds == Some(0) {
+            return invalid("telemetry.metrics_interval_seconds", "must be greater than 0".into());
+        }
+        if let Some(addr) = t.metrics_listen
+            && addr.port() != 0
+            && addr.port() == self.listen.port()
+        {
+            return invalid(
+                "telemetry.metrics_listen",
+                format!("port {} is the gRPC port (`listen`); choose another", addr.port()),
+            );
         }
         Ok(())
     }

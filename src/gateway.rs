@@ -12,6 +12,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use sha2::{Digest, Sha256};
+use tracing::{Instrument, Span};
 
 use crate::audit::{AuditLog, Entry, Receipt};
 use crate::clock::SharedClock;
@@ -21,8 +22,10 @@ use crate::disclosure::{DifferencingRefused, Rules};
 use crate::engine::{Engine, EngineError};
 use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
+use crate::limits::{LimitError, Limits};
 use crate::policy::{self, Permit};
 use crate::registry::{Principal, ProjectAccess, Refusal, Registry};
+use crate::telemetry::Metrics;
 use datafusion::prelude::SessionContext;
 
 /// Who is calling and for which project, as the transport saw it.
@@ -90,6 +93,9 @@ pub struct Core {
     /// Stricter disclosure rules for particular datasets.
     pub dataset_rules: std::collections::BTreeMap<String, Overrides>,
     pub limits: LimitsConfig,
+    /// Load limits: memory pools, query slots, per-user rates.
+    pub limiter: Arc<Limits>,
+    pub metrics: Metrics,
     pending: Mutex<HashMap<String, Pending>>,
     prepared: Mutex<HashMap<String, Prepared>>,
 }
@@ -102,12 +108,24 @@ impl std::fmt::Debug for Core {
     }
 }
 
-/// What an audit record says about the caller, filled in as the walk learns it.
-#[derive(Default)]
+/// What an audit record says about the caller, filled in as the walk learns it; the call's
+/// `request` span learns it too.
 struct Who {
     user: Option<String>,
     principal: Option<Principal>,
     project: Option<String>,
+    span: Span,
+}
+
+impl Default for Who {
+    fn default() -> Self {
+        Self {
+            user: None,
+            principal: None,
+            project: None,
+            span: Span::current(),
+        }
+    }
 }
 
 impl Who {
@@ -144,32 +162,65 @@ impl Core {
             audit,
             rules: Rules::from(disclosure),
             dataset_rules: disclosure.datasets.clone(),
+            limiter: Arc::new(Limits::new(&limits)),
+            metrics: Metrics::disabled(),
             limits,
             pending: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Reports the instruments' figures to `metrics` (the gateway's telemetry).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        metrics.observe(&self.limiter);
+        self.metrics = metrics;
+        self
+    }
+
+    /// Runs one step of the walk in its own span, timing it.
+    fn step<T>(&self, name: &'static str, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = step_span(name).in_scope(f);
+        self.metrics.step(name, started.elapsed());
+        out
+    }
+
+    async fn step_async<T>(&self, name: &'static str, f: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = f.instrument(step_span(name)).await;
+        self.metrics.step(name, started.elapsed());
+        out
+    }
+
     /// Safe People for any call.
     fn principal(&self, call: &CallContext, who: &mut Who) -> Result<Principal, Error> {
+        self.step("authorise", || self.principal_inner(call, who))
+    }
+
+    fn principal_inner(&self, call: &CallContext, who: &mut Who) -> Result<Principal, Error> {
         let subject = call.authenticated.clone()?;
         who.user = Some(subject.user.clone());
+        who.span.record("user", subject.user.as_str());
         let principal = self.registry.principal(&subject.user, self.clock.today())?;
+        who.span.record("organisation", principal.organisation.as_str());
         who.principal = Some(principal.clone());
         Ok(principal)
     }
 
     /// Safe People and Safe Projects for a data call.
     fn access(&self, call: &CallContext, who: &mut Who) -> Result<(Principal, ProjectAccess), Error> {
-        let principal = self.principal(call, who)?;
-        let project = call
-            .project
-            .clone()
-            .ok_or(Refusal::NoProject)
-            .map_err(crate::registry::RegistryError::from)?;
-        who.project = Some(project.clone());
-        let access = self.registry.project_access(&principal, &project, self.clock.today())?;
-        Ok((principal, access))
+        self.step("authorise", || {
+            let principal = self.principal_inner(call, who)?;
+            let project = call
+                .project
+                .clone()
+                .ok_or(Refusal::NoProject)
+                .map_err(crate::registry::RegistryError::from)?;
+            who.span.record("project", project.as_str());
+            who.project = Some(project.clone());
+            let access = self.registry.project_access(&principal, &project, self.clock.today())?;
+            Ok((principal, access))
+        })
     }
 
     /// Records the outcome of a call; a call whose record cannot be written fails.
@@ -180,6 +231,8 @@ impl Core {
         outcome: Result<T, Error>,
     ) -> Result<(T, Receipt), Error> {
         entry.duration_ms = Some(started.elapsed().as_millis() as u64);
+        let request = Span::current();
+        request.record("call", entry.call.as_str());
         match &outcome {
             Ok(_) => entry.decision = "accepted".into(),
             Err(e) => {
@@ -192,7 +245,16 @@ impl Core {
                 }
             }
         }
-        let receipt = self.audit.append(entry).await?;
+        request.record("outcome", entry.decision.as_str());
+        if let Some(rule) = &entry.rule {
+            request.record("rule", rule.as_str());
+        }
+        self.metrics.request(
+            &entry.call,
+            &entry.decision,
+            outcome.as_ref().err().map(|e| e.rule()).as_deref(),
+        );
+        let receipt = self.step_async("audit", self.audit.append(entry)).await?;
         outcome.map(|t| (t, receipt))
     }
 
@@ -230,15 +292,53 @@ impl Core {
             ..Default::default()
         };
         entry.sql = Some(sql.chars().take(self.limits.max_sql_bytes).collect());
-        let outcome = self.execute(call, sql, &mut who, &mut entry).await;
+        // If the client goes away, this future is dropped mid-walk: the guard records that.
+        let mut cancelled = Cancelled::new(self, &entry, started);
+        let outcome = self.execute(call, sql, &mut who, &mut entry, &mut cancelled).await;
         who.fill(&mut entry);
+        cancelled.disarm();
         Ok(self.record(entry, started, outcome).await?.0)
     }
 
-    async fn execute(&self, call: &CallContext, sql: &str, who: &mut Who, entry: &mut Entry) -> Result<Planned, Error> {
+    /// Authorises, admits (rate, concurrency) and runs the query under its deadline.
+    async fn execute(
+        &self,
+        call: &CallContext,
+        sql: &str,
+        who: &mut Who,
+        entry: &mut Entry,
+        cancelled: &mut Cancelled,
+    ) -> Result<Planned, Error> {
         let (principal, access) = self.access(call, who)?;
-        let session = self.engine.session(&access)?;
-        let permit = self.check(&session, &access, sql).await?;
+        cancelled.note(who);
+        self.limiter.check_rate(&principal.user)?;
+        let _slot = self.limiter.admit().await?;
+        let deadline = self.limiter.query_timeout();
+        match tokio::time::timeout(deadline, self.run(principal, access, sql, entry)).await {
+            Ok(outcome) => outcome,
+            // Dropping the run stops its DataFusion streams and frees their memory.
+            Err(_) => Err(LimitError::Deadline(deadline.as_secs()).into()),
+        }
+    }
+
+    /// Plan, check, execute (in the query's own memory pool) and apply disclosure control.
+    async fn run(
+        &self,
+        principal: Principal,
+        access: ProjectAccess,
+        sql: &str,
+        entry: &mut Entry,
+    ) -> Result<Planned, Error> {
+        let runtime = self
+            .limiter
+            .runtime()
+            .map_err(|e| Error::Internal(format!("query runtime: {e}")))?;
+        let session = self.engine.session_with_runtime(&access, runtime)?;
+        let rules = self.rules.tightened(&access.disclosure);
+        let plan = self
+            .step_async("plan", policy::plan_sql(&session, sql, self.limits.max_sql_bytes))
+            .await?;
+        let permit = self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?;
         let execution = |e: datafusion::error::DataFusionError| match e.find_root() {
             // Disclosure control can refuse while the query runs (differencing).
             datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
@@ -247,14 +347,35 @@ impl Core {
             },
             _ => Error::Engine(EngineError::Execution(e)),
         };
-        let df = session
-            .execute_logical_plan(permit.plan().clone())
-            .await
-            .map_err(execution)?;
-        let batches = df.collect().await.map_err(execution)?;
+        let batches = self
+            .step_async("execute", async {
+                let df = session
+                    .execute_logical_plan(permit.plan().clone())
+                    .await
+                    .map_err(execution)?;
+                df.collect().await.map_err(execution)
+            })
+            .await?;
+        self.step("disclose", || self.disclose(principal, access, &permit, batches, entry))
+    }
+
+    /// Caps the result's size, describes what disclosure control withheld, hashes the result
+    /// and keeps it for its DoGet.
+    fn disclose(
+        &self,
+        principal: Principal,
+        access: ProjectAccess,
+        permit: &Permit,
+        batches: Vec<RecordBatch>,
+        entry: &mut Entry,
+    ) -> Result<Planned, Error> {
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if rows > self.limits.max_result_rows {
             return Err(Error::TooManyRows(self.limits.max_result_rows));
+        }
+        let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+        if bytes > self.limits.max_result_bytes {
+            return Err(LimitError::ResultTooLarge(self.limits.max_result_bytes).into());
         }
         // The result describes itself: rules applied, columns checked, what was withheld.
         let disclosure = permit.disclosure();
@@ -278,6 +399,7 @@ impl Core {
             batches.push(RecordBatch::new_empty(Arc::clone(&schema)));
         }
         let withheld = disclosure.withheld();
+        self.metrics.withheld(withheld.cells(), withheld.groups());
         let hash = result_hash(&schema, &batches)?;
         entry.rows = Some(rows as u64);
         entry.groups_withheld = Some(withheld.groups());
@@ -419,6 +541,68 @@ impl Core {
                 Err(Error::UnknownStatement)
             }
             _ => Err(Error::UnknownStatement),
+        }
+    }
+}
+
+/// A step's span: named by the step in exported telemetry (`otel.name`).
+fn step_span(name: &'static str) -> Span {
+    tracing::info_span!("step", otel.name = name, step = name)
+}
+
+/// Records a query whose handling was dropped half-way (the client went away) as `cancelled`,
+/// so that no call goes unaudited. Disarmed once the walk reaches its own audit record.
+struct Cancelled {
+    audit: AuditLog,
+    metrics: Metrics,
+    entry: Option<Entry>,
+    started: Instant,
+}
+
+impl Cancelled {
+    fn new(core: &Core, entry: &Entry, started: Instant) -> Self {
+        Self {
+            audit: core.audit.clone(),
+            metrics: core.metrics.clone(),
+            entry: Some(entry.clone()),
+            started,
+        }
+    }
+
+    /// What the walk has learnt about the caller so far.
+    fn note(&mut self, who: &Who) {
+        if let Some(entry) = &mut self.entry {
+            who.fill(entry);
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.entry = None;
+    }
+}
+
+impl Drop for Cancelled {
+    fn drop(&mut self) {
+        let Some(mut entry) = self.entry.take() else { return };
+        entry.decision = "cancelled".into();
+        entry.rule = Some("client/cancelled".into());
+        entry.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+        self.metrics.request(&entry.call, "cancelled", Some("client/cancelled"));
+        tracing::info!(call = %entry.call, "cancelled: the client went away");
+        let audit = self.audit.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(e) = audit.append(entry).await {
+                        tracing::error!(error = %e, "cannot record a cancelled query");
+                    }
+                });
+            }
+            Err(_) => {
+                if let Err(e) = audit.append_blocking(entry) {
+                    tracing::error!(error = %e, "cannot record a cancelled query");
+                }
+            }
         }
     }
 }

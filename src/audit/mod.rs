@@ -75,6 +75,8 @@ struct Writer {
     file: File,
     next_seq: u64,
     last_hash: String,
+    /// Set by [`AuditLog::close`]: nothing may be appended after the checkpoint.
+    closed: bool,
 }
 
 /// The append-only, hash-chained log.
@@ -115,6 +117,7 @@ impl AuditLog {
                 file,
                 next_seq,
                 last_hash,
+                closed: false,
             })),
         })
     }
@@ -129,6 +132,9 @@ impl AuditLog {
             .writer
             .lock()
             .map_err(|_| AuditError::Unavailable("writer lock poisoned".into()))?;
+        if w.closed {
+            return Err(AuditError::Unavailable("the log was closed at shutdown".into()));
+        }
         let seq = w.next_seq;
         let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let hash = record_hash(seq, &time, &w.last_hash, &entry);
@@ -158,6 +164,35 @@ impl AuditLog {
         tokio::task::spawn_blocking(move || log.append_blocking(entry))
             .await
             .map_err(|e| AuditError::Unavailable(e.to_string()))?
+    }
+}
+
+impl AuditLog {
+    /// At shutdown, after the last call: appends a checkpoint record naming the head of the
+    /// chain, syncs the file and its metadata, and refuses further appends.
+    pub async fn close(&self) -> Result<Receipt, AuditError> {
+        let log = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let entry = Entry {
+                call: "audit.checkpoint".into(),
+                decision: "accepted".into(),
+                rule: Some("shutdown".into()),
+                ..Default::default()
+            };
+            let receipt = log.append_blocking(entry)?;
+            let mut w = log
+                .writer
+                .lock()
+                .map_err(|_| AuditError::Unavailable("writer lock poisoned".into()))?;
+            w.file.sync_all().map_err(|source| AuditError::Io {
+                path: log.path.clone(),
+                source,
+            })?;
+            w.closed = true;
+            Ok(receipt)
+        })
+        .await
+        .map_err(|e| AuditError::Unavailable(e.to_string()))?
     }
 }
 

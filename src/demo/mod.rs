@@ -127,6 +127,7 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         audit: AuditConfig { dir: dir.join("audit") },
         disclosure: DisclosureConfig::default(),
         limits: LimitsConfig::default(),
+        telemetry: Default::default(),
     };
     config.validate()?;
     write(&dir.join("gateway.toml"), config.to_toml())?;
