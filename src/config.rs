@@ -126,7 +126,7 @@ impl Default for DisclosureConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Longest SQL text accepted, in bytes.
@@ -203,6 +203,12 @@ impl GatewayConfig {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_toml(&text, base, std::env::vars(), path)
+    }
+
+    /// This config with `SDE_…` overrides from `env` applied and validated again (the demo's
+    /// config is built in code, not read from a file).
+    pub fn with_env(&self, env: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        Self::from_toml(&self.to_toml(), Path::new(""), env, Path::new("(demo config)"))
     }
 
     /// Parses TOML text with the given environment; `base` anchors relative paths.
@@ -466,6 +472,66 @@ dir = "audit"
         );
         let config: GatewayConfig = toml::from_str(&text).expect("dataset overrides parse");
         assert_eq!(config.disclosure.datasets["gp_events"].threshold, Some(20));
+        // And the telemetry examples.
+        let text = text
+            .replace("# otlp_endpoint", "otlp_endpoint")
+            .replace("# service_name", "service_name")
+            .replace("# metrics_interval_seconds", "metrics_interval_seconds")
+            .replace("# metrics_listen", "metrics_listen");
+        let config: GatewayConfig = toml::from_str(&text).expect("telemetry keys parse");
+        assert_eq!(config.telemetry.metrics_interval_seconds, Some(30));
+        assert_eq!(
+            config.limits,
+            crate::config::LimitsConfig::default(),
+            "the example shows the defaults"
+        );
+    }
+
+    #[test]
+    fn operations_keys_are_validated_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path());
+        let load = |var: &str, value: &str| {
+            let env = vec![(var.to_owned(), value.to_owned())];
+            GatewayConfig::from_toml(&text, dir.path(), env.into_iter(), Path::new("t"))
+        };
+        let c = load("SDE_TELEMETRY__METRICS_LISTEN", "127.0.0.1:9464").unwrap();
+        assert_eq!(c.telemetry.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            c.with_env(std::iter::empty()).unwrap().telemetry.metrics_listen,
+            c.telemetry.metrics_listen
+        );
+        for (var, value, key) in [
+            (
+                "SDE_LIMITS__QUERY_MEMORY_BYTES",
+                "99999999999999",
+                "limits.query_memory_bytes",
+            ),
+            ("SDE_LIMITS__MEMORY_POOL_BYTES", "0", "limits.memory_pool_bytes"),
+            (
+                "SDE_LIMITS__USER_QUERIES_PER_MINUTE",
+                "0",
+                "limits.user_queries_per_minute",
+            ),
+            (
+                "SDE_TELEMETRY__OTLP_ENDPOINT",
+                "collector:4317",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "SDE_TELEMETRY__METRICS_INTERVAL_SECONDS",
+                "0",
+                "telemetry.metrics_interval_seconds",
+            ),
+            ("SDE_TELEMETRY__METRICS_LISTEN", "127.0.0.1:0x", "metrics_listen"),
+        ] {
+            let err = load(var, value).unwrap_err().to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+        let text = text.replace("127.0.0.1:0", "127.0.0.1:50051");
+        let env = vec![("SDE_TELEMETRY__METRICS_LISTEN".to_owned(), "0.0.0.0:50051".to_owned())];
+        let err = GatewayConfig::from_toml(&text, dir.path(), env.into_iter(), Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("telemetry.metrics_listen"), "{err}");
     }
 
     #[test]

@@ -353,7 +353,10 @@ impl Core {
                     .execute_logical_plan(permit.plan().clone())
                     .await
                     .map_err(execution)?;
-                df.collect().await.map_err(execution)
+                let task = Arc::new(df.task_ctx());
+                let plan = df.create_physical_plan().await.map_err(execution)?;
+                let plan = crate::limits::interruptible(plan).map_err(execution)?;
+                datafusion::physical_plan::collect(plan, task).await.map_err(execution)
             })
             .await?;
         self.step("disclose", || self.disclose(principal, access, &permit, batches, entry))

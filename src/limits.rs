@@ -20,10 +20,13 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::Result as DFResult;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryLimit, MemoryPool, MemoryReservation};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::coop::CooperativeExec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::LimitsConfig;
@@ -254,6 +257,18 @@ impl Limits {
             in_flight: Arc::clone(&self.in_flight),
         })
     }
+}
+
+/// Makes every operator of `plan` give way to the runtime regularly (Tokio's cooperative
+/// budget). Without it an operator that turns one input batch into many (a cross join) can run
+/// for minutes inside one poll, and neither the deadline nor a departed client could stop it.
+pub fn interruptible(plan: Arc<dyn ExecutionPlan>) -> DFResult<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        Ok(Transformed::yes(
+            Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>
+        ))
+    })
+    .map(|t| t.data)
 }
 
 /// Leaves the queue when the wait ends, however it ends (the caller may be dropped mid-wait).

@@ -5,4 +5,6 @@ mod attacks;
 mod audit;
 mod flight_sql;
 mod helpers;
+mod operations;
 mod property;
+mod telemetry;
