@@ -292,6 +292,7 @@ impl Core {
             ..Default::default()
         };
         entry.sql = Some(sql.chars().take(self.limits.max_sql_bytes).collect());
+        let _call = self.limiter.call();
         // If the client goes away, this future is dropped mid-walk: the guard records that.
         let mut cancelled = Cancelled::new(self, &entry, started);
         let outcome = self.execute(call, sql, &mut who, &mut entry, &mut cancelled).await;
@@ -312,12 +313,18 @@ impl Core {
         let (principal, access) = self.access(call, who)?;
         cancelled.note(who);
         self.limiter.check_rate(&principal.user)?;
-        let _slot = self.limiter.admit().await?;
         let deadline = self.limiter.query_timeout();
-        match tokio::time::timeout(deadline, self.run(principal, access, sql, entry)).await {
-            Ok(outcome) => outcome,
-            // Dropping the run stops its DataFusion streams and frees their memory.
-            Err(_) => Err(LimitError::Deadline(deadline.as_secs()).into()),
+        let run = async {
+            let _slot = self.limiter.admit().await?;
+            match tokio::time::timeout(deadline, self.run(principal, access, sql, entry)).await {
+                Ok(outcome) => outcome,
+                // Dropping the run stops its DataFusion streams and frees their memory.
+                Err(_) => Err(LimitError::Deadline(deadline.as_secs()).into()),
+            }
+        };
+        tokio::select! {
+            outcome = run => outcome,
+            _ = self.limiter.cut() => Err(LimitError::ShuttingDown.into()),
         }
     }
 

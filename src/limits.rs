@@ -54,6 +54,8 @@ pub enum LimitError {
         "safe-settings/result-size: the result holds more than {0} bytes; aggregate further or select fewer columns"
     )]
     ResultTooLarge(usize),
+    #[error("safe-settings/shutdown: the gateway is shutting down and stopped the query; send it again shortly")]
+    ShuttingDown,
 }
 
 /// A per-query view of the gateway-wide pool: a reservation must fit both the query's own cap
@@ -137,6 +139,20 @@ pub struct Limits {
     queued: AtomicUsize,
     in_flight: Arc<AtomicI64>,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Query calls between their start and their audit record.
+    calls: Arc<AtomicI64>,
+    /// Set when the shutdown grace period is over: running queries stop.
+    cut_off: tokio::sync::watch::Sender<bool>,
+}
+
+/// A query call in progress, from its start to its audit record.
+#[derive(Debug)]
+pub struct Call(Arc<AtomicI64>);
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running query's slot. Dropping it (the query finished, failed, hit its deadline or its
@@ -162,7 +178,31 @@ impl Limits {
             queued: AtomicUsize::new(0),
             in_flight: Arc::new(AtomicI64::new(0)),
             buckets: Mutex::new(HashMap::new()),
+            calls: Arc::new(AtomicI64::new(0)),
+            cut_off: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Marks a query call in progress until the returned guard drops.
+    pub fn call(&self) -> Call {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Call(Arc::clone(&self.calls))
+    }
+
+    /// Query calls in progress (admitted or not, audit record not yet written).
+    pub fn calls(&self) -> i64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Stops every running and queued query (the shutdown grace period is over).
+    pub fn cut_off(&self) {
+        self.cut_off.send_replace(true);
+    }
+
+    /// Completes once [`Limits::cut_off`] has been called.
+    pub async fn cut(&self) {
+        let mut rx = self.cut_off.subscribe();
+        let _ = rx.wait_for(|cut| *cut).await;
     }
 
     pub fn config(&self) -> &LimitsConfig {

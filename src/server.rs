@@ -180,6 +180,14 @@ impl Gateway {
             .add_service(flight)
             .serve_with_incoming_shutdown(incoming, shutdown);
         let outcome = drain(serve, shutdown_began, self.shutdown_grace).await;
+        if self.core.limiter.calls() > 0 {
+            // Grace is over: stop what still runs, and let each call write its audit record.
+            self.core.limiter.cut_off();
+            let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while self.core.limiter.calls() > 0 && tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
         // Nothing more will be appended: make the log durable and checkpoint it.
         if let Err(e) = self.core.audit.close().await {
             tracing::error!(error = %e, "cannot close the audit log");

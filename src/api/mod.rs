@@ -56,6 +56,7 @@ pub fn status(error: Error) -> Status {
         Error::UnknownStatement => (Code::NotFound, error.to_string()),
         Error::TooManyRows(_) => (Code::ResourceExhausted, error.to_string()),
         Error::Limit(LimitError::Deadline(_)) => (Code::DeadlineExceeded, error.to_string()),
+        Error::Limit(LimitError::ShuttingDown) => (Code::Unavailable, error.to_string()),
         Error::Limit(
             LimitError::QueueFull { .. }
             | LimitError::QueueTimeout { .. }

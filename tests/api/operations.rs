@@ -182,17 +182,17 @@ async fn a_result_over_the_size_cap_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_lets_in_flight_calls_finish_then_checkpoints_the_audit_log() {
-    let mut gw = spawn_gateway().await;
+    let mut gw = spawn_gateway_with(|c| c.limits.shutdown_grace_seconds = 600).await;
     let core = gw.core.clone();
     // A DoGet stream opened before shutdown...
     let mut client = gw.client("alice", PROJECT).await;
     let info = client.execute(SMALL.to_owned(), None).await.unwrap();
     let ticket = info.endpoint[0].ticket.clone().unwrap();
     let stream = client.do_get(ticket).await.unwrap();
-    // ...and a query still running when it begins (a cross join of a few million rows).
+    // ...and a query still running when it begins (a cross join of some hundred thousand rows).
     let running = {
         let mut client = gw.client("alice", PROJECT).await;
-        let sql = "SELECT COUNT(*) AS n FROM patients p CROSS JOIN ews_referrals e WHERE p.age > 50";
+        let sql = "SELECT COUNT(*) AS n FROM patients p CROSS JOIN ews_referrals e WHERE p.age > 95";
         tokio::spawn(async move { client.execute(sql.to_owned(), None).await })
     };
     eventually("the query is running", || core.limiter.in_flight() == 1).await;
@@ -224,6 +224,26 @@ async fn shutdown_lets_in_flight_calls_finish_then_checkpoints_the_audit_log() {
     let calls: Vec<&str> = records.iter().map(|r| r.entry.call.as_str()).collect();
     assert_eq!(calls.iter().filter(|c| **c == "query.execute").count(), 2, "{calls:?}");
     assert_eq!(calls.iter().filter(|c| **c == "query.release").count(), 1, "{calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_grace_period_running_queries_are_stopped_and_recorded() {
+    let mut gw = spawn_gateway_with(|c| c.limits.shutdown_grace_seconds = 1).await;
+    let core = gw.core.clone();
+    let endless = {
+        let mut client = gw.client("alice", PROJECT).await;
+        tokio::spawn(async move { client.execute(ENDLESS.to_owned(), None).await })
+    };
+    eventually("the query is running", || core.limiter.in_flight() == 1).await;
+    gw.shut_down().await.expect("shutdown");
+    assert_eq!(core.limiter.in_flight(), 0, "the query was stopped");
+    let err = crate::helpers::status(endless.await.unwrap().unwrap_err());
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().starts_with("safe-settings/shutdown"), "{}", err.message());
+    let records = sde_gateway::audit::verify(&gw.audit_log()).unwrap();
+    let n = records.len();
+    assert_eq!(records[n - 1].entry.call, "audit.checkpoint");
+    assert_eq!(records[n - 2].entry.rule.as_deref(), Some("safe-settings/shutdown"));
 }
 
 #[tokio::test]
