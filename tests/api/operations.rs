@@ -189,10 +189,10 @@ async fn shutdown_lets_in_flight_calls_finish_then_checkpoints_the_audit_log() {
     let info = client.execute(SMALL.to_owned(), None).await.unwrap();
     let ticket = info.endpoint[0].ticket.clone().unwrap();
     let stream = client.do_get(ticket).await.unwrap();
-    // ...and a query still running when it begins (a cross join of some hundred thousand rows).
+    // ...and a query still running when it begins (a cross join of two million rows).
     let running = {
         let mut client = gw.client("alice", PROJECT).await;
-        let sql = "SELECT COUNT(*) AS n FROM patients p CROSS JOIN ews_referrals e WHERE p.age > 95";
+        let sql = "SELECT COUNT(*) AS n FROM asc_services a CROSS JOIN ews_referrals e";
         tokio::spawn(async move { client.execute(sql.to_owned(), None).await })
     };
     eventually("the query is running", || core.limiter.in_flight() == 1).await;
