@@ -289,3 +289,29 @@ async fn config_errors_name_the_key_and_stop_before_serving() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_probe_passes_while_serving_and_fails_after_shutdown() {
+    let mut gw = spawn_gateway().await;
+    let probe = |addr: std::net::SocketAddr, ca: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_sde-gateway"))
+                .args(["health", "--addr", &addr.to_string(), "--ca"])
+                .arg(ca)
+                .output()
+                .unwrap()
+        })
+    };
+    let up = probe(gw.addr, gw.path("tls/ca.pem")).await.unwrap();
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert_eq!(String::from_utf8_lossy(&up.stdout).trim(), "SERVING");
+    // A CA that did not sign the server's certificate: the probe fails (TLS is checked).
+    let wrong_ca = gw.path("wrong-ca.pem");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&wrong_ca, other.cert.pem()).unwrap();
+    let untrusted = probe(gw.addr, wrong_ca).await.unwrap();
+    assert!(!untrusted.status.success());
+    gw.shut_down().await.unwrap();
+    let down = probe(gw.addr, gw.path("tls/ca.pem")).await.unwrap();
+    assert!(!down.status.success(), "the probe fails once the gateway is gone");
+}
