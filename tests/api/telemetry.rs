@@ -266,3 +266,83 @@ async fn no_metrics_port_unless_configured() {
     assert_eq!(gw.metrics_addr, None);
     assert!(gw.telemetry.tracer().is_none());
 }
+
+/// The binary's own path: its process-wide subscriber takes the span exporter from the config
+/// (`SDE_TELEMETRY__OTLP_ENDPOINT`), and SIGTERM flushes what is buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_exports_spans_and_flushes_them_at_sigterm() {
+    let (receiver, endpoint) = start_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sde-gateway"))
+        .args([
+            "serve",
+            "--demo",
+            "--people",
+            "2000",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dir",
+        ])
+        .arg(dir.path())
+        .env("SDE_TELEMETRY__OTLP_ENDPOINT", &endpoint)
+        .env("SDE_TELEMETRY__METRICS_INTERVAL_SECONDS", "3600")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (ready, serving) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut ready = Some(ready);
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("serving Flight SQL") {
+                ready.take().map(|r| r.send(()));
+            }
+        }
+    });
+    serving.await.expect("the gateway starts");
+
+    let ca = std::fs::read(dir.path().join("tls/ca.pem")).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+    client.set_token(std::fs::read_to_string(dir.path().join("tokens/alice.jwt")).unwrap());
+    client.set_header("x-sde-project", PROJECT);
+    query(&mut client, "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
+        .await
+        .unwrap();
+
+    let pid = child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "clean exit on SIGTERM");
+    let spans = receiver.spans.lock().unwrap().clone();
+    let request = spans
+        .iter()
+        .find(|s| attributes(&s.attributes).get("call").map(String::as_str) == Some("query.execute"))
+        .unwrap_or_else(|| panic!("no query span among {:?}", names(&spans)));
+    assert_eq!(attributes(&request.attributes)["user"], "alice");
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "execute" && s.parent_span_id == request.span_id)
+    );
+}
