@@ -145,6 +145,8 @@ pub struct LimitsConfig {
     pub query_timeout_seconds: u64,
     /// Queries executing at once; more wait in a queue.
     pub max_concurrent_queries: usize,
+    /// Queries one user may have running or queued at once, so one user cannot take every slot.
+    pub max_concurrent_queries_per_user: usize,
     /// Queries waiting for a slot; beyond this a query is refused at once.
     pub max_queued_queries: usize,
     /// Longest a query waits in the queue before it is refused, in seconds.
@@ -166,6 +168,7 @@ impl Default for LimitsConfig {
             query_memory_bytes: 512 * 1024 * 1024,
             query_timeout_seconds: 120,
             max_concurrent_queries: 8,
+            max_concurrent_queries_per_user: 4,
             max_queued_queries: 64,
             queue_timeout_seconds: 30,
             user_queries_per_minute: 120,
@@ -331,6 +334,10 @@ impl GatewayConfig {
             ("limits.query_memory_bytes", l.query_memory_bytes as u64),
             ("limits.query_timeout_seconds", l.query_timeout_seconds),
             ("limits.max_concurrent_queries", l.max_concurrent_queries as u64),
+            (
+                "limits.max_concurrent_queries_per_user",
+                l.max_concurrent_queries_per_user as u64,
+            ),
             ("limits.queue_timeout_seconds", l.queue_timeout_seconds),
             ("limits.user_queries_per_minute", u64::from(l.user_queries_per_minute)),
         ] {

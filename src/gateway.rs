@@ -315,7 +315,7 @@ impl Core {
         self.limiter.check_rate(&principal.user)?;
         let deadline = self.limiter.query_timeout();
         let run = async {
-            let _slot = self.limiter.admit().await?;
+            let _slot = self.limiter.admit(&principal.user).await?;
             match tokio::time::timeout(deadline, self.run(principal, access, sql, entry)).await {
                 Ok(outcome) => outcome,
                 // Dropping the run stops its DataFusion streams and frees their memory.

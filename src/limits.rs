@@ -47,6 +47,10 @@ pub enum LimitError {
     )]
     RateLimited { per_minute: u32 },
     #[error(
+        "safe-settings/concurrency: you already have {0} queries running or queued, as many as one user may; wait for one to finish"
+    )]
+    UserBusy(usize),
+    #[error(
         "safe-settings/deadline: the query ran longer than {0} s and was stopped; filter earlier, join fewer tables or aggregate sooner"
     )]
     Deadline(u64),
@@ -139,6 +143,8 @@ pub struct Limits {
     queued: AtomicUsize,
     in_flight: Arc<AtomicI64>,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Per user, queries running or queued.
+    per_user: Arc<Mutex<HashMap<String, usize>>>,
     /// Query calls between their start and their audit record.
     calls: Arc<AtomicI64>,
     /// Set when the shutdown grace period is over: running queries stop.
@@ -160,12 +166,32 @@ impl Drop for Call {
 #[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
+    _user: UserSlot,
     in_flight: Arc<AtomicI64>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One of a user's queries, running or queued.
+#[derive(Debug)]
+struct UserSlot {
+    user: String,
+    per_user: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut per_user = self.per_user.lock().expect("per-user lock");
+        if let Some(n) = per_user.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                per_user.remove(&self.user);
+            }
+        }
     }
 }
 
@@ -178,6 +204,7 @@ impl Limits {
             queued: AtomicUsize::new(0),
             in_flight: Arc::new(AtomicI64::new(0)),
             buckets: Mutex::new(HashMap::new()),
+            per_user: Default::default(),
             calls: Arc::new(AtomicI64::new(0)),
             cut_off: tokio::sync::watch::channel(false).0,
         }
@@ -269,7 +296,8 @@ impl Limits {
 
     /// Waits for a query slot: at once if one is free, else in the queue (bounded in length and
     /// in time).
-    pub async fn admit(&self) -> Result<Slot, LimitError> {
+    pub async fn admit(&self, user: &str) -> Result<Slot, LimitError> {
+        let user = self.user_slot(user)?;
         let running = self.config.max_concurrent_queries;
         let permit = match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(permit) => permit,
@@ -294,7 +322,25 @@ impl Limits {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         Ok(Slot {
             _permit: permit,
+            _user: user,
             in_flight: Arc::clone(&self.in_flight),
+        })
+    }
+}
+
+impl Limits {
+    /// Counts one more query for `user`, or refuses if they have as many as one user may.
+    fn user_slot(&self, user: &str) -> Result<UserSlot, LimitError> {
+        let cap = self.config.max_concurrent_queries_per_user;
+        let mut per_user = self.per_user.lock().expect("per-user lock");
+        let n = per_user.entry(user.to_owned()).or_insert(0);
+        if *n >= cap {
+            return Err(LimitError::UserBusy(cap));
+        }
+        *n += 1;
+        Ok(UserSlot {
+            user: user.to_owned(),
+            per_user: Arc::clone(&self.per_user),
         })
     }
 }
@@ -374,14 +420,29 @@ mod tests {
             c.max_concurrent_queries = 1;
             c.max_queued_queries = 0;
         });
-        let slot = l.admit().await.unwrap();
+        let slot = l.admit("alice").await.unwrap();
         assert_eq!(l.in_flight(), 1);
-        let err = l.admit().await.unwrap_err();
+        let err = l.admit("dave").await.unwrap_err();
         assert!(matches!(err, LimitError::QueueFull { .. }), "{err}");
         assert_eq!(l.queued(), 0);
         drop(slot);
         assert_eq!(l.in_flight(), 0);
-        let _slot = l.admit().await.unwrap();
+        let _slot = l.admit("dave").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_user_cannot_take_every_slot() {
+        let l = limits(|c| {
+            c.max_concurrent_queries = 4;
+            c.max_concurrent_queries_per_user = 2;
+        });
+        let a = l.admit("alice").await.unwrap();
+        let _b = l.admit("alice").await.unwrap();
+        let err = l.admit("alice").await.unwrap_err();
+        assert!(matches!(err, LimitError::UserBusy(2)), "{err}");
+        let _c = l.admit("dave").await.unwrap();
+        drop(a);
+        let _d = l.admit("alice").await.unwrap();
     }
 
     #[tokio::test]
@@ -390,8 +451,8 @@ mod tests {
             c.max_concurrent_queries = 1;
             c.queue_timeout_seconds = 1;
         });
-        let _slot = l.admit().await.unwrap();
-        let err = l.admit().await.unwrap_err();
+        let _slot = l.admit("alice").await.unwrap();
+        let err = l.admit("dave").await.unwrap_err();
         assert!(
             matches!(err, LimitError::QueueTimeout { waited_seconds: 1, .. }),
             "{err}"

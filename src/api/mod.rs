@@ -61,6 +61,7 @@ pub fn status(error: Error) -> Status {
             LimitError::QueueFull { .. }
             | LimitError::QueueTimeout { .. }
             | LimitError::RateLimited { .. }
+            | LimitError::UserBusy(_)
             | LimitError::ResultTooLarge(_),
         ) => (Code::ResourceExhausted, error.to_string()),
         Error::Internal(_) => (Code::Internal, "internal error".to_owned()),
