@@ -54,6 +54,18 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Probe a gateway's gRPC health over TLS (container and Kubernetes health checks): exits 0
+    /// when it is SERVING, 1 otherwise.
+    Health {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: SocketAddr,
+        /// CA certificate (PEM) that signed the gateway's certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Name the gateway's certificate is issued for.
+        #[arg(long, default_value = "localhost")]
+        domain: String,
+    },
     /// Pseudonymise a raw extract (CSV or Parquet) into a new dataset version, as its spec says
     /// (see config/ingest.example.toml). SDE_INGEST__KEY_FILE overrides the spec's key file.
     Ingest {
@@ -121,6 +133,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: None,
             };
             let config = tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now())).await??;
+            // `SDE_…` variables apply to the demo too (telemetry and limits in a container).
+            let config = config.with_env(std::env::vars())?;
             let gateway = Gateway::build(&config).await?;
             eprintln!(
                 "sde-gateway demo ready in {} ms: Flight SQL over TLS on {}\n  CA certificate: {}\n  tokens:         {}\n  project header: x-sde-project: ews-asc-linkage",
@@ -151,6 +165,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 v.unsigned
             );
         }
+        Command::Health { addr, ca, domain } => health(addr, &ca, &domain).await?,
         Command::Ingest { spec } => {
             let started = std::time::Instant::now();
             let report = tokio::task::spawn_blocking(move || crate::ingest::run(&spec)).await??;
@@ -172,6 +187,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// One gRPC health check over TLS, bounded to a few seconds.
+async fn health(addr: SocketAddr, ca: &std::path::Path, domain: &str) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let ca = std::fs::read(ca).map_err(|e| anyhow::anyhow!("cannot read CA {}: {e}", ca.display()))?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name(domain);
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: String::new() })
+        .await?
+        .into_inner();
+    if reply.status() != ServingStatus::Serving {
+        anyhow::bail!("gateway at {addr} is {:?}", reply.status());
+    }
+    println!("SERVING");
     Ok(())
 }
 

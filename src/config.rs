@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     pub disclosure: DisclosureConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,7 +166,7 @@ impl Default for DisclosureConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Longest SQL text accepted, in bytes.
@@ -173,6 +175,26 @@ pub struct LimitsConfig {
     pub max_result_rows: usize,
     /// How long a planned statement waits for its DoGet before it is forgotten.
     pub statement_ttl_seconds: u64,
+    /// Most bytes (Arrow, in memory) a single result may hold.
+    pub max_result_bytes: usize,
+    /// Memory all running queries together may reserve (DataFusion memory pool), in bytes.
+    pub memory_pool_bytes: usize,
+    /// Memory one query may reserve, in bytes: one heavy query cannot starve the others.
+    pub query_memory_bytes: usize,
+    /// Longest a query may run (planning, execution and disclosure control), in seconds.
+    pub query_timeout_seconds: u64,
+    /// Queries executing at once; more wait in a queue.
+    pub max_concurrent_queries: usize,
+    /// Queries one user may have running or queued at once, so one user cannot take every slot.
+    pub max_concurrent_queries_per_user: usize,
+    /// Queries waiting for a slot; beyond this a query is refused at once.
+    pub max_queued_queries: usize,
+    /// Longest a query waits in the queue before it is refused, in seconds.
+    pub queue_timeout_seconds: u64,
+    /// Queries one user may start per minute (a token bucket refilled continuously).
+    pub user_queries_per_minute: u32,
+    /// At shutdown, how long in-flight calls may take to finish before they are cut off.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for LimitsConfig {
@@ -181,8 +203,33 @@ impl Default for LimitsConfig {
             max_sql_bytes: 64 * 1024,
             max_result_rows: 100_000,
             statement_ttl_seconds: 300,
+            max_result_bytes: 64 * 1024 * 1024,
+            memory_pool_bytes: 2 * 1024 * 1024 * 1024,
+            query_memory_bytes: 512 * 1024 * 1024,
+            query_timeout_seconds: 120,
+            max_concurrent_queries: 8,
+            max_concurrent_queries_per_user: 4,
+            max_queued_queries: 64,
+            queue_timeout_seconds: 30,
+            user_queries_per_minute: 120,
+            shutdown_grace_seconds: 30,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector endpoint (e.g. `http://otel-collector:4317`) for spans and metrics;
+    /// unset, nothing is exported.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` resource attribute of exported spans and metrics.
+    pub service_name: Option<String>,
+    /// How often metrics are pushed over OTLP, in seconds (default 30).
+    pub metrics_interval_seconds: Option<u64>,
+    /// Address of the admin listener serving Prometheus text at `/metrics`; unset (the
+    /// default), no second port is opened.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_leeway() -> u64 {
@@ -199,6 +246,12 @@ impl GatewayConfig {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_toml(&text, base, std::env::vars(), path)
+    }
+
+    /// This config with `SDE_…` overrides from `env` applied and validated again (the demo's
+    /// config is built in code, not read from a file).
+    pub fn with_env(&self, env: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        Self::from_toml(&self.to_toml(), Path::new(""), env, Path::new("(demo config)"))
     }
 
     /// Parses TOML text with the given environment; `base` anchors relative paths.
@@ -305,6 +358,7 @@ impl GatewayConfig {
         if self.limits.max_result_rows == 0 {
             return invalid("limits.max_result_rows", "must be greater than 0".into());
         }
+        self.validate_operations()?;
         for (key, path) in [
             ("tls.cert", &self.tls.cert),
             ("tls.key", &self.tls.key),
@@ -328,6 +382,61 @@ impl GatewayConfig {
         }
         if let Some(versions) = self.data.versions.as_ref().filter(|v| !v.is_dir()) {
             return invalid("data.versions", format!("folder {} does not exist", versions.display()));
+        }
+        Ok(())
+    }
+
+    /// Limits and telemetry: every bound positive, the per-query memory within the pool, the
+    /// metrics port distinct from the gRPC port, the OTLP endpoint a URL.
+    fn validate_operations(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_result_bytes", l.max_result_bytes as u64),
+            ("limits.memory_pool_bytes", l.memory_pool_bytes as u64),
+            ("limits.query_memory_bytes", l.query_memory_bytes as u64),
+            ("limits.query_timeout_seconds", l.query_timeout_seconds),
+            ("limits.max_concurrent_queries", l.max_concurrent_queries as u64),
+            (
+                "limits.max_concurrent_queries_per_user",
+                l.max_concurrent_queries_per_user as u64,
+            ),
+            ("limits.queue_timeout_seconds", l.queue_timeout_seconds),
+            ("limits.user_queries_per_minute", u64::from(l.user_queries_per_minute)),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0".into());
+            }
+        }
+        if l.query_memory_bytes > l.memory_pool_bytes {
+            return invalid(
+                "limits.query_memory_bytes",
+                format!(
+                    "{} is more than the whole pool (limits.memory_pool_bytes = {})",
+                    l.query_memory_bytes, l.memory_pool_bytes
+                ),
+            );
+        }
+        let t = &self.telemetry;
+        if let Some(endpoint) = &t.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return invalid(
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL such as http://otel-collector:4317".into(),
+            );
+        }
+        if t.metrics_interval_seconds == Some(0) {
+            return invalid("telemetry.metrics_interval_seconds", "must be greater than 0".into());
+        }
+        if let Some(addr) = t.metrics_listen
+            && addr.port() != 0
+            && addr.port() == self.listen.port()
+        {
+            return invalid(
+                "telemetry.metrics_listen",
+                format!("port {} is the gRPC port (`listen`); choose another", addr.port()),
+            );
         }
         Ok(())
     }
@@ -435,6 +544,66 @@ signing_key = "audit.key"
         );
         let config: GatewayConfig = toml::from_str(&text).expect("dataset overrides parse");
         assert_eq!(config.disclosure.datasets["gp_events"].threshold, Some(20));
+        // And the telemetry examples.
+        let text = text
+            .replace("# otlp_endpoint", "otlp_endpoint")
+            .replace("# service_name", "service_name")
+            .replace("# metrics_interval_seconds", "metrics_interval_seconds")
+            .replace("# metrics_listen", "metrics_listen");
+        let config: GatewayConfig = toml::from_str(&text).expect("telemetry keys parse");
+        assert_eq!(config.telemetry.metrics_interval_seconds, Some(30));
+        assert_eq!(
+            config.limits,
+            crate::config::LimitsConfig::default(),
+            "the example shows the defaults"
+        );
+    }
+
+    #[test]
+    fn operations_keys_are_validated_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path());
+        let load = |var: &str, value: &str| {
+            let env = vec![(var.to_owned(), value.to_owned())];
+            GatewayConfig::from_toml(&text, dir.path(), env.into_iter(), Path::new("t"))
+        };
+        let c = load("SDE_TELEMETRY__METRICS_LISTEN", "127.0.0.1:9464").unwrap();
+        assert_eq!(c.telemetry.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            c.with_env(std::iter::empty()).unwrap().telemetry.metrics_listen,
+            c.telemetry.metrics_listen
+        );
+        for (var, value, key) in [
+            (
+                "SDE_LIMITS__QUERY_MEMORY_BYTES",
+                "99999999999999",
+                "limits.query_memory_bytes",
+            ),
+            ("SDE_LIMITS__MEMORY_POOL_BYTES", "0", "limits.memory_pool_bytes"),
+            (
+                "SDE_LIMITS__USER_QUERIES_PER_MINUTE",
+                "0",
+                "limits.user_queries_per_minute",
+            ),
+            (
+                "SDE_TELEMETRY__OTLP_ENDPOINT",
+                "collector:4317",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "SDE_TELEMETRY__METRICS_INTERVAL_SECONDS",
+                "0",
+                "telemetry.metrics_interval_seconds",
+            ),
+            ("SDE_TELEMETRY__METRICS_LISTEN", "127.0.0.1:0x", "metrics_listen"),
+        ] {
+            let err = load(var, value).unwrap_err().to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+        let text = text.replace("127.0.0.1:0", "127.0.0.1:50051");
+        let env = vec![("SDE_TELEMETRY__METRICS_LISTEN".to_owned(), "0.0.0.0:50051".to_owned())];
+        let err = GatewayConfig::from_toml(&text, dir.path(), env.into_iter(), Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("telemetry.metrics_listen"), "{err}");
     }
 
     #[test]

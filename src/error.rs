@@ -4,6 +4,7 @@
 use crate::audit::AuditError;
 use crate::engine::EngineError;
 use crate::identity::IdentityError;
+use crate::limits::LimitError;
 use crate::policy::PolicyError;
 use crate::registry::RegistryError;
 
@@ -19,6 +20,8 @@ pub enum Error {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     #[error("unknown or expired statement handle; send the query again")]
     UnknownStatement,
     #[error("safe-outputs/result-size: the result has more than {0} rows; aggregate further")]
@@ -37,6 +40,7 @@ impl Error {
         match text.split_once(':') {
             Some((rule, _)) if rule.contains('/') && !rule.contains(' ') => rule.to_owned(),
             _ => match self {
+                _ if self.is_memory_exhausted() => "safe-settings/memory".into(),
                 Error::Identity(_) => "safe-people/authentication".into(),
                 Error::Policy(_) => "safe-outputs/invalid-query".into(),
                 Error::UnknownStatement => "protocol/unknown-statement".into(),
@@ -55,6 +59,13 @@ impl Error {
                 | Error::UnknownStatement
                 | Error::TooManyRows(_)
                 | Error::Replay(_)
-        )
+                | Error::Limit(_)
+        ) || self.is_memory_exhausted()
+    }
+
+    /// Whether the query ran out of memory (its own cap or the gateway's pool).
+    pub fn is_memory_exhausted(&self) -> bool {
+        matches!(self, Error::Engine(EngineError::Execution(e))
+            if matches!(e.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_)))
     }
 }

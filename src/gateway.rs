@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use sha2::{Digest, Sha256};
+use tracing::{Instrument, Span};
 
 use crate::audit::{AuditLog, Entry, Receipt};
 use crate::clock::SharedClock;
@@ -20,9 +21,11 @@ use crate::disclosure::{DifferencingRefused, Rules};
 use crate::engine::{Engine, EngineError};
 use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
+use crate::limits::{LimitError, Limits};
 use crate::policy::{self, Permit};
 use crate::registry::rules::Action;
 use crate::registry::{Principal, ProjectAccess, Refusal, Registry, RegistryError};
+use crate::telemetry::Metrics;
 use datafusion::prelude::SessionContext;
 
 /// Who is calling and for which project, as the transport saw it.
@@ -101,6 +104,9 @@ pub struct Core {
     /// Stricter disclosure rules for particular datasets.
     pub dataset_rules: std::collections::BTreeMap<String, Overrides>,
     pub limits: LimitsConfig,
+    /// Load limits: memory pools, query slots, per-user rates.
+    pub limiter: Arc<Limits>,
+    pub metrics: Metrics,
     pending: Mutex<HashMap<String, Pending>>,
     prepared: Mutex<HashMap<String, Prepared>>,
 }
@@ -113,12 +119,24 @@ impl std::fmt::Debug for Core {
     }
 }
 
-/// What an audit record says about the caller, filled in as the walk learns it.
-#[derive(Default)]
+/// What an audit record says about the caller, filled in as the walk learns it; the call's
+/// `request` span learns it too.
 struct Who {
     user: Option<String>,
     principal: Option<Principal>,
     project: Option<String>,
+    span: Span,
+}
+
+impl Default for Who {
+    fn default() -> Self {
+        Self {
+            user: None,
+            principal: None,
+            project: None,
+            span: Span::current(),
+        }
+    }
 }
 
 impl Who {
@@ -155,32 +173,65 @@ impl Core {
             audit,
             rules: Rules::from(disclosure),
             dataset_rules: disclosure.datasets.clone(),
+            limiter: Arc::new(Limits::new(&limits)),
+            metrics: Metrics::disabled(),
             limits,
             pending: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Reports the instruments' figures to `metrics` (the gateway's telemetry).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        metrics.observe(&self.limiter);
+        self.metrics = metrics;
+        self
+    }
+
+    /// Runs one step of the walk in its own span, timing it.
+    fn step<T>(&self, name: &'static str, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = step_span(name).in_scope(f);
+        self.metrics.step(name, started.elapsed());
+        out
+    }
+
+    async fn step_async<T>(&self, name: &'static str, f: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = f.instrument(step_span(name)).await;
+        self.metrics.step(name, started.elapsed());
+        out
+    }
+
     /// Safe People for any call.
     fn principal(&self, call: &CallContext, who: &mut Who) -> Result<Principal, Error> {
+        self.step("authorise", || self.principal_inner(call, who))
+    }
+
+    fn principal_inner(&self, call: &CallContext, who: &mut Who) -> Result<Principal, Error> {
         let subject = call.authenticated.clone()?;
         who.user = Some(subject.user.clone());
+        who.span.record("user", subject.user.as_str());
         let principal = self.registry.principal(&subject.user, self.clock.today())?;
+        who.span.record("organisation", principal.organisation.as_str());
         who.principal = Some(principal.clone());
         Ok(principal)
     }
 
     /// Safe People and Safe Projects for a data call.
     fn access(&self, call: &CallContext, who: &mut Who) -> Result<(Principal, ProjectAccess), Error> {
-        let principal = self.principal(call, who)?;
-        let project = call
-            .project
-            .clone()
-            .ok_or(Refusal::NoProject)
-            .map_err(crate::registry::RegistryError::from)?;
-        who.project = Some(project.clone());
-        let access = self.registry.project_access(&principal, &project, self.clock.today())?;
-        Ok((principal, access))
+        self.step("authorise", || {
+            let principal = self.principal_inner(call, who)?;
+            let project = call
+                .project
+                .clone()
+                .ok_or(Refusal::NoProject)
+                .map_err(crate::registry::RegistryError::from)?;
+            who.span.record("project", project.as_str());
+            who.project = Some(project.clone());
+            let access = self.registry.project_access(&principal, &project, self.clock.today())?;
+            Ok((principal, access))
+        })
     }
 
     /// Records the outcome of a call; a call whose record cannot be written fails.
@@ -192,6 +243,8 @@ impl Core {
     ) -> Result<(T, Receipt), Error> {
         entry.duration_ms = Some(started.elapsed().as_millis() as u64);
         entry.policy_hash = Some(self.registry.rules_hash().to_owned());
+        let request = Span::current();
+        request.record("call", entry.call.as_str());
         match &outcome {
             Ok(_) => entry.decision = "accepted".into(),
             Err(e) => {
@@ -204,7 +257,16 @@ impl Core {
                 }
             }
         }
-        let receipt = self.audit.append(entry).await?;
+        request.record("outcome", entry.decision.as_str());
+        if let Some(rule) = &entry.rule {
+            request.record("rule", rule.as_str());
+        }
+        self.metrics.request(
+            &entry.call,
+            &entry.decision,
+            outcome.as_ref().err().map(|e| e.rule()).as_deref(),
+        );
+        let receipt = self.step_async("audit", self.audit.append(entry)).await?;
         outcome.map(|t| (t, receipt))
     }
 
@@ -286,62 +348,74 @@ impl Core {
             ..Default::default()
         };
         entry.sql = Some(sql.chars().take(self.limits.max_sql_bytes).collect());
-        let guard = self.audit.cancel_guard(
-            Entry {
-                user: call.authenticated.as_ref().ok().map(|s| s.user.clone()),
-                project: call.project.clone(),
-                ..entry.clone()
-            },
-            started,
-        );
-        let outcome = self.execute(call, sql, &mut who, &mut entry).await;
-        guard.disarm();
+        let _call = self.limiter.call();
+        // If the client goes away, this future is dropped mid-walk: the guard records that.
+        let mut cancelled = Cancelled::new(self, &entry, started);
+        let outcome = self.execute(call, sql, &mut who, &mut entry, &mut cancelled).await;
         who.fill(&mut entry);
+        cancelled.disarm();
         Ok(self.record(entry, started, outcome).await?.0)
     }
 
-    async fn execute(&self, call: &CallContext, sql: &str, who: &mut Who, entry: &mut Entry) -> Result<Planned, Error> {
+    /// Authorises, admits (rate, concurrency) and runs the query under its deadline.
+    async fn execute(
+        &self,
+        call: &CallContext,
+        sql: &str,
+        who: &mut Who,
+        entry: &mut Entry,
+        cancelled: &mut Cancelled,
+    ) -> Result<Planned, Error> {
         let (principal, access) = self.access(call, who)?;
-        let session = self.engine.session(&access)?;
-        let permit = self.check(&session, &access, sql).await?;
-        let evaluated = self.evaluate(&session, &permit).await?;
-        entry.rows = Some(evaluated.rows);
-        entry.groups_withheld = Some(evaluated.groups_withheld);
-        entry.cells_withheld = Some(evaluated.cells_withheld);
-        entry.rule = Some(serde_json::to_string(&permit.disclosure().rules()).expect("rules serialise"));
-        entry.result_hash = Some(evaluated.result_hash.clone());
-        entry.plan_hash = Some(evaluated.plan_hash.clone());
-        entry.snapshot = self.snapshot_of(&access, permit.plan());
-        let (schema, batches, rows) = (evaluated.schema, evaluated.batches, evaluated.rows as usize);
-
-        let handle = uuid::Uuid::new_v4().to_string();
-        let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
-        let mut pending = self.pending.lock().expect("pending lock");
-        pending.retain(|_, p| p.created.elapsed() < ttl);
-        let result = Computed {
-            schema: Arc::clone(&schema),
-            batches,
+        cancelled.note(who);
+        self.limiter.check_rate(&principal.user)?;
+        let deadline = self.limiter.query_timeout();
+        let run = async {
+            let _slot = self.limiter.admit(&principal.user).await?;
+            match tokio::time::timeout(deadline, self.run(principal, access, sql, entry)).await {
+                Ok(outcome) => outcome,
+                // Dropping the run stops its DataFusion streams and frees their memory.
+                Err(_) => Err(LimitError::Deadline(deadline.as_secs()).into()),
+            }
         };
-        pending.insert(
-            handle.clone(),
-            Pending {
-                user: principal.user,
-                project: access.project,
-                result,
-                executed: entry.clone(),
-                created: Instant::now(),
-            },
-        );
-        Ok(Planned {
-            handle,
-            schema,
-            rows: rows as u64,
+        tokio::select! {
+            outcome = run => outcome,
+            _ = self.limiter.cut() => Err(LimitError::ShuttingDown.into()),
+        }
+    }
+
+    /// Plan, check, execute (in the query's own memory pool) and apply disclosure control.
+    async fn run(
+        &self,
+        principal: Principal,
+        access: ProjectAccess,
+        sql: &str,
+        entry: &mut Entry,
+    ) -> Result<Planned, Error> {
+        let runtime = self
+            .limiter
+            .runtime()
+            .map_err(|e| Error::Internal(format!("query runtime: {e}")))?;
+        let session = self.engine.session_with_runtime(&access, runtime)?;
+        let rules = self.rules.tightened(&access.disclosure);
+        let plan = self
+            .step_async("plan", policy::plan_sql(&session, sql, self.limits.max_sql_bytes))
+            .await?;
+        let permit = self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?;
+        let (batches, plan_hash) = self.step_async("execute", self.execute_plan(&session, &permit)).await?;
+        self.step("disclose", || {
+            let evaluated = self.shape(&permit, batches, plan_hash)?;
+            self.keep(principal, access, &permit, evaluated, entry)
         })
     }
 
-    /// Executes a permitted plan and applies what makes it a result: the row limit, and a schema
-    /// describing the disclosure control applied. Used by queries and by replays alike.
-    pub(crate) async fn evaluate(&self, session: &SessionContext, permit: &Permit) -> Result<Evaluated, Error> {
+    /// Executes a permitted plan (interruptible, so a deadline or a departed client stops it)
+    /// and returns its batches and the hash of the optimised plan.
+    async fn execute_plan(
+        &self,
+        session: &SessionContext,
+        permit: &Permit,
+    ) -> Result<(Vec<RecordBatch>, String), Error> {
         let execution = |e: datafusion::error::DataFusionError| match e.find_root() {
             // Disclosure control can refuse while the query runs (differencing).
             datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
@@ -356,10 +430,31 @@ impl Core {
             .execute_logical_plan(permit.plan().clone())
             .await
             .map_err(execution)?;
-        let batches = df.collect().await.map_err(execution)?;
+        let task = Arc::new(df.task_ctx());
+        let plan = df.create_physical_plan().await.map_err(execution)?;
+        let plan = crate::limits::interruptible(plan).map_err(execution)?;
+        let batches = datafusion::physical_plan::collect(plan, task)
+            .await
+            .map_err(execution)?;
+        Ok((batches, plan_hash))
+    }
+
+    /// Executes a permitted plan and makes it a result: the size limits, a schema describing the
+    /// disclosure control applied, the result hash. Used by queries and by replays alike.
+    pub(crate) async fn evaluate(&self, session: &SessionContext, permit: &Permit) -> Result<Evaluated, Error> {
+        let (batches, plan_hash) = self.execute_plan(session, permit).await?;
+        self.shape(permit, batches, plan_hash)
+    }
+
+    /// Caps the result's size, describes what disclosure control withheld and hashes the result.
+    fn shape(&self, permit: &Permit, batches: Vec<RecordBatch>, plan_hash: String) -> Result<Evaluated, Error> {
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if rows > self.limits.max_result_rows {
             return Err(Error::TooManyRows(self.limits.max_result_rows));
+        }
+        let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+        if bytes > self.limits.max_result_bytes {
+            return Err(LimitError::ResultTooLarge(self.limits.max_result_bytes).into());
         }
         // The result describes itself: rules applied, columns checked, what was withheld.
         let disclosure = permit.disclosure();
@@ -391,6 +486,50 @@ impl Core {
             rows: rows as u64,
             groups_withheld: withheld.groups(),
             cells_withheld: withheld.cells(),
+        })
+    }
+
+    /// Records what the execution produced in its audit entry and keeps the result for its DoGet.
+    fn keep(
+        &self,
+        principal: Principal,
+        access: ProjectAccess,
+        permit: &Permit,
+        evaluated: Evaluated,
+        entry: &mut Entry,
+    ) -> Result<Planned, Error> {
+        self.metrics
+            .withheld(evaluated.cells_withheld, evaluated.groups_withheld);
+        entry.rows = Some(evaluated.rows);
+        entry.groups_withheld = Some(evaluated.groups_withheld);
+        entry.cells_withheld = Some(evaluated.cells_withheld);
+        entry.rule = Some(serde_json::to_string(&permit.disclosure().rules()).expect("rules serialise"));
+        entry.result_hash = Some(evaluated.result_hash);
+        entry.plan_hash = Some(evaluated.plan_hash);
+        entry.snapshot = self.snapshot_of(&access, permit.plan());
+
+        let handle = uuid::Uuid::new_v4().to_string();
+        let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
+        let mut pending = self.pending.lock().expect("pending lock");
+        pending.retain(|_, p| p.created.elapsed() < ttl);
+        let schema = Arc::clone(&evaluated.schema);
+        pending.insert(
+            handle.clone(),
+            Pending {
+                user: principal.user,
+                project: access.project,
+                result: Computed {
+                    schema: evaluated.schema,
+                    batches: evaluated.batches,
+                },
+                executed: entry.clone(),
+                created: Instant::now(),
+            },
+        );
+        Ok(Planned {
+            handle,
+            schema,
+            rows: evaluated.rows,
         })
     }
 
@@ -522,6 +661,54 @@ impl Core {
             }
             _ => Err(Error::UnknownStatement),
         }
+    }
+}
+
+/// A step's span: named by the step in exported telemetry (`otel.name`).
+fn step_span(name: &'static str) -> Span {
+    tracing::info_span!("step", otel.name = name, step = name)
+}
+
+/// Records a query whose handling was dropped half-way (the client went away) as `cancelled`,
+/// so that no call goes unaudited. Disarmed once the walk reaches its own audit record.
+struct Cancelled {
+    audit: AuditLog,
+    metrics: Metrics,
+    entry: Option<Entry>,
+    started: Instant,
+}
+
+impl Cancelled {
+    fn new(core: &Core, entry: &Entry, started: Instant) -> Self {
+        Self {
+            audit: core.audit.clone(),
+            metrics: core.metrics.clone(),
+            entry: Some(entry.clone()),
+            started,
+        }
+    }
+
+    /// What the walk has learnt about the caller so far.
+    fn note(&mut self, who: &Who) {
+        if let Some(entry) = &mut self.entry {
+            who.fill(entry);
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.entry = None;
+    }
+}
+
+impl Drop for Cancelled {
+    fn drop(&mut self) {
+        let Some(mut entry) = self.entry.take() else { return };
+        entry.decision = "cancelled".into();
+        entry.rule = Some("client/cancelled".into());
+        entry.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+        self.metrics.request(&entry.call, "cancelled", Some("client/cancelled"));
+        tracing::info!(call = %entry.call, "cancelled: the client went away");
+        self.audit.append_detached(entry);
     }
 }
 

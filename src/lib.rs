@@ -22,9 +22,11 @@ pub mod error;
 pub mod gateway;
 pub mod identity;
 pub mod ingest;
+pub mod limits;
 pub mod policy;
 pub mod registry;
 pub mod server;
+pub mod telemetry;
 
 pub use config::GatewayConfig;
 pub use error::Error;

@@ -25,6 +25,7 @@ use crate::gateway::Core;
 use crate::identity::TokenVerifier;
 use crate::registry::Registry;
 use crate::registry::rules::RuleSet;
+use crate::telemetry::{RequestSpanLayer, Telemetry, TelemetryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -44,6 +45,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Gateway(#[from] crate::Error),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// A bound, ready-to-serve gateway.
@@ -53,6 +56,9 @@ pub struct Gateway {
     tls: ServerTlsConfig,
     core: Arc<Core>,
     verifier: Arc<TokenVerifier>,
+    telemetry: Telemetry,
+    metrics_listener: Option<(TcpListener, SocketAddr)>,
+    shutdown_grace: std::time::Duration,
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
@@ -92,14 +98,19 @@ impl Gateway {
         let audit = crate::audit::SigningKey::load(&config.audit.signing_key)
             .and_then(|key| AuditLog::open_with(&config.audit.dir, key, (&config.audit).into()))
             .map_err(crate::Error::from)?;
-        let core = Arc::new(Core::new(
-            clock,
-            registry,
-            engine,
-            audit,
-            &config.disclosure,
-            config.limits.clone(),
-        ));
+        let telemetry = Telemetry::new(&config.telemetry)?;
+        telemetry.install();
+        let core = Arc::new(
+            Core::new(
+                clock,
+                registry,
+                engine,
+                audit,
+                &config.disclosure,
+                config.limits.clone(),
+            )
+            .with_metrics(telemetry.metrics().clone()),
+        );
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -110,12 +121,16 @@ impl Gateway {
             addr: config.listen,
             source,
         })?;
+        let metrics_listener = telemetry.bind_metrics().await?;
         Ok(Self {
             listener,
             local_addr,
             tls,
             core,
             verifier,
+            telemetry,
+            metrics_listener,
+            shutdown_grace: std::time::Duration::from_secs(config.limits.shutdown_grace_seconds),
         })
     }
 
@@ -127,40 +142,67 @@ impl Gateway {
         Arc::clone(&self.core)
     }
 
-    /// Serves until `shutdown` completes, then lets in-flight calls finish.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// Where Prometheus text is served (`telemetry.metrics_listen`), if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight calls finish
+    /// within `limits.shutdown_grace_seconds`, closes the audit log (flushed, checkpointed) and
+    /// flushes telemetry.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
-        let audit = self.core.audit.clone();
         let audit_service = InterceptedService::new(
             api::proto::audit_service_server::AuditServiceServer::new(api::audit::AuditApi::new(Arc::clone(
                 &self.core,
             ))),
-            api::authenticate(Arc::clone(&self.verifier)),
+            api::authenticate(Arc::clone(&self.verifier), self.core.metrics.clone()),
         );
         let flight = InterceptedService::new(
             FlightServiceServer::new(FlightSqlApi::new(Arc::clone(&self.core)))
                 .max_decoding_message_size(16 * 1024 * 1024),
-            api::authenticate(Arc::clone(&self.verifier)),
+            api::authenticate(Arc::clone(&self.verifier), self.core.metrics.clone()),
         );
         let admin = InterceptedService::new(
             AdminServiceServer::new(AdminApi::new(Arc::clone(&self.core))),
-            api::authenticate(Arc::clone(&self.verifier)),
+            api::authenticate(Arc::clone(&self.verifier), self.core.metrics.clone()),
         );
         // gRPC health for probes: SERVING while up, NOT_SERVING once shutdown begins. It says
         // nothing but that, so it needs no token and is not audited.
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<FlightServiceServer<FlightSqlApi>>().await;
+        let (began, shutdown_began) = tokio::sync::watch::channel(false);
         let shutdown = async move {
             shutdown.await;
+            tracing::info!("shutdown: no new calls; in-flight calls may finish");
             health.set_not_serving::<FlightServiceServer<FlightSqlApi>>().await;
+            let _ = began.send(true);
         };
         // Reflection lists the sde.v1 services, so `grpcurl` can call them without the .proto files.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(api::proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        if let Some((listener, addr)) = self.metrics_listener {
+            let telemetry = self.telemetry.clone();
+            let mut stop = shutdown_began.clone();
+            tracing::info!(%addr, "Prometheus metrics on /metrics");
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stop.wait_for(|b| *b).await;
+                };
+                if let Err(e) = telemetry.serve_metrics(listener, stop).await {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            });
+        }
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!(addr = %self.local_addr, "sde-gateway serving Flight SQL over TLS");
-        Server::builder()
+        let serve = Server::builder()
+            .layer(RequestSpanLayer)
             .tls_config(self.tls)
             .map_err(|e| ServerError::Tls(e.to_string()))?
             .add_service(health_service)
@@ -168,10 +210,46 @@ impl Gateway {
             .add_service(flight)
             .add_service(admin)
             .add_service(audit_service)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
-        // In-flight calls have finished: sign a final checkpoint over every record.
-        audit.close().await.map_err(crate::Error::from)?;
-        Ok(())
+            .serve_with_incoming_shutdown(incoming, shutdown);
+        let outcome = drain(serve, shutdown_began, self.shutdown_grace).await;
+        if self.core.limiter.calls() > 0 {
+            // Grace is over: stop what still runs, and let each call write its audit record.
+            self.core.limiter.cut_off();
+            let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while self.core.limiter.calls() > 0 && tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        // Nothing more will be appended: make the log durable and checkpoint it.
+        if let Err(e) = self.core.audit.close().await {
+            tracing::error!(error = %e, "cannot close the audit log");
+        }
+        let telemetry = self.telemetry.clone();
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        tracing::info!("shutdown complete");
+        outcome
+    }
+}
+
+/// Runs the server; once shutdown has begun, gives in-flight calls `grace` to finish.
+async fn drain(
+    serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+    mut began: tokio::sync::watch::Receiver<bool>,
+    grace: std::time::Duration,
+) -> Result<(), ServerError> {
+    tokio::pin!(serve);
+    tokio::select! {
+        outcome = &mut serve => return Ok(outcome?),
+        _ = began.wait_for(|b| *b) => {}
+    }
+    match tokio::time::timeout(grace, serve).await {
+        Ok(outcome) => Ok(outcome?),
+        Err(_) => {
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "shutdown: grace period over; cutting off in-flight calls"
+            );
+            Ok(())
+        }
     }
 }

@@ -12,6 +12,7 @@ use tonic::{Code, Status};
 
 use crate::error::Error;
 use crate::identity::{Authenticated, TokenVerifier};
+use crate::limits::LimitError;
 use crate::registry::{Refusal, RegistryError};
 
 /// The header naming the project a call belongs to.
@@ -45,7 +46,8 @@ pub fn status(error: Error) -> Status {
         Error::Engine(EngineError::Execution(df)) => match df.find_root() {
             datafusion::error::DataFusionError::ResourcesExhausted(_) => (
                 Code::ResourceExhausted,
-                "safe-settings/resources: the query needs more memory than it may use; narrow or aggregate it"
+                "safe-settings/memory: the query needed more memory than one query may use (limits.query_memory_bytes) \
+                 or the gateway had left; filter earlier, join fewer tables or group by fewer columns"
                     .to_owned(),
             ),
             // Execution errors can quote values from the data (a failed cast, say): never sent.
@@ -65,6 +67,15 @@ pub fn status(error: Error) -> Status {
         ),
         Error::UnknownStatement => (Code::NotFound, error.to_string()),
         Error::TooManyRows(_) => (Code::ResourceExhausted, error.to_string()),
+        Error::Limit(LimitError::Deadline(_)) => (Code::DeadlineExceeded, error.to_string()),
+        Error::Limit(LimitError::ShuttingDown) => (Code::Unavailable, error.to_string()),
+        Error::Limit(
+            LimitError::QueueFull { .. }
+            | LimitError::QueueTimeout { .. }
+            | LimitError::RateLimited { .. }
+            | LimitError::UserBusy(_)
+            | LimitError::ResultTooLarge(_),
+        ) => (Code::ResourceExhausted, error.to_string()),
         Error::Internal(_) => (Code::Internal, "internal error".to_owned()),
         Error::Replay(_) => (Code::FailedPrecondition, error.to_string()),
     };
@@ -97,8 +108,11 @@ pub(crate) fn call_context<T>(request: &tonic::Request<T>) -> crate::gateway::Ca
 /// service with the rest of the call.
 pub fn authenticate(
     verifier: std::sync::Arc<TokenVerifier>,
+    metrics: crate::telemetry::Metrics,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Clone + Send + Sync + 'static {
     move |mut request: tonic::Request<()>| {
+        let started = std::time::Instant::now();
+        let _span = tracing::info_span!("step", otel.name = "authenticate", step = "authenticate").entered();
         let header = request
             .metadata()
             .get("authorization")
@@ -109,6 +123,7 @@ pub fn authenticate(
             Some(Ok(value)) => verifier.verify_header(Some(value)),
         };
         request.extensions_mut().insert(Authenticated(outcome));
+        metrics.step("authenticate", started.elapsed());
         Ok(request)
     }
 }

@@ -270,13 +270,13 @@ impl AuditLog {
             .await
     }
 
-    /// A guard that records `entry` as `cancelled` if it is dropped before [`Cancelled::disarm`]:
-    /// a call whose handling is abandoned half-way (the client went away) still leaves a record.
-    pub fn cancel_guard(&self, entry: Entry, started: std::time::Instant) -> Cancelled {
-        Cancelled {
-            log: self.clone(),
-            entry: Some(entry),
-            started,
+    /// Queues `entry` without waiting for it to be durable: for a call abandoned half-way (the
+    /// client went away), where nobody is left to wait and nothing is released. Works outside an
+    /// async context too (from a `Drop`).
+    pub fn append_detached(&self, entry: Entry) {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        if self.tx.send(writer::Msg::Append(Box::new(entry), reply)).is_err() {
+            tracing::error!("an abandoned call could not be recorded: the audit writer has stopped");
         }
     }
 
@@ -376,35 +376,6 @@ impl AuditLog {
     /// One record, checked against the tree.
     pub fn record(&self, seq: u64) -> Result<Option<Record>, AuditError> {
         Ok(self.read(seq, 1, |_| true)?.into_iter().next().filter(|r| r.seq == seq))
-    }
-}
-
-/// See [`AuditLog::cancel_guard`].
-pub struct Cancelled {
-    log: AuditLog,
-    entry: Option<Entry>,
-    started: std::time::Instant,
-}
-
-impl Cancelled {
-    /// The call completed and records its own outcome.
-    pub fn disarm(mut self) {
-        self.entry = None;
-    }
-}
-
-impl Drop for Cancelled {
-    fn drop(&mut self) {
-        if let Some(mut entry) = self.entry.take() {
-            entry.decision = "cancelled".into();
-            entry.rule = Some("the call was abandoned before it completed (client cancelled or disconnected)".into());
-            entry.duration_ms = Some(self.started.elapsed().as_millis() as u64);
-            // Queued without waiting: nobody is left to wait, and nothing is released.
-            let (reply, _) = tokio::sync::oneshot::channel();
-            if self.log.tx.send(writer::Msg::Append(Box::new(entry), reply)).is_err() {
-                tracing::error!("a cancelled call could not be recorded: the audit writer has stopped");
-            }
-        }
     }
 }
 

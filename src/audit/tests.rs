@@ -268,16 +268,17 @@ fn a_checkpoint_is_signed_once_the_interval_passes() {
 }
 
 #[test]
-fn a_call_dropped_half_way_is_recorded_as_cancelled() {
+fn a_detached_append_is_durable_by_close_without_anyone_waiting() {
     let dir = tempfile::tempdir().unwrap();
     let (pem, _) = key();
     let log = open(dir.path(), &pem, Options::default());
-    log.cancel_guard(entry(1), std::time::Instant::now()).disarm();
-    drop(log.cancel_guard(entry(2), std::time::Instant::now()));
+    let mut abandoned = entry(2);
+    abandoned.decision = "cancelled".into();
+    log.append_detached(abandoned);
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(log.close()).unwrap();
     let records = verify(&dir.path().join(LOG_FILE)).unwrap();
-    assert_eq!(records.len(), 1, "a disarmed guard records nothing");
+    assert_eq!(records.len(), 1);
     assert_eq!(records[0].entry.decision, "cancelled");
     assert_eq!(records[0].entry.rows, Some(2));
 }

@@ -149,6 +149,7 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         audit: demo_audit(dir)?,
         disclosure: DisclosureConfig::default(),
         limits: LimitsConfig::default(),
+        telemetry: Default::default(),
     };
     config.validate()?;
     write(&dir.join("gateway.toml"), config.to_toml())?;

@@ -26,6 +26,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::datasource::{TableType, provider_as_source};
 use datafusion::error::{DataFusionError, Result as DFResult};
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::{Expr, JoinType, LogicalPlanBuilder, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -367,11 +368,20 @@ impl Engine {
 
     /// A session for one project: only granted tables and columns, each guarded.
     pub fn session(&self, access: &ProjectAccess) -> Result<SessionContext, EngineError> {
+        self.session_with_runtime(access, Arc::new(RuntimeEnv::default()))
+    }
+
+    /// As [`Engine::session`], running under `runtime` (the query's memory pool).
+    pub fn session_with_runtime(
+        &self,
+        access: &ProjectAccess,
+        runtime: Arc<RuntimeEnv>,
+    ) -> Result<SessionContext, EngineError> {
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_create_default_catalog_and_schema(true)
             .with_information_schema(false);
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         let cohort = match &access.cohort {
             Some(sql) => Some(self.cohort_expr(&ctx, sql)?),
             None => None,

@@ -121,14 +121,25 @@ pub async fn plan_and_check_with(
     dataset_rules: &BTreeMap<String, Overrides>,
     max_sql_bytes: usize,
 ) -> Result<Permit, PolicyError> {
+    let plan = plan_sql(ctx, sql, max_sql_bytes).await?;
+    check_with(plan, rules, dataset_rules)
+}
+
+/// The first half of [`plan_and_check_with`]: SQL to an (unchecked) logical plan.
+pub async fn plan_sql(ctx: &SessionContext, sql: &str, max_sql_bytes: usize) -> Result<LogicalPlan, PolicyError> {
     if sql.len() > max_sql_bytes {
         return Err(PolicyError::TooLong(sql.len(), max_sql_bytes));
     }
-    let plan = ctx
-        .state()
-        .create_logical_plan(sql)
-        .await
-        .map_err(PolicyError::from_df)?;
+    ctx.state().create_logical_plan(sql).await.map_err(PolicyError::from_df)
+}
+
+/// The second half of [`plan_and_check_with`]: the checks and rewrites, under the strictest
+/// rules of the datasets the plan reads.
+pub fn check_with(
+    plan: LogicalPlan,
+    rules: Rules,
+    dataset_rules: &BTreeMap<String, Overrides>,
+) -> Result<Permit, PolicyError> {
     check_statement_kind(&plan)?;
     SQLOptions::new()
         .with_allow_ddl(false)

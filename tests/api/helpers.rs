@@ -36,9 +36,13 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config: GatewayConfig,
-    /// The running gateway's core (its audit log, registry, engine).
+    /// The walk, for its load figures (queries in flight, memory reserved).
     pub core: std::sync::Arc<sde_gateway::gateway::Core>,
+    pub telemetry: sde_gateway::telemetry::Telemetry,
+    /// The Prometheus listener, when `telemetry.metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
+    run: Option<tokio::task::JoinHandle<Result<(), sde_gateway::server::ServerError>>>,
 }
 
 impl Drop for TestGateway {
@@ -72,8 +76,10 @@ pub async fn spawn_gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> Test
     let gateway = Gateway::build(&config).await.expect("gateway builds");
     let addr = gateway.local_addr();
     let core = gateway.core();
+    let telemetry = gateway.telemetry().clone();
+    let metrics_addr = gateway.metrics_addr();
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(gateway.run(async {
+    let run = tokio::spawn(gateway.run(async {
         let _ = rx.await;
     }));
     TestGateway {
@@ -81,11 +87,25 @@ pub async fn spawn_gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> Test
         dir,
         config,
         core,
+        telemetry,
+        metrics_addr,
         shutdown: Some(tx),
+        run: Some(run),
     }
 }
 
 impl TestGateway {
+    /// Begins a graceful shutdown (as SIGTERM does) and waits for the server to finish.
+    pub async fn shut_down(&mut self) -> Result<(), sde_gateway::server::ServerError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.run.take() {
+            Some(run) => run.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }

@@ -8,5 +8,7 @@ mod crash;
 mod flight_sql;
 mod helpers;
 mod matrix;
+mod operations;
 mod property;
+mod telemetry;
 mod versions;
