@@ -11,15 +11,14 @@ use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
 use tokio::net::TcpListener;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::proto::admin_service_server::AdminServiceServer;
-use crate::api::{self, admin::AdminApi, flight_sql::FlightSqlApi};
+use crate::api::{self, admin::AdminApi, auth::Authenticate, flight_sql::FlightSqlApi};
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::GatewayConfig;
+use crate::config::{ClientAuth, GatewayConfig};
 use crate::engine::Engine;
 use crate::gateway::Core;
 use crate::identity::TokenVerifier;
@@ -53,6 +52,7 @@ pub struct Gateway {
     tls: ServerTlsConfig,
     core: Arc<Core>,
     verifier: Arc<TokenVerifier>,
+    client_auth: ClientAuth,
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
@@ -74,9 +74,18 @@ impl Gateway {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let cert = read("TLS certificate", &config.tls.cert)?;
         let key = read("TLS key", &config.tls.key)?;
-        let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &config.tls.client_ca {
+            let ca = Certificate::from_pem(read("TLS client CA", ca)?);
+            tls = tls
+                .client_ca_root(ca)
+                .client_auth_optional(config.tls.client_auth != ClientAuth::Required);
+        }
         let verifier =
             Arc::new(TokenVerifier::from_config(&config.identity, Arc::clone(&clock)).map_err(crate::Error::from)?);
+        if let Some(jwks) = verifier.jwks() {
+            jwks.warm().await;
+        }
         let rules = RuleSet::load(&config.registry.policies)
             .map_err(|e| crate::Error::from(crate::registry::RegistryError::from(e)))?;
         tracing::info!(rules = %rules.hash(), "access rules loaded");
@@ -110,6 +119,7 @@ impl Gateway {
             tls,
             core,
             verifier,
+            client_auth: config.tls.client_auth,
         })
     }
 
@@ -123,14 +133,17 @@ impl Gateway {
 
     /// Serves until `shutdown` completes, then lets in-flight calls finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
-        let flight = InterceptedService::new(
+        let require_tool = self.client_auth == ClientAuth::Required;
+        let flight = Authenticate::new(
             FlightServiceServer::new(FlightSqlApi::new(Arc::clone(&self.core)))
                 .max_decoding_message_size(16 * 1024 * 1024),
-            api::authenticate(Arc::clone(&self.verifier)),
+            Arc::clone(&self.verifier),
+            require_tool,
         );
-        let admin = InterceptedService::new(
+        let admin = Authenticate::new(
             AdminServiceServer::new(AdminApi::new(Arc::clone(&self.core))),
-            api::authenticate(Arc::clone(&self.verifier)),
+            Arc::clone(&self.verifier),
+            require_tool,
         );
         // gRPC health for probes: SERVING while up, NOT_SERVING once shutdown begins. It says
         // nothing but that, so it needs no token and is not audited.

@@ -52,6 +52,11 @@ pub struct Entry {
     /// What an administrative change asked for (its request, as JSON).
     #[serde(default)]
     pub detail: Option<String>,
+    /// The approved client tool the call came from (subject CN of its mutual-TLS certificate).
+    /// Left out of the record when there is none, so records written before this field existed
+    /// hash the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tool: Option<String>,
 }
 
 /// A record as stored: the entry plus its place in the chain.

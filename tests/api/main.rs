@@ -6,4 +6,5 @@ mod attacks;
 mod audit;
 mod flight_sql;
 mod helpers;
+mod identity;
 mod property;
