@@ -539,6 +539,94 @@ dir = "audit"
         );
         let config: GatewayConfig = toml::from_str(&text).expect("dataset overrides parse");
         assert_eq!(config.disclosure.datasets["gp_events"].threshold, Some(20));
+        // So must the JWKS and mutual-TLS examples.
+        let text = text
+            .replace("public_key = ", "# public_key = ")
+            .replace("# jwks_url = ", "jwks_url = ")
+            .replace("# jwks_ca = ", "jwks_ca = ")
+            .replace("client_auth = \"off\"", "client_auth = \"required\"")
+            .replace("# client_ca = ", "client_ca = ");
+        let config: GatewayConfig = toml::from_str(&text).expect("JWKS and mTLS examples parse");
+        assert!(config.identity.public_key.is_none() && config.identity.jwks_url.is_some());
+        assert!(config.identity.jwks_ca.is_some() && config.tls.client_ca.is_some());
+        assert_eq!(config.tls.client_auth, ClientAuth::Required);
+    }
+
+    fn load(text: &str, dir: &Path) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::from_toml(text, dir, std::iter::empty(), Path::new("t"))
+    }
+
+    #[test]
+    fn exactly_one_of_a_static_key_and_a_jwks_url_and_only_https_or_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path());
+        let without_key = text.replace("public_key = \"jwt.pub\"", "");
+        let err = load(&without_key, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("identity.public_key"), "{err}");
+
+        let env = |url: &str| vec![("SDE_IDENTITY__JWKS_URL".to_owned(), url.to_owned())].into_iter();
+        let c = GatewayConfig::from_toml(
+            &without_key,
+            dir.path(),
+            env("https://login.example.org/jwks"),
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(c.identity.jwks_url.as_deref(), Some("https://login.example.org/jwks"));
+        assert_eq!(
+            (c.identity.jwks_min_refresh_seconds, c.identity.jwks_cache_seconds),
+            (60, 600)
+        );
+        for url in [
+            "http://127.0.0.1:8080/jwks",
+            "http://localhost/jwks",
+            "http://[::1]:9/jwks",
+        ] {
+            GatewayConfig::from_toml(&without_key, dir.path(), env(url), Path::new("t")).unwrap();
+        }
+        for url in [
+            "http://login.example.org/jwks",
+            "ftp://x/jwks",
+            "not a url",
+            "https:///jwks",
+        ] {
+            let err = GatewayConfig::from_toml(&without_key, dir.path(), env(url), Path::new("t")).unwrap_err();
+            assert!(err.to_string().contains("identity.jwks_url"), "{url}: {err}");
+        }
+        let both = GatewayConfig::from_toml(&text, dir.path(), env("https://x.org/jwks"), Path::new("t")).unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
+        let ca_without_url = text.replace("[registry]", "jwks_ca = \"jwt.pub\"\n[registry]");
+        let err = load(&ca_without_url, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("identity.jwks_ca"), "{err}");
+    }
+
+    #[test]
+    fn client_auth_needs_a_client_ca_and_a_client_ca_needs_client_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path());
+        assert_eq!(load(&text, dir.path()).unwrap().tls.client_auth, ClientAuth::Off);
+        let with = |extra: &str| text.replace("[identity]", &format!("{extra}\n[identity]"));
+        for mode in ["optional", "required"] {
+            let err = load(&with(&format!("client_auth = \"{mode}\"")), dir.path()).unwrap_err();
+            assert!(err.to_string().contains("tls.client_ca"), "{err}");
+        }
+        let c = load(
+            &with("client_ca = \"cert.pem\"\nclient_auth = \"required\""),
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.tls.client_auth, ClientAuth::Required);
+        assert_eq!(c.tls.client_ca, Some(dir.path().join("cert.pem")));
+        let err = load(&with("client_ca = \"cert.pem\""), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("tls.client_auth"), "{err}");
+        let err = load(
+            &with("client_ca = \"missing.pem\"\nclient_auth = \"optional\""),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("tls.client_ca"), "{err}");
+        let err = load(&with("client_auth = \"sometimes\""), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
     }
 
     #[test]
