@@ -77,7 +77,7 @@ fn algorithm(name: &str) -> Result<Algorithm, IdentityError> {
 /// Where the key that checks a token's signature comes from.
 enum Keys {
     Static(Arc<DecodingKey>),
-    Jwks(jwks::Jwks),
+    Jwks(Box<jwks::Jwks>),
 }
 
 /// Verifies bearer tokens with a pinned algorithm and a static public key or a JWKS.
@@ -104,14 +104,14 @@ impl TokenVerifier {
             (Some(path), None) => Keys::Static(Arc::new(static_key(path, alg)?)),
             (None, Some(url)) => {
                 let ca = config.jwks_ca.as_deref().map(read_key).transpose()?;
-                Keys::Jwks(jwks::Jwks::new(
+                Keys::Jwks(Box::new(jwks::Jwks::new(
                     url,
                     ca.as_deref(),
                     alg,
                     config.jwks_min_refresh_seconds,
                     config.jwks_cache_seconds,
                     Arc::clone(&clock),
-                )?)
+                )?))
             }
             _ => {
                 return Err(IdentityError::Jwks(
