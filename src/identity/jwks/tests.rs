@@ -26,8 +26,14 @@ pub(crate) struct JwksServer {
 
 impl JwksServer {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Over TLS with `acceptor` (https://), or plain http.
+    pub async fn start_with(acceptor: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}/.well-known/jwks.json", listener.local_addr().unwrap());
         let server = Self {
             url,
             answer: Arc::new(Mutex::new((200, r#"{"keys":[]}"#.into()))),
@@ -44,10 +50,22 @@ impl JwksServer {
                     *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
                     async move { Ok::<_, Infallible>(response) }
                 });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await;
+                            }
+                        }
+                    }
+                });
             }
         });
         server
@@ -315,4 +333,52 @@ fn only_https_or_loopback_http_urls_are_accepted() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("identity.jwks_ca"), "{err}");
+}
+
+/// A CA (PEM) and a TLS acceptor presenting a certificate it issued for 127.0.0.1.
+fn tls_server() -> (String, tokio_rustls::TlsAcceptor) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer};
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca_pem, tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+#[tokio::test]
+async fn an_https_provider_is_trusted_only_through_the_configured_ca() {
+    let (ca_pem, acceptor) = tls_server();
+    let server = JwksServer::start_with(Some(acceptor)).await;
+    let a = SigningKey::new("key-a");
+    server.publish(&[a.jwk()]);
+    let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap());
+    let (other_ca, _) = tls_server();
+    for (ca, trusted) in [
+        (Some(ca_pem.as_bytes()), true),
+        (None, false),
+        (Some(other_ca.as_bytes()), false),
+    ] {
+        let jwks = Jwks::new(&server.url, ca, Algorithm::ES256, 60, 600, Arc::new(clock.clone())).unwrap();
+        let found = jwks.key("key-a").await;
+        assert_eq!(found.is_ok(), trusted, "CA given: {}", ca.is_some());
+        if !trusted {
+            assert!(matches!(found, Err(IdentityError::KeysUnavailable)));
+        }
+    }
+    assert_eq!(server.hits(), 1, "only the trusted connection got as far as HTTP");
 }
