@@ -329,3 +329,16 @@ async fn with_client_auth_optional_a_certificate_is_recorded_when_sent() {
     let rogue = OtherCa::new("someone else's CA");
     assert!(query_as_tool(&gw, Some(rogue.client(Some("dbeaver")))).await.is_err());
 }
+
+#[tokio::test]
+async fn when_the_provider_cannot_be_reached_tokens_are_refused_as_unavailable() {
+    let jwks = JwksServer::start().await;
+    *jwks.keys.lock().unwrap() = "this is not a key set".into();
+    let gw = spawn_with_jwks(&jwks, 3600).await;
+    let a = ProviderKey::new("a");
+    let refused = query_with_token(&gw, a.token("alice")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("try again later"), "{}", refused.message());
+    let last = records(&gw).pop().unwrap();
+    assert_eq!(last.entry.decision, "refused");
+}
