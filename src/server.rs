@@ -159,7 +159,7 @@ impl Gateway {
             .build_v1()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        tracing::info!(addr = %self.local_addr, "sde-gateway serving Flight SQL over TLS");
+        tracing::info!(addr = %self.local_addr, client_auth = ?self.client_auth, "sde-gateway serving Flight SQL over TLS");
         Server::builder()
             .tls_config(self.tls)
             .map_err(|e| ServerError::Tls(e.to_string()))?

@@ -1,7 +1,8 @@
 //! AdminService over the real gateway: the whole lifecycle of an organisation, a user and a
 //! project, driven by the demo administrator and board, then used and stopped.
 
-use datafusion::arrow::array::{Array, StringArray};
+use datafusion::arrow::array::Array;
+use datafusion::arrow::util::display::array_value_to_string;
 use sde_gateway::api::proto as pb;
 use tonic::Code;
 
@@ -134,8 +135,8 @@ async fn lifecycle_from_new_organisation_to_query_to_suspension() {
     let bands: Vec<String> = batches
         .iter()
         .flat_map(|b| {
-            let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap().clone();
-            (0..col.len()).map(move |i| col.value(i).to_owned())
+            let col = b.column(0).clone();
+            (0..col.len()).map(move |i| array_value_to_string(&col, i).unwrap())
         })
         .collect();
     assert!(!bands.is_empty());
