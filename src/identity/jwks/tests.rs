@@ -382,3 +382,19 @@ async fn an_https_provider_is_trusted_only_through_the_configured_ca() {
     }
     assert_eq!(server.hits(), 1, "only the trusted connection got as far as HTTP");
 }
+
+#[tokio::test]
+async fn an_oversized_key_set_is_not_read() {
+    let s = Setup::new().await;
+    let a = SigningKey::new("key-a");
+    // A valid document holding A, padded past the size cap with keys that would be ignored.
+    let padding = serde_json::json!({"kty": "oct", "kid": "pad", "k": "x".repeat(MAX_BODY)});
+    s.server.publish(&[padding, a.jwk()]);
+    assert_eq!(
+        s.verifier.verify(&s.token(&a)).await,
+        Err(IdentityError::KeysUnavailable)
+    );
+    s.server.publish(&[a.jwk()]);
+    s.advance(MIN_REFRESH);
+    s.verifier.verify(&s.token(&a)).await.unwrap();
+}
