@@ -296,6 +296,7 @@ async fn main() {
     let call = CallContext {
         authenticated: Ok(Subject { user: USER.into() }),
         project: Some(PROJECT.into()),
+        client_tool: None,
     };
     let mut client = flight_client(&dir, addr).await;
 

@@ -46,6 +46,25 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key of the server certificate.
     pub key: PathBuf,
+    /// PEM CA certificate(s) that issue approved client tools their certificates (mutual TLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Whether clients must present a certificate from `client_ca`.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// Mutual TLS: whether a client certificate is asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificate is asked for.
+    #[default]
+    Off,
+    /// A certificate is asked for; if one is sent it must come from `client_ca`.
+    Optional,
+    /// Only clients with a certificate from `client_ca` can connect.
+    Required,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,11 +76,49 @@ pub struct IdentityConfig {
     pub audience: String,
     /// The only signature algorithm accepted: `ES256` or `RS256`.
     pub algorithm: String,
-    /// PEM public key (or certificate) that verifies token signatures.
-    pub public_key: PathBuf,
+    /// PEM public key (or certificate) that verifies token signatures. Exactly one of this and
+    /// `jwks_url`.
+    #[serde(default)]
+    pub public_key: Option<PathBuf>,
+    /// An OIDC provider's JWKS URL: the key a token's `kid` names is taken from there.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// PEM CA certificate(s) trusted for an https `jwks_url` instead of the public web roots.
+    #[serde(default)]
+    pub jwks_ca: Option<PathBuf>,
+    /// Fewest seconds between two fetches of the key set, however many unknown `kid`s arrive.
+    #[serde(default = "default_jwks_min_refresh")]
+    pub jwks_min_refresh_seconds: u64,
+    /// A fetched key set is used for at most this many seconds, then fetched again.
+    #[serde(default = "default_jwks_cache")]
+    pub jwks_cache_seconds: u64,
     /// Clock skew tolerated on `exp`, in seconds.
     #[serde(default = "default_leeway")]
     pub leeway_seconds: u64,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audience: String::new(),
+            algorithm: "ES256".into(),
+            public_key: None,
+            jwks_url: None,
+            jwks_ca: None,
+            jwks_min_refresh_seconds: default_jwks_min_refresh(),
+            jwks_cache_seconds: default_jwks_cache(),
+            leeway_seconds: default_leeway(),
+        }
+    }
+}
+
+fn default_jwks_min_refresh() -> u64 {
+    60
+}
+
+fn default_jwks_cache() -> u64 {
+    600
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -279,7 +336,6 @@ impl GatewayConfig {
         for path in [
             &mut self.tls.cert,
             &mut self.tls.key,
-            &mut self.identity.public_key,
             &mut self.registry.path,
             &mut self.registry.policies,
             &mut self.data.dir,
@@ -288,6 +344,18 @@ impl GatewayConfig {
         ]
         .into_iter()
         .chain(self.data.versions.as_mut())
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+        for path in [
+            &mut self.tls.client_ca,
+            &mut self.identity.public_key,
+            &mut self.identity.jwks_ca,
+        ]
+        .into_iter()
+        .flatten()
         {
             if path.is_relative() {
                 *path = base.join(&*path);
@@ -359,12 +427,16 @@ impl GatewayConfig {
             return invalid("limits.max_result_rows", "must be greater than 0".into());
         }
         self.validate_operations()?;
+        self.validate_identity_keys()?;
+        self.validate_client_auth()?;
         for (key, path) in [
-            ("tls.cert", &self.tls.cert),
-            ("tls.key", &self.tls.key),
-            ("identity.public_key", &self.identity.public_key),
+            ("tls.cert", Some(&self.tls.cert)),
+            ("tls.key", Some(&self.tls.key)),
+            ("tls.client_ca", self.tls.client_ca.as_ref()),
+            ("identity.public_key", self.identity.public_key.as_ref()),
+            ("identity.jwks_ca", self.identity.jwks_ca.as_ref()),
         ] {
-            if !path.is_file() {
+            if let Some(path) = path.filter(|p| !p.is_file()) {
                 return invalid(key, format!("file {} does not exist", path.display()));
             }
         }
@@ -439,6 +511,78 @@ impl GatewayConfig {
             );
         }
         Ok(())
+    }
+
+    /// Tokens are checked with exactly one of a static key and a JWKS URL; the URL is https,
+    /// or http to a loopback host (tests, a provider on the same machine).
+    fn validate_identity_keys(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        let id = &self.identity;
+        let Some(url) = &id.jwks_url else {
+            if id.public_key.is_none() {
+                return invalid("identity.public_key", "set it, or identity.jwks_url");
+            }
+            if id.jwks_ca.is_some() {
+                return invalid("identity.jwks_ca", "is only used with identity.jwks_url");
+            }
+            return Ok(());
+        };
+        if id.public_key.is_some() {
+            return invalid(
+                "identity.jwks_url",
+                "set either identity.public_key or identity.jwks_url, not both",
+            );
+        }
+        let Ok(uri) = url.parse::<http::Uri>() else {
+            return invalid("identity.jwks_url", "is not a URL");
+        };
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        match uri.scheme_str() {
+            _ if host.is_empty() => return invalid("identity.jwks_url", "names no host"),
+            Some("https") => {}
+            Some("http") if loopback => {}
+            _ => {
+                return invalid(
+                    "identity.jwks_url",
+                    "must be https:// (http:// only for a loopback host)",
+                );
+            }
+        }
+        if id.jwks_cache_seconds == 0 {
+            return invalid("identity.jwks_cache_seconds", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// A client CA is needed exactly when client certificates are asked for.
+    fn validate_client_auth(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        match (self.tls.client_auth, &self.tls.client_ca) {
+            (ClientAuth::Off, Some(_)) => invalid(
+                "tls.client_auth",
+                "is \"off\" but tls.client_ca is set; set it to \"optional\" or \"required\", or remove tls.client_ca",
+            ),
+            (ClientAuth::Optional | ClientAuth::Required, None) => invalid(
+                "tls.client_ca",
+                "must name the CA of approved client tools when tls.client_auth is on",
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// Writes the config as TOML (paths as given); used by the demo so that
@@ -618,6 +762,99 @@ signing_key = "audit.key"
         std::fs::create_dir_all(dir.path().join("versions")).unwrap();
         let c = GatewayConfig::from_toml(&text, dir.path(), env(), Path::new("t")).unwrap();
         assert_eq!(c.data.versions, Some(dir.path().join("versions")));
+    }
+
+    #[test]
+    fn the_example_config_parses_with_identity_providers_and_mtls() {
+        let text = include_str!("../config/gateway.example.toml");
+        // So must the JWKS and mutual-TLS examples.
+        let text = text
+            .replace("public_key = ", "# public_key = ")
+            .replace("# jwks_url = ", "jwks_url = ")
+            .replace("# jwks_ca = ", "jwks_ca = ")
+            .replace("client_auth = \"off\"", "client_auth = \"required\"")
+            .replace("# client_ca = ", "client_ca = ");
+        let config: GatewayConfig = toml::from_str(&text).expect("JWKS and mTLS examples parse");
+        assert!(config.identity.public_key.is_none() && config.identity.jwks_url.is_some());
+        assert!(config.identity.jwks_ca.is_some() && config.tls.client_ca.is_some());
+        assert_eq!(config.tls.client_auth, ClientAuth::Required);
+    }
+
+    fn load(text: &str, dir: &Path) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::from_toml(text, dir, std::iter::empty(), Path::new("t"))
+    }
+
+    #[test]
+    fn exactly_one_of_a_static_key_and_a_jwks_url_and_only_https_or_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path());
+        let without_key = text.replace("public_key = \"jwt.pub\"", "");
+        let err = load(&without_key, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("identity.public_key"), "{err}");
+
+        let env = |url: &str| vec![("SDE_IDENTITY__JWKS_URL".to_owned(), url.to_owned())].into_iter();
+        let c = GatewayConfig::from_toml(
+            &without_key,
+            dir.path(),
+            env("https://login.example.org/jwks"),
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(c.identity.jwks_url.as_deref(), Some("https://login.example.org/jwks"));
+        assert_eq!(
+            (c.identity.jwks_min_refresh_seconds, c.identity.jwks_cache_seconds),
+            (60, 600)
+        );
+        for url in [
+            "http://127.0.0.1:8080/jwks",
+            "http://localhost/jwks",
+            "http://[::1]:9/jwks",
+        ] {
+            GatewayConfig::from_toml(&without_key, dir.path(), env(url), Path::new("t")).unwrap();
+        }
+        for url in [
+            "http://login.example.org/jwks",
+            "ftp://x/jwks",
+            "not a url",
+            "https:///jwks",
+        ] {
+            let err = GatewayConfig::from_toml(&without_key, dir.path(), env(url), Path::new("t")).unwrap_err();
+            assert!(err.to_string().contains("identity.jwks_url"), "{url}: {err}");
+        }
+        let both = GatewayConfig::from_toml(&text, dir.path(), env("https://x.org/jwks"), Path::new("t")).unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
+        let ca_without_url = text.replace("[registry]", "jwks_ca = \"jwt.pub\"\n[registry]");
+        let err = load(&ca_without_url, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("identity.jwks_ca"), "{err}");
+    }
+
+    #[test]
+    fn client_auth_needs_a_client_ca_and_a_client_ca_needs_client_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path());
+        assert_eq!(load(&text, dir.path()).unwrap().tls.client_auth, ClientAuth::Off);
+        let with = |extra: &str| text.replace("[identity]", &format!("{extra}\n[identity]"));
+        for mode in ["optional", "required"] {
+            let err = load(&with(&format!("client_auth = \"{mode}\"")), dir.path()).unwrap_err();
+            assert!(err.to_string().contains("tls.client_ca"), "{err}");
+        }
+        let c = load(
+            &with("client_ca = \"cert.pem\"\nclient_auth = \"required\""),
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.tls.client_auth, ClientAuth::Required);
+        assert_eq!(c.tls.client_ca, Some(dir.path().join("cert.pem")));
+        let err = load(&with("client_ca = \"cert.pem\""), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("tls.client_auth"), "{err}");
+        let err = load(
+            &with("client_ca = \"missing.pem\"\nclient_auth = \"optional\""),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("tls.client_ca"), "{err}");
+        let err = load(&with("client_auth = \"sometimes\""), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
     }
 
     #[test]

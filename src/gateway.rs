@@ -33,6 +33,8 @@ use datafusion::prelude::SessionContext;
 pub struct CallContext {
     pub authenticated: Result<Subject, IdentityError>,
     pub project: Option<String>,
+    /// The approved client tool, named by the mutual-TLS client certificate.
+    pub client_tool: Option<String>,
 }
 
 /// A result computed by GetFlightInfo, not yet released.
@@ -126,6 +128,7 @@ struct Who {
     principal: Option<Principal>,
     project: Option<String>,
     span: Span,
+    client_tool: Option<String>,
 }
 
 impl Default for Who {
@@ -135,11 +138,20 @@ impl Default for Who {
             principal: None,
             project: None,
             span: Span::current(),
+            client_tool: None,
         }
     }
 }
 
 impl Who {
+    /// What the transport already knows about the call.
+    fn of(call: &CallContext) -> Self {
+        Self {
+            client_tool: call.client_tool.clone(),
+            ..Default::default()
+        }
+    }
+
     fn entry(&self, call: &str) -> Entry {
         let mut entry = Entry {
             call: call.into(),
@@ -154,6 +166,7 @@ impl Who {
         entry.organisation = self.principal.as_ref().map(|p| p.organisation.clone());
         entry.roles = self.principal.as_ref().map(|p| p.roles.clone()).unwrap_or_default();
         entry.project = self.project.clone();
+        entry.client_tool = self.client_tool.clone();
     }
 }
 
@@ -284,7 +297,7 @@ impl Core {
         change: impl FnOnce(&rusqlite::Connection, &Principal, chrono::NaiveDate) -> Result<T, RegistryError>,
     ) -> Result<T, Error> {
         let started = Instant::now();
-        let mut who = Who::default();
+        let mut who = Who::of(call);
         let mut entry = who.entry(&format!("admin.{name}"));
         entry.detail = serde_json::to_string(detail).ok();
         let principal = match self.principal(call, &mut who) {
@@ -317,7 +330,7 @@ impl Core {
     /// Confirms the caller's identity (handshake, SqlInfo, catalogue listing).
     pub async fn identify(&self, call: &CallContext, call_name: &str) -> Result<Principal, Error> {
         let started = Instant::now();
-        let mut who = Who::default();
+        let mut who = Who::of(call);
         let outcome = self.principal(call, &mut who);
         Ok(self.record(who.entry(call_name), started, outcome).await?.0)
     }
@@ -325,7 +338,7 @@ impl Core {
     /// The project's tables, for metadata calls.
     pub async fn tables(&self, call: &CallContext) -> Result<Vec<TableInfo>, Error> {
         let started = Instant::now();
-        let mut who = Who::default();
+        let mut who = Who::of(call);
         let outcome = self
             .access(call, &mut who)
             .and_then(|(_, access)| Ok(self.engine.granted_schemas(&access)?))
@@ -342,7 +355,7 @@ impl Core {
     /// waits, bound to this user and project, for its DoGet; nothing is released yet.
     pub async fn plan_query(&self, call: &CallContext, sql: &str) -> Result<Planned, Error> {
         let started = Instant::now();
-        let mut who = Who::default();
+        let mut who = Who::of(call);
         let mut entry = Entry {
             call: "query.execute".into(),
             ..Default::default()
@@ -562,7 +575,7 @@ impl Core {
     /// and remember the SQL; returns a handle and the result schema.
     pub async fn prepare(&self, call: &CallContext, sql: &str) -> Result<(String, SchemaRef), Error> {
         let started = Instant::now();
-        let mut who = Who::default();
+        let mut who = Who::of(call);
         let outcome = self.prepare_inner(call, sql, &mut who).await;
         let mut entry = who.entry("query.prepare");
         entry.sql = Some(sql.chars().take(self.limits.max_sql_bytes).collect());
@@ -605,7 +618,7 @@ impl Core {
             // Unknown, or not this caller's: authenticate and audit the call all the same.
             None => {
                 let started = Instant::now();
-                let mut who = Who::default();
+                let mut who = Who::of(call);
                 let outcome = self
                     .access(call, &mut who)
                     .and(Err::<Planned, _>(Error::UnknownStatement));
@@ -627,7 +640,7 @@ impl Core {
     /// release durably, and only then hand the result over.
     pub async fn run_query(&self, call: &CallContext, handle: &str) -> Result<Released, Error> {
         let started = Instant::now();
-        let mut who = Who::default();
+        let mut who = Who::of(call);
         let mut entry = Entry {
             call: "query.release".into(),
             ..Default::default()

@@ -11,15 +11,14 @@ use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
 use tokio::net::TcpListener;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::proto::admin_service_server::AdminServiceServer;
-use crate::api::{self, admin::AdminApi, flight_sql::FlightSqlApi};
+use crate::api::{self, admin::AdminApi, auth::Authenticate, flight_sql::FlightSqlApi};
 use crate::audit::AuditLog;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::GatewayConfig;
+use crate::config::{ClientAuth, GatewayConfig};
 use crate::engine::Engine;
 use crate::gateway::Core;
 use crate::identity::TokenVerifier;
@@ -59,6 +58,7 @@ pub struct Gateway {
     telemetry: Telemetry,
     metrics_listener: Option<(TcpListener, SocketAddr)>,
     shutdown_grace: std::time::Duration,
+    client_auth: ClientAuth,
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
@@ -80,9 +80,18 @@ impl Gateway {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let cert = read("TLS certificate", &config.tls.cert)?;
         let key = read("TLS key", &config.tls.key)?;
-        let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &config.tls.client_ca {
+            let ca = Certificate::from_pem(read("TLS client CA", ca)?);
+            tls = tls
+                .client_ca_root(ca)
+                .client_auth_optional(config.tls.client_auth != ClientAuth::Required);
+        }
         let verifier =
             Arc::new(TokenVerifier::from_config(&config.identity, Arc::clone(&clock)).map_err(crate::Error::from)?);
+        if let Some(jwks) = verifier.jwks() {
+            jwks.warm().await;
+        }
         let rules = RuleSet::load(&config.registry.policies)
             .map_err(|e| crate::Error::from(crate::registry::RegistryError::from(e)))?;
         tracing::info!(rules = %rules.hash(), "access rules loaded");
@@ -131,6 +140,7 @@ impl Gateway {
             telemetry,
             metrics_listener,
             shutdown_grace: std::time::Duration::from_secs(config.limits.shutdown_grace_seconds),
+            client_auth: config.tls.client_auth,
         })
     }
 
@@ -155,20 +165,28 @@ impl Gateway {
     /// within `limits.shutdown_grace_seconds`, closes the audit log (flushed, checkpointed) and
     /// flushes telemetry.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
-        let audit_service = InterceptedService::new(
+        let require_tool = self.client_auth == ClientAuth::Required;
+        let metrics = self.core.metrics.clone();
+        let audit_service = Authenticate::new(
             api::proto::audit_service_server::AuditServiceServer::new(api::audit::AuditApi::new(Arc::clone(
                 &self.core,
             ))),
-            api::authenticate(Arc::clone(&self.verifier), self.core.metrics.clone()),
+            Arc::clone(&self.verifier),
+            require_tool,
+            metrics.clone(),
         );
-        let flight = InterceptedService::new(
+        let flight = Authenticate::new(
             FlightServiceServer::new(FlightSqlApi::new(Arc::clone(&self.core)))
                 .max_decoding_message_size(16 * 1024 * 1024),
-            api::authenticate(Arc::clone(&self.verifier), self.core.metrics.clone()),
+            Arc::clone(&self.verifier),
+            require_tool,
+            metrics.clone(),
         );
-        let admin = InterceptedService::new(
+        let admin = Authenticate::new(
             AdminServiceServer::new(AdminApi::new(Arc::clone(&self.core))),
-            api::authenticate(Arc::clone(&self.verifier), self.core.metrics.clone()),
+            Arc::clone(&self.verifier),
+            require_tool,
+            metrics,
         );
         // gRPC health for probes: SERVING while up, NOT_SERVING once shutdown begins. It says
         // nothing but that, so it needs no token and is not audited.
@@ -200,7 +218,7 @@ impl Gateway {
             });
         }
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        tracing::info!(addr = %self.local_addr, "sde-gateway serving Flight SQL over TLS");
+        tracing::info!(addr = %self.local_addr, client_auth = ?self.client_auth, "sde-gateway serving Flight SQL over TLS");
         let serve = Server::builder()
             .layer(RequestSpanLayer)
             .tls_config(self.tls)

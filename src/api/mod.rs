@@ -5,13 +5,15 @@
 pub mod admin;
 pub mod audit;
 pub mod audit_client;
+pub mod auth;
 pub mod flight_sql;
 pub mod proto;
 
 use tonic::{Code, Status};
 
 use crate::error::Error;
-use crate::identity::{Authenticated, TokenVerifier};
+use crate::identity::client_tool::ClientTool;
+use crate::identity::{Authenticated, IdentityError};
 use crate::limits::LimitError;
 use crate::registry::{Refusal, RegistryError};
 
@@ -25,6 +27,8 @@ pub const RECEIPT_HASH_HEADER: &str = "x-sde-audit-hash";
 pub fn status(error: Error) -> Status {
     use crate::engine::EngineError;
     let (code, message) = match &error {
+        // The gateway cannot check any token just now: not the caller's fault.
+        Error::Identity(IdentityError::KeysUnavailable) => (Code::Unavailable, error.to_string()),
         Error::Identity(e) => (Code::Unauthenticated, e.to_string()),
         Error::Registry(RegistryError::Refused(Refusal::NoProject | Refusal::InvalidChange(_))) => {
             (Code::InvalidArgument, error.to_string())
@@ -92,7 +96,7 @@ pub(crate) fn call_context<T>(request: &tonic::Request<T>) -> crate::gateway::Ca
         .extensions()
         .get::<Authenticated>()
         .map(|a| a.0.clone())
-        .unwrap_or(Err(crate::identity::IdentityError::Missing));
+        .unwrap_or(Err(IdentityError::Missing));
     let project = request
         .metadata()
         .get(PROJECT_HEADER)
@@ -100,30 +104,10 @@ pub(crate) fn call_context<T>(request: &tonic::Request<T>) -> crate::gateway::Ca
         .map(str::trim)
         .filter(|p| !p.is_empty() && p.len() <= 128)
         .map(str::to_owned);
-    crate::gateway::CallContext { authenticated, project }
-}
-
-/// The authentication layer: verifies the bearer token of every request and records the outcome
-/// in the request's extensions. It never rejects by itself, so that refusals are audited by the
-/// service with the rest of the call.
-pub fn authenticate(
-    verifier: std::sync::Arc<TokenVerifier>,
-    metrics: crate::telemetry::Metrics,
-) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Clone + Send + Sync + 'static {
-    move |mut request: tonic::Request<()>| {
-        let started = std::time::Instant::now();
-        let _span = tracing::info_span!("step", otel.name = "authenticate", step = "authenticate").entered();
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().map_err(|_| ()));
-        let outcome = match header {
-            None => verifier.verify_header(None),
-            Some(Err(())) => Err(crate::identity::IdentityError::Malformed),
-            Some(Ok(value)) => verifier.verify_header(Some(value)),
-        };
-        request.extensions_mut().insert(Authenticated(outcome));
-        metrics.step("authenticate", started.elapsed());
-        Ok(request)
+    let client_tool = request.extensions().get::<ClientTool>().and_then(|t| t.0.clone());
+    crate::gateway::CallContext {
+        authenticated,
+        project,
+        client_tool,
     }
 }

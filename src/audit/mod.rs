@@ -64,7 +64,7 @@ pub struct Entry {
     pub user: Option<String>,
     pub organisation: Option<String>,
     pub roles: Vec<String>,
-    /// The client tool the caller used (from its certificate or token), when known.
+    /// The approved client tool the call came from (subject CN of its mutual-TLS certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_tool: Option<String>,
     pub project: Option<String>,

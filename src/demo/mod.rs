@@ -28,6 +28,9 @@ pub const AUDIT_PUBLIC_KEY: &str = "audit.pub";
 /// Default number of synthetic people.
 pub const DEFAULT_PEOPLE: usize = 20_000;
 pub const DEFAULT_SEED: u64 = 2026;
+/// Approved client tools: the demo CA issues each a client certificate, `tls/clients/<tool>.pem`
+/// and `.key`, whose subject CN names the tool.
+pub const DEMO_TOOLS: [&str; 2] = ["dbeaver", "adbc-python"];
 /// Demo tokens are valid for a day and re-issued at every start.
 const TOKEN_LIFETIME_SECS: i64 = 24 * 3600;
 
@@ -89,7 +92,7 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
     let versions = data_dir.parent().map(|p| p.join("versions")).filter(|p| p.is_dir());
 
     let tls = dir.join("tls");
-    if !tls.join("server.pem").exists() {
+    if !tls.join("server.pem").exists() || !tls.join("clients").join(format!("{}.pem", DEMO_TOOLS[0])).exists() {
         make_certificates(&tls)?;
     }
     let keys = dir.join("keys");
@@ -128,13 +131,18 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         tls: TlsConfig {
             cert: tls.join("server.pem"),
             key: tls.join("server.key"),
+            // Mutual TLS is off in the demo so any Flight SQL client can connect; the demo CA has
+            // issued certificates for the approved tools (`tls/clients/`) for trying it on.
+            client_ca: None,
+            client_auth: Default::default(),
         },
         identity: IdentityConfig {
             issuer: DEMO_ISSUER.into(),
             audience: DEMO_AUDIENCE.into(),
             algorithm: "ES256".into(),
-            public_key: public,
+            public_key: Some(public),
             leeway_seconds: 30,
+            ..IdentityConfig::default()
         },
         registry: RegistryConfig {
             path: registry_path,
@@ -242,7 +250,8 @@ fn remove_versions(dir: &Path) -> Result<(), DemoError> {
     std::fs::remove_dir_all(dir).map_err(io)
 }
 
-/// A demo CA and a server certificate for `localhost` and `127.0.0.1`.
+/// A demo CA, a server certificate for `localhost` and `127.0.0.1`, and a client certificate for
+/// each approved demo tool.
 fn make_certificates(dir: &Path) -> Result<(), DemoError> {
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -264,5 +273,22 @@ fn make_certificates(dir: &Path) -> Result<(), DemoError> {
     write(&dir.join("ca.pem"), ca_cert.pem())?;
     write(&dir.join("server.pem"), server_cert.pem())?;
     write(&dir.join("server.key"), server_key.serialize_pem())?;
+    for tool in DEMO_TOOLS {
+        let (cert, key) = client_certificate(&issuer, tool)?;
+        write(&dir.join("clients").join(format!("{tool}.pem")), cert)?;
+        write(&dir.join("clients").join(format!("{tool}.key")), key)?;
+    }
     Ok(())
+}
+
+/// A client certificate (PEM) and its key naming `tool` in its subject CN, issued by `issuer`.
+pub fn client_certificate(
+    issuer: &Issuer<'_, impl rcgen::SigningKey>,
+    tool: &str,
+) -> Result<(String, String), rcgen::Error> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, tool);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    Ok((params.signed_by(&key, issuer)?.pem(), key.serialize_pem()))
 }

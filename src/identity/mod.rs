@@ -1,9 +1,18 @@
 //! Safe People, first half: who is asking. A bearer token (JWT) is verified against the key and
 //! the one algorithm in config — signature, `iss`, `aud` and `exp` (judged by the injected
-//! clock) — and yields the subject's user id. Whether that user may do anything is the
-//! registry's question, not the token's: roles and organisation come from the registry.
+//! clock) — and yields the subject's user id. The key is either a static PEM key or the key the
+//! token's `kid` names in an identity provider's JWKS ([`jwks`]). Whether that user may do
+//! anything is the registry's question, not the token's: roles and organisation come from the
+//! registry.
+//!
+//! Safe Settings: the approved client tool a call comes from is named by the subject CN of its
+//! mutual-TLS certificate ([`client_tool`]).
+
+pub mod client_tool;
+pub mod jwks;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -23,6 +32,16 @@ pub enum IdentityError {
     Expired,
     #[error("cannot load the token verification key {path}: {message}")]
     Key { path: String, message: String },
+    #[error("cannot use the identity provider's key set: {0}")]
+    Jwks(String),
+    #[error(
+        "the identity provider's signing keys cannot be fetched just now, so no token can be checked; try again later"
+    )]
+    KeysUnavailable,
+    #[error(
+        "the client certificate names no tool (subject CN); ask the platform team for an approved tool's certificate"
+    )]
+    UnnamedTool,
 }
 
 /// The claims sde-gateway reads from a token.
@@ -55,9 +74,16 @@ fn algorithm(name: &str) -> Result<Algorithm, IdentityError> {
     }
 }
 
-/// Verifies bearer tokens with a pinned algorithm and a static public key.
+/// Where the key that checks a token's signature comes from.
+enum Keys {
+    Static(Arc<DecodingKey>),
+    Jwks(Box<jwks::Jwks>),
+}
+
+/// Verifies bearer tokens with a pinned algorithm and a static public key or a JWKS.
 pub struct TokenVerifier {
-    key: DecodingKey,
+    keys: Keys,
+    algorithm: Algorithm,
     validation: Validation,
     leeway: i64,
     clock: SharedClock,
@@ -74,15 +100,25 @@ impl std::fmt::Debug for TokenVerifier {
 impl TokenVerifier {
     pub fn from_config(config: &IdentityConfig, clock: SharedClock) -> Result<Self, IdentityError> {
         let alg = algorithm(&config.algorithm)?;
-        let pem = read_key(&config.public_key)?;
-        let key = match alg {
-            Algorithm::RS256 => DecodingKey::from_rsa_pem(&pem),
-            _ => DecodingKey::from_ec_pem(&pem),
-        }
-        .map_err(|e| IdentityError::Key {
-            path: config.public_key.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let keys = match (&config.public_key, &config.jwks_url) {
+            (Some(path), None) => Keys::Static(Arc::new(static_key(path, alg)?)),
+            (None, Some(url)) => {
+                let ca = config.jwks_ca.as_deref().map(read_key).transpose()?;
+                Keys::Jwks(Box::new(jwks::Jwks::new(
+                    url,
+                    ca.as_deref(),
+                    alg,
+                    config.jwks_min_refresh_seconds,
+                    config.jwks_cache_seconds,
+                    Arc::clone(&clock),
+                )?))
+            }
+            _ => {
+                return Err(IdentityError::Jwks(
+                    "set exactly one of identity.public_key and identity.jwks_url".into(),
+                ));
+            }
+        };
         // `Validation::new` pins the algorithm: a token whose header names another (or `none`)
         // is refused before its signature is looked at.
         let mut validation = Validation::new(alg);
@@ -93,15 +129,24 @@ impl TokenVerifier {
         validation.validate_exp = false;
         validation.validate_nbf = false;
         Ok(Self {
-            key,
+            keys,
+            algorithm: alg,
             validation,
             leeway: config.leeway_seconds as i64,
             clock,
         })
     }
 
+    /// The JWKS behind this verifier, if it uses one.
+    pub fn jwks(&self) -> Option<&jwks::Jwks> {
+        match &self.keys {
+            Keys::Jwks(jwks) => Some(jwks),
+            Keys::Static(_) => None,
+        }
+    }
+
     /// Verifies the value of an `authorization` header.
-    pub fn verify_header(&self, header: Option<&str>) -> Result<Subject, IdentityError> {
+    pub async fn verify_header(&self, header: Option<&str>) -> Result<Subject, IdentityError> {
         let header = header.ok_or(IdentityError::Missing)?;
         let token = header
             .strip_prefix("Bearer ")
@@ -109,14 +154,32 @@ impl TokenVerifier {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(IdentityError::Malformed)?;
-        self.verify(token)
+        self.verify(token).await
     }
 
-    pub fn verify(&self, token: &str) -> Result<Subject, IdentityError> {
+    pub async fn verify(&self, token: &str) -> Result<Subject, IdentityError> {
         if token.len() > 16 * 1024 {
             return Err(IdentityError::Invalid("token too long".into()));
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        let key = match &self.keys {
+            Keys::Static(key) => Arc::clone(key),
+            Keys::Jwks(jwks) => {
+                // The header is read (unverified) only to pick the key; a token naming another
+                // algorithm is refused here, before it can make the gateway fetch anything.
+                let header = jsonwebtoken::decode_header(token).map_err(|e| IdentityError::Invalid(e.to_string()))?;
+                if header.alg != self.algorithm {
+                    return Err(IdentityError::Invalid(format!(
+                        "algorithm {:?} is not allowed",
+                        header.alg
+                    )));
+                }
+                let kid = header
+                    .kid
+                    .ok_or_else(|| IdentityError::Invalid("the token names no signing key (`kid`)".into()))?;
+                jwks.key(&kid).await?
+            }
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
         if data.claims.exp + self.leeway <= self.clock.now().timestamp() {
             return Err(IdentityError::Expired);
@@ -156,6 +219,13 @@ impl TokenIssuer {
         })
     }
 
+    /// Names the signing key in each token's header (`kid`), as an identity provider that
+    /// publishes a JWKS does.
+    pub fn with_key_id(mut self, kid: &str) -> Self {
+        self.header.kid = Some(kid.into());
+        self
+    }
+
     pub fn issue(&self, user: &str, issued_at: i64, lifetime_secs: i64) -> String {
         let claims = Claims {
             sub: user.into(),
@@ -166,6 +236,18 @@ impl TokenIssuer {
         };
         jsonwebtoken::encode(&self.header, &claims, &self.key).expect("claims always encode")
     }
+}
+
+fn static_key(path: &Path, alg: Algorithm) -> Result<DecodingKey, IdentityError> {
+    let pem = read_key(path)?;
+    match alg {
+        Algorithm::RS256 => DecodingKey::from_rsa_pem(&pem),
+        _ => DecodingKey::from_ec_pem(&pem),
+    }
+    .map_err(|e| IdentityError::Key {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
 }
 
 fn read_key(path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -194,26 +276,27 @@ mod tests {
             issuer: "iss".into(),
             audience: "aud".into(),
             algorithm: "ES256".into(),
-            public_key: dir.path().join("jwt.pub"),
+            public_key: Some(dir.path().join("jwt.pub")),
             leeway_seconds: 0,
+            ..IdentityConfig::default()
         };
         let verifier = TokenVerifier::from_config(&config, Arc::new(clock.clone())).unwrap();
         let issuer = TokenIssuer::new(key.serialize_pem().as_bytes(), "ES256", "iss", "aud").unwrap();
         (verifier, issuer, clock, dir)
     }
 
-    #[test]
-    fn valid_token_then_expired_by_the_clock() {
+    #[tokio::test]
+    async fn valid_token_then_expired_by_the_clock() {
         let (verifier, issuer, clock, _dir) = setup();
         let now = clock.now().timestamp();
         let token = issuer.issue("alice", now, 60);
-        assert_eq!(verifier.verify(&token).unwrap().user, "alice");
+        assert_eq!(verifier.verify(&token).await.unwrap().user, "alice");
         clock.set(clock.now() + chrono::Duration::seconds(61));
-        assert_eq!(verifier.verify(&token), Err(IdentityError::Expired));
+        assert_eq!(verifier.verify(&token).await, Err(IdentityError::Expired));
     }
 
-    #[test]
-    fn wrong_issuer_audience_alg_none_and_tampering_are_refused() {
+    #[tokio::test]
+    async fn wrong_issuer_audience_alg_none_and_tampering_are_refused() {
         let (verifier, _issuer, clock, _dir) = setup();
         let now = clock.now().timestamp();
         let other_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
@@ -222,13 +305,13 @@ mod tests {
             let token = TokenIssuer::new(pem.as_bytes(), "ES256", iss, aud)
                 .unwrap()
                 .issue("alice", now, 60);
-            assert!(matches!(verifier.verify(&token), Err(IdentityError::Invalid(_))));
+            assert!(matches!(verifier.verify(&token).await, Err(IdentityError::Invalid(_))));
         }
         // Signed by another key.
         let forged = TokenIssuer::new(pem.as_bytes(), "ES256", "iss", "aud")
             .unwrap()
             .issue("alice", now, 60);
-        assert!(matches!(verifier.verify(&forged), Err(IdentityError::Invalid(_))));
+        assert!(matches!(verifier.verify(&forged).await, Err(IdentityError::Invalid(_))));
         // alg: none with no signature.
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -240,8 +323,11 @@ mod tests {
                 now + 60
             ))
         );
-        assert!(matches!(verifier.verify(&none), Err(IdentityError::Invalid(_))));
-        assert_eq!(verifier.verify_header(None), Err(IdentityError::Missing));
-        assert_eq!(verifier.verify_header(Some("Basic abc")), Err(IdentityError::Malformed));
+        assert!(matches!(verifier.verify(&none).await, Err(IdentityError::Invalid(_))));
+        assert_eq!(verifier.verify_header(None).await, Err(IdentityError::Missing));
+        assert_eq!(
+            verifier.verify_header(Some("Basic abc")).await,
+            Err(IdentityError::Malformed)
+        );
     }
 }

@@ -270,6 +270,7 @@ async fn a_query_abandoned_while_running_is_recorded_as_cancelled() {
     let call = CallContext {
         authenticated: Ok(Subject { user: "alice".into() }),
         project: Some(PROJECT.into()),
+        client_tool: None,
     };
     let sql = "SELECT district, COUNT(*) AS n FROM patients GROUP BY district";
     // Poll the query once (it is then waiting on execution) and drop it, as tonic does when the

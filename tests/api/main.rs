@@ -7,6 +7,7 @@ mod audit;
 mod crash;
 mod flight_sql;
 mod helpers;
+mod identity;
 mod matrix;
 mod operations;
 mod property;

@@ -75,6 +75,7 @@ async fn random_aggregates_never_release_small_or_unrounded_cells() {
     let call = CallContext {
         authenticated: Ok(Subject { user: "alice".into() }),
         project: Some(PROJECT.into()),
+        client_tool: None,
     };
     let mut rng = SmallRng::seed_from_u64(7);
     let (mut released, mut refused, mut cells) = (0, 0, 0);
