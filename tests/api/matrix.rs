@@ -4,6 +4,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sde_gateway::api::proto as pb;
+use sde_gateway::api::proto::audit_service_client::AuditServiceClient;
 use sde_gateway::identity::TokenIssuer;
 use tonic::{Code, Request, Status};
 
@@ -68,7 +69,7 @@ fn day(offset: i64) -> String {
         .to_string()
 }
 
-const CALLS: [&str; 25] = [
+const CALLS: [&str; 30] = [
     "flight.query",
     "flight.tables",
     "create_organisation",
@@ -94,6 +95,11 @@ const CALLS: [&str; 25] = [
     "remove_member",
     "suspend_organisation",
     "reinstate_organisation",
+    "audit.list",
+    "audit.checkpoint",
+    "audit.inclusion",
+    "audit.consistency",
+    "audit.replay",
 ];
 
 /// The code a call must get. Calls run in order, each for every identity; only the one allowed
@@ -104,6 +110,7 @@ fn expected(identity: &str, call: &str) -> Code {
     }
     let allowed = match call {
         "flight.query" | "flight.tables" => "alice",
+        c if c.starts_with("audit.") => "auditor",
         // Deciding as the Caldicott Guardian, then as the CCIO (who rejects).
         "approve_project" => "guardian",
         "reject_project" => "ccio",
@@ -115,12 +122,15 @@ fn expected(identity: &str, call: &str) -> Code {
     match call {
         // The project was rejected by then: the administrator cannot move it on.
         "activate_project" | "suspend_project" | "end_project" => Code::InvalidArgument,
+        // Record 0 is a refused call, not a released query: there is nothing to replay.
+        "audit.replay" => Code::FailedPrecondition,
         _ => Code::Ok,
     }
 }
 
 async fn run(gw: &TestGateway, call: &str, token: &Option<String>) -> Result<(), Status> {
     let mut admin = gw.admin().await;
+    let mut audit = AuditServiceClient::new(gw.channel().await);
     let org = pb::Organisation {
         id: "matrix-org".into(),
         name: "Matrix".into(),
@@ -239,6 +249,35 @@ async fn run(gw: &TestGateway, call: &str, token: &Option<String>) -> Result<(),
             ))
             .await
             .map(drop),
+        "audit.list" => audit
+            .list_records(req(
+                pb::ListRecordsRequest {
+                    limit: 5,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "audit.checkpoint" => audit
+            .get_checkpoint(req(pb::GetCheckpointRequest {}, token))
+            .await
+            .map(drop),
+        "audit.inclusion" => audit
+            .get_inclusion_proof(req(pb::InclusionProofRequest { seq: 0, tree_size: 1 }, token))
+            .await
+            .map(drop),
+        "audit.consistency" => audit
+            .get_consistency_proof(req(
+                pb::ConsistencyProofRequest {
+                    old_size: 1,
+                    new_size: 2,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "audit.replay" => audit.replay(req(pb::ReplayRequest { seq: 0 }, token)).await.map(drop),
         other => panic!("no call {other}"),
     }
 }
