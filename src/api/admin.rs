@@ -267,11 +267,16 @@ impl AdminApi {
     /// A board decision, judged by the rules for the role the caller decides as.
     async fn decision(&self, r: Request<pb::DecisionRequest>, approve: bool) -> Result<Response<pb::Project>, Status> {
         let d = r.get_ref().clone();
+        let name = if approve { "approve_project" } else { "reject_project" };
         let role = match board_role(&d.role) {
             Ok(role) => role,
-            Err(e) => return Err(status(e.into())),
+            // Not a board role: refused, and audited like any other call.
+            Err(e) => {
+                return self
+                    .call(r, name, Action::Connect, None, |_, _, _| Err::<pb::Project, _>(e))
+                    .await;
+            }
         };
-        let name = if approve { "approve_project" } else { "reject_project" };
         self.call(
             r,
             name,

@@ -245,6 +245,14 @@ async fn board_members_cannot_approve_their_own_project_and_any_rejection_stops_
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("safe-projects/conflict-of-interest"), "{err:?}");
+    // Not a board role at all: a clear error, and the attempt is audited.
+    let err = admin
+        .approve_project(authed(decide("board:everyone"), &gw.token("guardian")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let log = std::fs::read_to_string(gw.audit_log()).unwrap();
+    assert!(log.contains("board:everyone"), "the refused decision is audited");
     // A board member deciding in a role they do not hold.
     let err = admin
         .approve_project(authed(decide("board:ccio"), &gw.token("public-rep")))
