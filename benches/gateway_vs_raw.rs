@@ -29,6 +29,9 @@ use sde_gateway::registry::{BOARD_ROLES, Registry};
 use sde_gateway::{Gateway, GatewayConfig};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+mod common;
+use common::{percentile, time};
+
 const PROJECT: &str = "bench";
 const USER: &str = "alice";
 const SMALL: &str = "SELECT COUNT(*) AS n FROM patients WHERE district = 'Maldon'";
@@ -77,35 +80,6 @@ const QUERIES: [(&str, &str); 11] = [
     ),
     ("small query", SMALL),
 ];
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-struct Timing {
-    median: f64,
-    p95: f64,
-}
-
-async fn time<F, Fut>(runs: usize, mut f: F) -> Timing
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    f().await; // warm-up
-    let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let start = Instant::now();
-        f().await;
-        times.push(start.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(f64::total_cmp);
-    Timing {
-        median: percentile(&times, 0.5),
-        p95: percentile(&times, 0.95),
-    }
-}
 
 /// A project granting every demo dataset to alice, approved by the whole board (made once).
 async fn bench_project(config: &GatewayConfig, columns: &std::collections::BTreeMap<String, Vec<String>>) {

@@ -10,13 +10,15 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
 use sde_gateway::disclosure::Rules;
 use sde_gateway::engine::Engine;
 use sde_gateway::policy;
 use sde_gateway::registry::{ProjectAccess, seed::DEMO_DATASETS};
+
+mod common;
+use common::time;
 
 const QUERIES: [(&str, &str); 6] = [
     (
@@ -44,26 +46,6 @@ const QUERIES: [(&str, &str); 6] = [
         "SELECT COUNT(*) AS n FROM patients WHERE district = 'Maldon'",
     ),
 ];
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-async fn time<F, Fut>(runs: usize, mut f: F) -> f64
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    f().await; // warm-up
-    let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let start = Instant::now();
-        f().await;
-        times.push(start.elapsed().as_secs_f64() * 1000.0);
-    }
-    median(times)
-}
 
 #[tokio::main]
 async fn main() {
@@ -102,7 +84,8 @@ async fn main() {
                 .await
                 .unwrap();
         })
-        .await;
+        .await
+        .median;
         let permit = policy::plan_and_check(&ctx, sql, Rules::DEFAULT, 1 << 16)
             .await
             .unwrap();
@@ -114,15 +97,18 @@ async fn main() {
                 .await
                 .unwrap();
         })
-        .await;
+        .await
+        .median;
         let guarded = time(runs, || async {
             ctx.sql(sql).await.unwrap().collect().await.unwrap();
         })
-        .await;
+        .await
+        .median;
         let plain = time(runs, || async {
             raw.sql(sql).await.unwrap().collect().await.unwrap();
         })
-        .await;
+        .await
+        .median;
         println!(
             "| {name} | {check:.1} | {gateway:.1} | {guarded:.1} | {plain:.1} | {:.2} |",
             gateway / plain

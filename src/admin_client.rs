@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
+use crate::api::client::{Bearer, tls_channel};
 use crate::api::proto::admin_service_client::AdminServiceClient;
 use crate::api::proto::{self as pb};
 
@@ -27,20 +29,12 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A TLS channel to the gateway and the caller's token.
-    pub async fn open(&self) -> anyhow::Result<(Channel, String)> {
-        let ca = std::fs::read(&self.ca).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.ca.display()))?;
-        let token = std::fs::read_to_string(&self.token)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.token.display()))?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name(self.server_name.clone());
-        let channel = Endpoint::from_shared(format!("https://{}", self.addr))?
-            .tls_config(tls)?
-            .connect()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", self.addr))?;
-        Ok((channel, token.trim().to_owned()))
+    /// An AdminService client over TLS carrying the caller's token.
+    pub async fn open(&self) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
+        let bearer = Bearer::from_file(&self.token)?;
+        let url = format!("https://{}", self.addr);
+        let channel = tls_channel(&url, &self.ca, &self.server_name, None).await?;
+        Ok(AdminServiceClient::with_interceptor(channel, bearer))
     }
 }
 
@@ -172,27 +166,16 @@ pub enum AdminCommand {
     },
 }
 
-fn authed<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    Ok(request)
-}
-
 /// Runs one admin command and prints its outcome.
 pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Result<()> {
-    let (channel, token) = connection.open().await?;
-    let mut client = AdminServiceClient::new(channel);
+    let mut client = connection.open().await?;
     let state = |id: String| pb::ProjectStateRequest {
         project: id,
         reason: String::new(),
     };
     let project = match command {
         AdminCommand::Orgs => {
-            let list = client
-                .list_organisations(authed(pb::ListOrganisationsRequest {}, &token)?)
-                .await?;
+            let list = client.list_organisations(pb::ListOrganisationsRequest {}).await?;
             print_orgs(&list.into_inner().organisations);
             return Ok(());
         }
@@ -211,24 +194,24 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 dspt_expiry,
                 accreditation: String::new(),
             };
-            print_orgs(&[client.create_organisation(authed(org, &token)?).await?.into_inner()]);
+            print_orgs(&[client.create_organisation(org).await?.into_inner()]);
             return Ok(());
         }
         AdminCommand::SuspendOrg { id, withdraw, reason } => {
             let m = pb::SuspendOrganisationRequest { id, withdraw, reason };
-            print_orgs(&[client.suspend_organisation(authed(m, &token)?).await?.into_inner()]);
+            print_orgs(&[client.suspend_organisation(m).await?.into_inner()]);
             return Ok(());
         }
         AdminCommand::ReinstateOrg { id } => {
             let m = pb::ReinstateOrganisationRequest { id };
-            print_orgs(&[client.reinstate_organisation(authed(m, &token)?).await?.into_inner()]);
+            print_orgs(&[client.reinstate_organisation(m).await?.into_inner()]);
             return Ok(());
         }
         AdminCommand::Users { org } => {
             let m = pb::ListUsersRequest {
                 organisation: org.unwrap_or_default(),
             };
-            print_users(&client.list_users(authed(m, &token)?).await?.into_inner().users);
+            print_users(&client.list_users(m).await?.into_inner().users);
             return Ok(());
         }
         AdminCommand::CreateUser {
@@ -248,7 +231,7 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 training_date: trained_on,
                 suspended: false,
             };
-            print_users(&[client.create_user(authed(user, &token)?).await?.into_inner()]);
+            print_users(&[client.create_user(user).await?.into_inner()]);
             return Ok(());
         }
         AdminCommand::SuspendUser { id, reinstate } => {
@@ -257,13 +240,11 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 suspended: !reinstate,
                 reason: String::new(),
             };
-            print_users(&[client.suspend_user(authed(m, &token)?).await?.into_inner()]);
+            print_users(&[client.suspend_user(m).await?.into_inner()]);
             return Ok(());
         }
         AdminCommand::Projects => {
-            let list = client
-                .list_projects(authed(pb::ListProjectsRequest {}, &token)?)
-                .await?;
+            let list = client.list_projects(pb::ListProjectsRequest {}).await?;
             println!("{:<20} {:<10} {:<11} {:<11} TITLE", "ID", "STATE", "START", "END");
             for p in list.into_inner().projects {
                 println!(
@@ -273,7 +254,7 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
             }
             return Ok(());
         }
-        AdminCommand::Project { id } => client.get_project(authed(pb::ProjectRef { id }, &token)?).await?,
+        AdminCommand::Project { id } => client.get_project(pb::ProjectRef { id }).await?,
         AdminCommand::CreateProject {
             id,
             title,
@@ -297,16 +278,16 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 parties,
                 ..Default::default()
             };
-            client.create_project(authed(p, &token)?).await?
+            client.create_project(p).await?
         }
-        AdminCommand::Submit { id } => client.submit_project(authed(pb::ProjectRef { id }, &token)?).await?,
+        AdminCommand::Submit { id } => client.submit_project(pb::ProjectRef { id }).await?,
         AdminCommand::Approve { id, role, comment } => {
             let m = pb::DecisionRequest {
                 project: id,
                 role,
                 comment,
             };
-            client.approve_project(authed(m, &token)?).await?
+            client.approve_project(m).await?
         }
         AdminCommand::Reject { id, role, comment } => {
             let m = pb::DecisionRequest {
@@ -314,20 +295,14 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 role,
                 comment,
             };
-            client.reject_project(authed(m, &token)?).await?
+            client.reject_project(m).await?
         }
-        AdminCommand::Activate { id } => client.activate_project(authed(state(id), &token)?).await?,
-        AdminCommand::SuspendProject { id } => client.suspend_project(authed(state(id), &token)?).await?,
-        AdminCommand::End { id } => client.end_project(authed(state(id), &token)?).await?,
-        AdminCommand::AddMember { project, user } => {
-            client
-                .add_member(authed(pb::MemberRequest { project, user }, &token)?)
-                .await?
-        }
+        AdminCommand::Activate { id } => client.activate_project(state(id)).await?,
+        AdminCommand::SuspendProject { id } => client.suspend_project(state(id)).await?,
+        AdminCommand::End { id } => client.end_project(state(id)).await?,
+        AdminCommand::AddMember { project, user } => client.add_member(pb::MemberRequest { project, user }).await?,
         AdminCommand::RemoveMember { project, user } => {
-            client
-                .remove_member(authed(pb::MemberRequest { project, user }, &token)?)
-                .await?
+            client.remove_member(pb::MemberRequest { project, user }).await?
         }
         AdminCommand::Grant {
             project,
@@ -339,7 +314,7 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 dataset,
                 columns,
             };
-            client.grant_dataset(authed(m, &token)?).await?
+            client.grant_dataset(m).await?
         }
         AdminCommand::Revoke {
             project,
@@ -351,7 +326,7 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 dataset,
                 columns,
             };
-            client.revoke_dataset(authed(m, &token)?).await?
+            client.revoke_dataset(m).await?
         }
     };
     print_project(&project.into_inner());

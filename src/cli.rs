@@ -193,17 +193,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// One gRPC health check over TLS, bounded to a few seconds.
 async fn health(addr: SocketAddr, ca: &std::path::Path, domain: &str) -> anyhow::Result<()> {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let ca = std::fs::read(ca).map_err(|e| anyhow::anyhow!("cannot read CA {}: {e}", ca.display()))?;
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name(domain);
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls)?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .timeout(std::time::Duration::from_secs(3))
-        .connect()
-        .await?;
+    let timeout = Some(std::time::Duration::from_secs(3));
+    let channel = crate::api::client::tls_channel(&format!("https://{addr}"), ca, domain, timeout).await?;
     let reply = HealthClient::new(channel)
         .check(HealthCheckRequest { service: String::new() })
         .await?

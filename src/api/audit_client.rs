@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
+use super::client::{Bearer, tls_channel};
 use super::proto::{self, audit_service_client::AuditServiceClient};
 
 /// Where the server is and who the auditor is. The defaults fit the demo world.
@@ -49,32 +50,13 @@ pub struct ShowFilter {
     pub limit: u32,
 }
 
-/// Adds the bearer token to every request.
-pub type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
-/// An AuditService client with its token.
-pub type Client = AuditServiceClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
+/// An AuditService client with the auditor's token.
+pub type Client = AuditServiceClient<InterceptedService<Channel, Bearer>>;
 
 async fn connect(c: &Connection) -> anyhow::Result<Client> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let ca = std::fs::read(&c.ca).with_context(|| format!("reading CA certificate {}", c.ca.display()))?;
-    let token =
-        std::fs::read_to_string(&c.token_file).with_context(|| format!("reading token {}", c.token_file.display()))?;
-    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim())
-        .parse()
-        .context("the token file does not hold a token")?;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(&c.domain);
-    let channel = Endpoint::from_shared(c.server.clone())?
-        .tls_config(tls)?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", c.server))?;
-    let auth: Auth = Box::new(move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", header.clone());
-        Ok(req)
-    });
-    Ok(AuditServiceClient::with_interceptor(channel, auth))
+    let bearer = Bearer::from_file(&c.token_file)?;
+    let channel = tls_channel(&c.server, &c.ca, &c.domain, None).await?;
+    Ok(AuditServiceClient::with_interceptor(channel, bearer))
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod audit;
 pub mod audit_client;
 pub mod auth;
+pub mod client;
 pub mod flight_sql;
 pub mod proto;
 

@@ -49,21 +49,15 @@ async fn audit_verify_passes_an_intact_log_and_names_the_first_edited_record() {
     );
 }
 
-use sde_gateway::api::audit_client::{Auth, Client as AuditClient};
+use sde_gateway::api::audit_client::Client as AuditClient;
+use sde_gateway::api::client::Bearer;
 
 /// An AuditService client over TLS with `user`'s token (none for `None`).
 async fn audit_client(gw: &TestGateway, user: Option<&str>) -> AuditClient {
-    let header = user.map(|u| {
-        format!("Bearer {}", gw.token(u))
-            .parse::<tonic::metadata::MetadataValue<_>>()
-            .unwrap()
-    });
-    let auth: Auth = Box::new(move |mut req: tonic::Request<()>| {
-        if let Some(h) = &header {
-            req.metadata_mut().insert("authorization", h.clone());
-        }
-        Ok(req)
-    });
+    let auth = match user {
+        Some(u) => Bearer::token(&gw.token(u)).unwrap(),
+        None => Bearer::anonymous(),
+    };
     AuditServiceClient::with_interceptor(gw.channel().await, auth)
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use sde_gateway::audit::{PublicKey, verify_dir};
-use sde_gateway::demo::{self, DemoOptions};
+use sde_gateway::demo;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::helpers::*;
@@ -113,17 +113,7 @@ async fn client_loop(dir: std::path::PathBuf, addr: SocketAddr, receipts: tokio:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_mid_load_reopens_with_every_released_result_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = DemoOptions {
-        dir: dir.path().to_owned(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        people: PEOPLE,
-        seed: SEED,
-        data_dir: Some(world_data()),
-    };
-    tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now()))
-        .await
-        .unwrap()
-        .unwrap();
+    demo_world(dir.path()).await;
     let config = dir.path().join("gateway.toml");
     let public = PublicKey::load(&dir.path().join(demo::AUDIT_PUBLIC_KEY)).unwrap();
 

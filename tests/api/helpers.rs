@@ -57,21 +57,26 @@ pub async fn spawn_gateway() -> TestGateway {
     spawn_gateway_with(|_| {}).await
 }
 
-/// As [`spawn_gateway`], with the demo config adjusted first.
-pub async fn spawn_gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
-    let dir = tempfile::tempdir().unwrap();
+/// A demo world in `dir` (sharing the generated data) listening on 127.0.0.1:0; its config is
+/// also written to `dir/gateway.toml`.
+pub async fn demo_world(dir: &Path) -> GatewayConfig {
     let opts = DemoOptions {
-        dir: dir.path().to_owned(),
+        dir: dir.to_owned(),
         listen: "127.0.0.1:0".parse().unwrap(),
         people: PEOPLE,
         seed: SEED,
         data_dir: Some(world_data()),
     };
-    let config = tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now()))
+    tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now()))
         .await
         .unwrap()
-        .expect("demo world");
-    let mut config = config;
+        .expect("demo world")
+}
+
+/// As [`spawn_gateway`], with the demo config adjusted first.
+pub async fn spawn_gateway_with(adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = demo_world(dir.path()).await;
     adjust(&mut config);
     let gateway = Gateway::build(&config).await.expect("gateway builds");
     let addr = gateway.local_addr();
