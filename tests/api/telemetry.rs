@@ -105,9 +105,19 @@ async fn spans_arrive_over_otlp_with_a_child_per_step_and_no_sql() {
 
     let sql = "SELECT age_band, COUNT(*) AS n FROM patients WHERE district <> 'Nowhere-Secret' GROUP BY age_band";
     gw.query_as("alice", PROJECT, sql).await.unwrap();
-    flush(&gw).await;
-
-    let spans = receiver.spans.lock().unwrap().clone();
+    // A scheduled export can be in flight while the flush runs, so a batch may arrive after the
+    // flush returns: wait (bounded) until both requests' steps have all arrived.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let spans = loop {
+        flush(&gw).await;
+        let spans = receiver.spans.lock().unwrap().clone();
+        let requests_done =
+            steps_of(&spans, "query.execute").len() >= 7 && steps_of(&spans, "query.release").len() >= 3;
+        if requests_done || std::time::Instant::now() > deadline {
+            break spans;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     let request = spans
         .iter()
         .find(|s| {
@@ -121,11 +131,7 @@ async fn spans_arrive_over_otlp_with_a_child_per_step_and_no_sql() {
     assert_eq!(attrs["outcome"], "accepted");
     assert!(attrs["rpc"].ends_with("/GetFlightInfo"), "{attrs:?}");
 
-    let children: Vec<&str> = spans
-        .iter()
-        .filter(|s| s.parent_span_id == request.span_id && s.trace_id == request.trace_id)
-        .map(|s| s.name.as_str())
-        .collect();
+    let children = steps_of(&spans, "query.execute");
     assert_eq!(
         children,
         [
@@ -140,15 +146,7 @@ async fn spans_arrive_over_otlp_with_a_child_per_step_and_no_sql() {
         "the walk's steps, in order, as children of the request span"
     );
     // The release (DoGet) is its own request, authorised again and audited.
-    let release = spans
-        .iter()
-        .find(|s| attributes(&s.attributes).get("call").map(String::as_str) == Some("query.release"))
-        .expect("a request span for the release");
-    let release_children: Vec<&str> = spans
-        .iter()
-        .filter(|s| s.parent_span_id == release.span_id)
-        .map(|s| s.name.as_str())
-        .collect();
+    let release_children = steps_of(&spans, "query.release");
     assert_eq!(release_children, ["authenticate", "authorise", "audit"]);
 
     // No span carries the SQL or its literals.
@@ -161,6 +159,23 @@ async fn spans_arrive_over_otlp_with_a_child_per_step_and_no_sql() {
             );
         }
     }
+}
+
+/// The names of the child spans of the (first) request span for `call`, in the order they
+/// started (batches may arrive out of order).
+fn steps_of<'a>(spans: &'a [Span], call: &str) -> Vec<&'a str> {
+    let Some(request) = spans
+        .iter()
+        .find(|s| s.name == "request" && attributes(&s.attributes).get("call").map(String::as_str) == Some(call))
+    else {
+        return Vec::new();
+    };
+    let mut children: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.parent_span_id == request.span_id && s.trace_id == request.trace_id)
+        .collect();
+    children.sort_by_key(|s| s.start_time_unix_nano);
+    children.into_iter().map(|s| s.name.as_str()).collect()
 }
 
 fn names(spans: &[Span]) -> Vec<&str> {
