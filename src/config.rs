@@ -155,6 +155,12 @@ pub struct DataConfig {
     /// read for grants that name a version. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub versions: Option<PathBuf>,
+    /// Folder where the gateway keeps each dataset as it serves it: with the people on the
+    /// opt-out register removed, written once per dataset version and register version and
+    /// checked at every start. Optional; without it, opted-out people are removed beneath every
+    /// scan of every query (an anti-join per table), which is slower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -344,6 +350,7 @@ impl GatewayConfig {
         ]
         .into_iter()
         .chain(self.data.versions.as_mut())
+        .chain(self.data.served.as_mut())
         {
             if path.is_relative() {
                 *path = base.join(&*path);

@@ -97,13 +97,16 @@ impl Gateway {
         tracing::info!(rules = %rules.hash(), "access rules loaded");
         let registry = Registry::open(&config.registry.path, rules, config.registry.training_months)
             .map_err(crate::Error::from)?;
-        let engine = Engine::open_with_versions(
+        let mut engine = Engine::open_with_versions(
             &config.data.dir,
             config.data.versions.as_deref(),
             &config.data.identifiers,
         )
         .await
         .map_err(crate::Error::from)?;
+        if let Some(served) = &config.data.served {
+            engine = engine.serve_from(served).await.map_err(crate::Error::from)?;
+        }
         let audit = crate::audit::SigningKey::load(&config.audit.signing_key)
             .and_then(|key| AuditLog::open_with(&config.audit.dir, key, (&config.audit).into()))
             .map_err(crate::Error::from)?;

@@ -90,6 +90,8 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
     };
     // Kept versions live beside the data folder, where the demo's ingest puts them.
     let versions = data_dir.parent().map(|p| p.join("versions")).filter(|p| p.is_dir());
+    // Served copies (opted-out people removed) beside it too.
+    let served = data_dir.parent().map(|p| p.join("served"));
 
     let tls = dir.join("tls");
     if !tls.join("server.pem").exists() || !tls.join("clients").join(format!("{}.pem", DEMO_TOOLS[0])).exists() {
@@ -153,6 +155,7 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
             dir: data_dir,
             identifiers: Default::default(),
             versions,
+            served,
         },
         audit: demo_audit(dir)?,
         disclosure: DisclosureConfig::default(),
@@ -221,6 +224,13 @@ pub fn ensure_data(root: &Path, people: usize, seed: u64) -> Result<PathBuf, Dem
     let summary = data::generate(&root.join("raw"), people, seed)?;
     let generated_ms = started.elapsed().as_millis() as u64;
     let versions = root.join("versions");
+    let served = root.join("served");
+    if served.exists() {
+        std::fs::remove_dir_all(&served).map_err(|source| DemoError::Io {
+            path: served.clone(),
+            source,
+        })?;
+    }
     for spec in data::write_specs(&root.join("ingest"))? {
         let (spec, text) = crate::ingest::spec::IngestSpec::load(&spec, None)?;
         // A new world: versions of an older one would not link with it.

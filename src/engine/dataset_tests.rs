@@ -217,3 +217,68 @@ async fn a_dataset_with_direct_identifiers_is_never_served() {
     let engine = Engine::open(&data, &marked).await.unwrap();
     assert!(engine.snapshot()["contacts"].version.starts_with("unversioned-"));
 }
+
+#[tokio::test]
+async fn served_copies_leave_out_opted_out_people_and_are_rebuilt_when_they_do_not_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (v1, v2) = world(root);
+    let visits = "[[columns]]\nname = \"clinic\"\naction = \"keep\"\n";
+    // Two visits of one person: not one row per person.
+    ingest_csv(
+        root,
+        "visits",
+        "nhs_number,clinic",
+        "9434765919,A\n9434765919,B\n4010232137,A\n",
+        visits,
+    );
+    let served = root.join("served");
+    let open = || async {
+        Engine::open_with_versions(&root.join("data"), Some(&root.join("versions")), &BTreeMap::new())
+            .await
+            .unwrap()
+            .serve_from(&served)
+            .await
+            .unwrap()
+    };
+    let engine = open().await;
+    let pinned = access(&[("people", &v1.manifest.version)]);
+    assert_eq!(count_people(&engine, &access(&[])).await, 4);
+    assert_eq!(count_people(&engine, &pinned).await, 3);
+
+    // The copy of the latest version: five people less the one opted out, one row each.
+    let copy = served.join("people").join(format!(
+        "{}-{}",
+        &v2.manifest.content_hash[..16],
+        &engine.snapshot()[OPT_OUTS].content_hash[..16]
+    ));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(copy.join("_served.json")).unwrap()).unwrap();
+    assert_eq!((record["rows"].as_u64(), record["people"].as_u64()), (Some(4), Some(4)));
+    let guarded = |engine: &Engine, access: &ProjectAccess, dataset: &str| {
+        let ctx = engine.session(access).unwrap();
+        let table = futures::executor::block_on(ctx.table_provider(dataset)).unwrap();
+        GuardedTable::as_guarded(table.as_ref()).unwrap().one_row_per_person()
+    };
+    assert!(guarded(&engine, &access(&[]), "people"));
+    let mut to_visits = access(&[]);
+    to_visits.grants = BTreeMap::from([("visits".to_owned(), vec![PERSON_ID.to_owned(), "clinic".to_owned()])]);
+    assert!(!guarded(&engine, &to_visits, "visits"));
+    // Without served copies nothing is known about rows per person.
+    let plain = Engine::open(&root.join("data"), &BTreeMap::new()).await.unwrap();
+    assert!(!guarded(&plain, &access(&[]), "people"));
+
+    // A copy edited after it was written is not served: it is rebuilt from the checked source.
+    let part = crate::ingest::version::parquet_files(&copy).unwrap()[0].clone();
+    let mut bytes = std::fs::read(&part).unwrap();
+    bytes[8] ^= 0xff;
+    std::fs::write(&part, bytes).unwrap();
+    let engine = open().await;
+    assert_eq!(count_people(&engine, &access(&[])).await, 4);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(copy.join("_served.json")).unwrap()).unwrap();
+    assert_eq!(
+        record["content_hash"].as_str().unwrap(),
+        crate::ingest::version::content_hash(&copy).unwrap()
+    );
+}

@@ -32,6 +32,8 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::ingest::{scan, version};
+
+mod served;
 use crate::registry::ProjectAccess;
 
 /// The privacy unit: the pseudonymised person identifier present in every dataset.
@@ -177,6 +179,8 @@ pub struct Engine {
     versions: BTreeMap<(String, String), (Arc<ListingTable>, DatasetVersion)>,
     /// The folder of each (dataset, version id) opened, to hash again for replay.
     folders: BTreeMap<(String, String), std::path::PathBuf>,
+    /// Copies without opted-out people, by (dataset, content hash of the version copied).
+    served: BTreeMap<(String, String), served::Served>,
 }
 
 impl Engine {
@@ -240,6 +244,7 @@ impl Engine {
             snapshot,
             versions: BTreeMap::new(),
             folders,
+            served: BTreeMap::new(),
         };
         if let Some(versions) = versions {
             engine.open_versions(&ctx, versions).await?;
@@ -288,6 +293,48 @@ impl Engine {
             self.versions.insert((dataset, version), (table, checked.version));
         }
         Ok(())
+    }
+
+    /// Serves every dataset version opened from a copy under `dir` with the people on the
+    /// opt-out register already removed (see [`served`]), built now where missing, instead of
+    /// removing them beneath every scan.
+    pub async fn serve_from(mut self, dir: &Path) -> Result<Self, EngineError> {
+        let opt_outs_hash = self.snapshot[OPT_OUTS].content_hash.clone();
+        let mut tables: Vec<(String, Arc<ListingTable>, String)> = self
+            .datasets
+            .iter()
+            .map(|(d, t)| (d.clone(), Arc::clone(t), self.snapshot[d].content_hash.clone()))
+            .collect();
+        for ((dataset, _), (table, version)) in &self.versions {
+            tables.push((dataset.clone(), Arc::clone(table), version.content_hash.clone()));
+        }
+        for (dataset, table, hash) in tables {
+            if self.served.contains_key(&(dataset.clone(), hash.clone())) {
+                continue;
+            }
+            let copy = served::ensure(dir, &dataset, &table, &hash, &self.opt_outs, &opt_outs_hash).await?;
+            self.served.insert((dataset, hash), copy);
+        }
+        Ok(self)
+    }
+
+    /// What a session scans for `dataset`: the served copy if there is one (opted-out people
+    /// already removed, and whether it has one row per person), else the version itself with
+    /// the opt-out register still to remove beneath every scan.
+    fn source_for(&self, access: &ProjectAccess, dataset: &str) -> Result<Source, EngineError> {
+        let (table, version) = self.table_for(access, dataset)?;
+        Ok(match self.served.get(&(dataset.to_owned(), version.content_hash)) {
+            Some(copy) => Source {
+                table: Arc::clone(&copy.table) as _,
+                opt_outs: None,
+                one_row_per_person: copy.one_row_per_person,
+            },
+            None => Source {
+                table: Arc::clone(table) as _,
+                opt_outs: Some(Arc::clone(&self.opt_outs) as _),
+                one_row_per_person: false,
+            },
+        })
     }
 
     /// Version and content hash of each dataset served as the latest, `opt_outs` included.
@@ -391,12 +438,13 @@ impl Engine {
             false => self.datasets.get(POPULATION),
         };
         for (dataset, columns) in &access.grants {
-            let (source, _) = self.table_for(access, dataset)?;
+            let source = self.source_for(access, dataset)?;
             let table = GuardedTable {
                 name: dataset.clone(),
-                schema: granted_schema(dataset, &source.schema(), columns)?,
-                source: Arc::clone(source) as Arc<dyn TableProvider>,
-                opt_outs: Arc::clone(&self.opt_outs) as Arc<dyn TableProvider>,
+                schema: granted_schema(dataset, &source.table.schema(), columns)?,
+                source: source.table,
+                opt_outs: source.opt_outs,
+                one_row_per_person: source.one_row_per_person,
                 identifiers: self.identifiers.get(dataset).cloned().unwrap_or_default(),
                 cohort: match (&cohort, population) {
                     (Some(expr), Some(population)) => Some(Cohort {
@@ -422,8 +470,11 @@ impl Engine {
             .grants
             .iter()
             .map(|(dataset, columns)| {
-                let (source, _) = self.table_for(access, dataset)?;
-                Ok((dataset.clone(), granted_schema(dataset, &source.schema(), columns)?))
+                let source = self.source_for(access, dataset)?;
+                Ok((
+                    dataset.clone(),
+                    granted_schema(dataset, &source.table.schema(), columns)?,
+                ))
             })
             .collect()
     }
@@ -495,6 +546,13 @@ async fn open_listing(ctx: &SessionContext, dir: &Path) -> DFResult<Arc<ListingT
     Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
+/// What a session scans for one dataset ([`Engine::source_for`]).
+struct Source {
+    table: Arc<dyn TableProvider>,
+    opt_outs: Option<Arc<dyn TableProvider>>,
+    one_row_per_person: bool,
+}
+
 #[derive(Debug, Clone)]
 struct Cohort {
     /// Predicate over the population table's columns.
@@ -509,7 +567,11 @@ pub struct GuardedTable {
     name: String,
     schema: SchemaRef,
     source: Arc<dyn TableProvider>,
-    opt_outs: Arc<dyn TableProvider>,
+    /// The opt-out register to remove beneath every scan; `None` when `source` is a served
+    /// copy that has none of its people.
+    opt_outs: Option<Arc<dyn TableProvider>>,
+    /// Every row has a `person_id` and no two rows share one (known for served copies).
+    one_row_per_person: bool,
     /// Identifier columns besides `person_id`.
     identifiers: Vec<String>,
     cohort: Option<Cohort>,
@@ -522,7 +584,8 @@ impl GuardedTable {
             name: name.to_owned(),
             schema: source.schema(),
             source,
-            opt_outs,
+            opt_outs: Some(opt_outs),
+            one_row_per_person: false,
             identifiers: vec![],
             cohort: None,
         }
@@ -532,6 +595,18 @@ impl GuardedTable {
     pub fn with_identifiers(mut self, columns: &[&str]) -> Self {
         self.identifiers.extend(columns.iter().map(|c| c.to_string()));
         self
+    }
+
+    /// Marks the source as having one row per person, each with a `person_id` (so a count of
+    /// rows is a count of people); for tests and tools.
+    pub fn with_one_row_per_person(mut self) -> Self {
+        self.one_row_per_person = true;
+        self
+    }
+
+    /// Whether every row has a `person_id` and no two rows share one.
+    pub fn one_row_per_person(&self) -> bool {
+        self.one_row_per_person
     }
 
     /// The dataset name, as granted.
@@ -602,7 +677,9 @@ impl TableProvider for GuardedTable {
         if let Some(cohort) = &self.cohort {
             plan = join_people(plan, name, &cohort.population, Some(&cohort.expr), JoinType::LeftSemi)?;
         }
-        plan = join_people(plan, name, &self.opt_outs, None, JoinType::LeftAnti)?;
+        if let Some(opt_outs) = &self.opt_outs {
+            plan = join_people(plan, name, opt_outs, None, JoinType::LeftAnti)?;
+        }
         for filter in filters {
             plan = plan.filter(unqualify(filter)?)?;
         }

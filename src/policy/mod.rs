@@ -27,7 +27,7 @@ use datafusion::common::{Column, DFSchemaRef};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
-use datafusion::functions_aggregate::expr_fn::{count_distinct, max, nth_value, sum};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, nth_value, sum};
 use datafusion::logical_expr::expr::{AggregateFunction, InSubquery};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
@@ -634,8 +634,22 @@ impl Checker {
         let col = |name: String| Expr::Column(Column::new_unqualified(name));
         let mut aggr = agg.aggr_expr.clone();
         let people_name = |j: usize| format!("__sde_people_{id}_{j}");
+        // Where each row is a different person (a table with one row per person, filtered),
+        // people are counted as rows: the same figure without hashing every identifier.
+        let unique: Vec<bool> = ids
+            .iter()
+            .map(|p| matches!(p, Expr::Column(c) if one_row_per_person(&agg.input, c)))
+            .collect();
+        let people_where = |j: usize, person: &Expr, condition: Option<&Expr>| -> Result<Expr, PolicyError> {
+            Ok(match (unique[j], condition) {
+                (true, None) => count(lit(1)),
+                (true, Some(c)) => count(when(c.clone(), lit(1)).end().map_err(df)?),
+                (false, None) => count_distinct(person.clone()),
+                (false, Some(c)) => count_distinct(when(c.clone(), person.clone()).end().map_err(df)?),
+            })
+        };
         for (j, person) in ids.iter().enumerate() {
-            aggr.push(count_distinct(person.clone()).alias(people_name(j)));
+            aggr.push(people_where(j, person, None)?.alias(people_name(j)));
         }
         let group_people: Vec<Expr> = (0..ids.len()).map(|j| col(people_name(j))).collect();
 
@@ -699,8 +713,7 @@ impl Checker {
                     let mut cols = Vec::with_capacity(ids.len());
                     for (j, person) in ids.iter().enumerate() {
                         let name = format!("__sde_contrib_{id}_{i}_{j}");
-                        let contributor = when(condition.clone(), person.clone()).end().map_err(df)?;
-                        aggr.push(count_distinct(contributor).alias(name.clone()));
+                        aggr.push(people_where(j, person, Some(&condition))?.alias(name.clone()));
                         cols.push(col(name));
                     }
                     cols
@@ -772,7 +785,13 @@ impl Checker {
             let counts: Vec<Expr> = ids
                 .iter()
                 .enumerate()
-                .map(|(j, p)| count_distinct(p.clone()).alias(format!("__sde_unfiltered_{id}_{j}")))
+                .map(|(j, p)| {
+                    let people = match p {
+                        Expr::Column(c) if one_row_per_person(&unfiltered, c) => count(lit(1)),
+                        _ => count_distinct(p.clone()),
+                    };
+                    people.alias(format!("__sde_unfiltered_{id}_{j}"))
+                })
                 .collect();
             let side = Aggregate::try_new(unfiltered, keys, counts).map_err(df)?;
             plan = self.join_side(plan, LogicalPlan::Aggregate(side), &group_cols, id, 0, "u")?;
@@ -845,6 +864,40 @@ impl Checker {
             )
         };
         joined.map_err(df)?.build().map_err(df)
+    }
+}
+
+/// Whether every row of `plan` has a different, non-NULL `column`, known because the column is
+/// the `person_id` of a table with one row per person, reached through filters, renames and
+/// semi- or anti-joins only (which drop rows but never repeat one). Anything else: not known.
+fn one_row_per_person(plan: &LogicalPlan, column: &Column) -> bool {
+    let Ok(index) = plan.schema().index_of_column(column) else {
+        return false;
+    };
+    let input_column = |input: &LogicalPlan| {
+        let (qualifier, field) = input.schema().qualified_field(index);
+        Column::new(qualifier.cloned(), field.name())
+    };
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            let name = plan.schema().field(index).name();
+            name == PERSON_ID
+                && source_as_provider(&scan.source)
+                    .ok()
+                    .as_deref()
+                    .and_then(GuardedTable::as_guarded)
+                    .is_some_and(GuardedTable::one_row_per_person)
+        }
+        LogicalPlan::Filter(f) => one_row_per_person(&f.input, column),
+        LogicalPlan::SubqueryAlias(a) => one_row_per_person(&a.input, &input_column(&a.input)),
+        LogicalPlan::Projection(p) => match p.expr[index].clone().unalias_nested().data {
+            Expr::Column(c) => one_row_per_person(&p.input, &c),
+            _ => false,
+        },
+        LogicalPlan::Join(j) if matches!(j.join_type, JoinType::LeftSemi | JoinType::LeftAnti) => {
+            one_row_per_person(&j.left, column)
+        }
+        _ => false,
     }
 }
 

@@ -71,7 +71,9 @@ fn session() -> SessionContext {
     let ctx = SessionContext::new();
     ctx.register_table(
         "patients",
-        Arc::new(GuardedTable::new("patients", patients, Arc::clone(&opt_outs))),
+        // One row per person, as a served copy of the population table is: people are counted
+        // as rows where the rows are this table's.
+        Arc::new(GuardedTable::new("patients", patients, Arc::clone(&opt_outs)).with_one_row_per_person()),
     )
     .unwrap();
     ctx.register_table(
@@ -385,4 +387,64 @@ async fn configured_identifiers_are_placed_like_person_id_but_people_are_still_c
             "+---------+",
         ],
     );
+}
+
+#[tokio::test]
+async fn rows_are_counted_as_people_only_where_each_row_is_a_different_person() {
+    let ctx = session();
+    let known = |sql: &'static str, qualifier: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+            one_row_per_person(&plan, &Column::new(Some(qualifier), PERSON_ID))
+        }
+    };
+    // The table with one row per person, through filters, renames, projections and IN.
+    assert!(known("SELECT person_id FROM patients", "patients").await);
+    assert!(known("SELECT person_id FROM patients WHERE age > 30", "patients").await);
+    assert!(
+        known(
+            "SELECT x.person_id FROM (SELECT person_id, age FROM patients) x WHERE age > 30",
+            "x"
+        )
+        .await
+    );
+    assert!(
+        known(
+            "SELECT p.person_id FROM patients p WHERE p.person_id IN (SELECT person_id FROM visits)",
+            "p"
+        )
+        .await
+    );
+    // A join can repeat a person; a table not known to have one row per person may; a union may.
+    assert!(
+        !known(
+            "SELECT p.person_id FROM patients p JOIN visits v ON p.person_id = v.person_id",
+            "p"
+        )
+        .await
+    );
+    assert!(
+        !known(
+            "SELECT p.person_id FROM patients p JOIN patients q ON p.age = q.age",
+            "p"
+        )
+        .await
+    );
+    assert!(!known("SELECT person_id FROM visits", "visits").await);
+    assert!(
+        !known(
+            "SELECT person_id FROM (SELECT person_id FROM patients UNION ALL SELECT person_id FROM patients) u",
+            "u"
+        )
+        .await
+    );
+}
+
+#[tokio::test]
+async fn a_person_with_many_rows_behind_a_join_is_still_one_person() {
+    // a0's 20 visits costing 1000 are 20 rows but one person: the group is withheld.
+    let sql = "SELECT p.district, COUNT(*) AS n FROM patients p JOIN visits v ON p.person_id = v.person_id \
+               WHERE v.cost > 500 GROUP BY p.district";
+    assert_table(&run(sql).await, &["++", "++"]);
 }

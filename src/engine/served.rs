@@ -1,0 +1,209 @@
+//! Datasets as served: each dataset version with the people on the opt-out register already
+//! removed, written once per (dataset version, opt-out register version) into the configured
+//! `data.served` folder, so queries do not pay an anti-join under every scan.
+//!
+//! A copy is derived only from data the engine has verified and scanned, and is checked again
+//! at every start: its record (`_served.json`) must name the source's and the register's
+//! content hashes, and its own files must still hash to what the record says. Anything else is
+//! rebuilt. The record also holds facts the policy relies on: whether every row has a
+//! `person_id` and no person has two rows, so that a count of rows is a count of people.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::catalog::TableProvider;
+use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::datasource::listing::ListingTable;
+use datafusion::datasource::provider_as_source;
+use datafusion::error::Result as DFResult;
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
+use datafusion::logical_expr::{JoinType, LogicalPlanBuilder};
+use datafusion::prelude::{DataFrame, SessionContext, col, lit};
+
+use super::{EngineError, PERSON_ID, join_people, open_listing};
+use crate::ingest::version;
+
+const RECORD: &str = "_served.json";
+
+/// What was written, checked again at every start.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Record {
+    dataset: String,
+    source_hash: String,
+    opt_outs_hash: String,
+    /// Content hash of the copy's own Parquet files.
+    content_hash: String,
+    rows: u64,
+    /// Rows with a `person_id`, and distinct `person_id`s.
+    rows_with_person: u64,
+    people: u64,
+}
+
+/// A dataset version as served.
+#[derive(Debug, Clone)]
+pub(crate) struct Served {
+    pub table: Arc<ListingTable>,
+    /// Every row has a `person_id` and no two rows share one.
+    pub one_row_per_person: bool,
+}
+
+/// Opens the served copy of `source` (content hash `source_hash`) under `root`, building it
+/// first if it is missing or does not match.
+pub(crate) async fn ensure(
+    root: &Path,
+    dataset: &str,
+    source: &Arc<ListingTable>,
+    source_hash: &str,
+    opt_outs: &Arc<ListingTable>,
+    opt_outs_hash: &str,
+) -> Result<Served, EngineError> {
+    let dir = root
+        .join(dataset)
+        .join(format!("{}-{}", &source_hash[..16], &opt_outs_hash[..16]));
+    let wanted = |r: &Record| r.dataset == dataset && r.source_hash == source_hash && r.opt_outs_hash == opt_outs_hash;
+    let record = match check(&dir)? {
+        Some(record) if wanted(&record) => record,
+        stale => {
+            if stale.is_some() || dir.exists() {
+                tracing::warn!(dataset, dir = %dir.display(), "served copy does not match; rebuilding it");
+                std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+            }
+            build(&dir, dataset, source, source_hash, opt_outs, opt_outs_hash).await?
+        }
+    };
+    let ctx = SessionContext::new();
+    let table = open_listing(&ctx, &dir).await.map_err(|source| EngineError::Dataset {
+        dataset: dataset.to_owned(),
+        source,
+    })?;
+    Ok(Served {
+        table,
+        one_row_per_person: record.rows_with_person == record.rows && record.people == record.rows,
+    })
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The copy's record if the folder holds one and its files still hash to it.
+fn check(dir: &Path) -> Result<Option<Record>, EngineError> {
+    let Ok(text) = std::fs::read_to_string(dir.join(RECORD)) else {
+        return Ok(None);
+    };
+    let Ok(record) = serde_json::from_str::<Record>(&text) else {
+        return Ok(None);
+    };
+    let hash = version::content_hash(dir).map_err(io(dir))?;
+    Ok((hash == record.content_hash).then_some(record))
+}
+
+/// Writes the copy into a temporary sibling folder, then renames it into place (another
+/// process building the same copy at once loses the race harmlessly).
+async fn build(
+    dir: &Path,
+    dataset: &str,
+    source: &Arc<ListingTable>,
+    source_hash: &str,
+    opt_outs: &Arc<ListingTable>,
+    opt_outs_hash: &str,
+) -> Result<Record, EngineError> {
+    let started = std::time::Instant::now();
+    let parent = dir.parent().expect("a served copy has a dataset folder");
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let tmp: PathBuf = parent.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+    let failed = |source| EngineError::Dataset {
+        dataset: dataset.to_owned(),
+        source,
+    };
+    let outcome = write(&tmp, dataset, source, opt_outs).await.map_err(failed);
+    let (rows, rows_with_person, people) = match outcome {
+        Ok(facts) => facts,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let record = Record {
+        dataset: dataset.to_owned(),
+        source_hash: source_hash.to_owned(),
+        opt_outs_hash: opt_outs_hash.to_owned(),
+        content_hash: version::content_hash(&tmp).map_err(io(&tmp))?,
+        rows,
+        rows_with_person,
+        people,
+    };
+    let text = serde_json::to_string_pretty(&record).expect("record serialises");
+    std::fs::write(tmp.join(RECORD), text).map_err(io(&tmp))?;
+    if std::fs::rename(&tmp, dir).is_err() {
+        // Built meanwhile by another process: keep theirs if it checks out.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return check(dir)?.ok_or_else(|| EngineError::Io {
+            path: dir.display().to_string(),
+            source: std::io::Error::other("could not put the served copy in place"),
+        });
+    }
+    tracing::info!(
+        dataset,
+        rows,
+        people,
+        ms = started.elapsed().as_millis() as u64,
+        "served copy written"
+    );
+    Ok(record)
+}
+
+/// Writes `source` without the people of `opt_outs` as Parquet into `dir`; returns the rows
+/// written, the rows with a `person_id` and the distinct `person_id`s.
+async fn write(
+    dir: &Path,
+    dataset: &str,
+    source: &Arc<ListingTable>,
+    opt_outs: &Arc<ListingTable>,
+) -> DFResult<(u64, u64, u64)> {
+    let ctx = SessionContext::new();
+    let opt_outs = Arc::clone(opt_outs) as _;
+    let scan = LogicalPlanBuilder::scan(dataset, provider_as_source(Arc::clone(source) as _), None)?;
+    let columns: Vec<_> = source
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| datafusion::prelude::Expr::Column(datafusion::common::Column::new(Some(dataset), f.name())))
+        .collect();
+    let plan = join_people(scan, dataset, &opt_outs, None, JoinType::LeftAnti)?
+        .project(columns)?
+        .build()?;
+    let path = format!("{}/", dir.display());
+    DataFrame::new(ctx.state(), plan)
+        .write_parquet(&path, DataFrameWriteOptions::new().with_single_file_output(false), None)
+        .await?;
+
+    let copy = open_listing(&ctx, dir).await?;
+    let facts = ctx
+        .read_table(copy)?
+        .aggregate(
+            vec![],
+            vec![
+                count(lit(1)).alias("rows"),
+                count(col(PERSON_ID)).alias("rows_with_person"),
+                count_distinct(col(PERSON_ID)).alias("people"),
+            ],
+        )?
+        .collect()
+        .await?;
+    let value = |i: usize| {
+        facts
+            .first()
+            .and_then(|b| {
+                b.column(i)
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
+            })
+            .map(|a| a.value(0) as u64)
+            .unwrap_or(0)
+    };
+    Ok((value(0), value(1), value(2)))
+}
