@@ -109,6 +109,8 @@ pub struct Core {
     /// Load limits: memory pools, query slots, per-user rates.
     pub limiter: Arc<Limits>,
     pub metrics: Metrics,
+    /// Differencing baselines computed once and reused across queries.
+    pub baselines: crate::baselines::Baselines,
     pending: Mutex<HashMap<String, Pending>>,
     prepared: Mutex<HashMap<String, Prepared>>,
 }
@@ -188,6 +190,7 @@ impl Core {
             dataset_rules: disclosure.datasets.clone(),
             limiter: Arc::new(Limits::new(&limits)),
             metrics: Metrics::disabled(),
+            baselines: Default::default(),
             limits,
             pending: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
@@ -415,7 +418,10 @@ impl Core {
             .step_async("plan", policy::plan_sql(&session, sql, self.limits.max_sql_bytes))
             .await?;
         let permit = self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?;
-        let (batches, plan_hash) = self.step_async("execute", self.execute_plan(&session, &permit)).await?;
+        let scope = baseline_scope(&self.engine, &access);
+        let (batches, plan_hash) = self
+            .step_async("execute", self.execute_plan(&session, &permit, scope.as_deref()))
+            .await?;
         self.step("disclose", || {
             let evaluated = self.shape(&permit, batches, plan_hash)?;
             self.keep(principal, access, &permit, evaluated, entry)
@@ -423,11 +429,14 @@ impl Core {
     }
 
     /// Executes a permitted plan (interruptible, so a deadline or a departed client stops it)
-    /// and returns its batches and the hash of the optimised plan.
+    /// and returns its batches and the hash of the optimised plan. With a `baselines` scope,
+    /// differencing baselines already computed in that scope are reused
+    /// ([`crate::baselines`]); replays compute everything afresh.
     async fn execute_plan(
         &self,
         session: &SessionContext,
         permit: &Permit,
+        baselines: Option<&str>,
     ) -> Result<(Vec<RecordBatch>, String), Error> {
         let execution = |e: datafusion::error::DataFusionError| match e.find_root() {
             // Disclosure control can refuse while the query runs (differencing).
@@ -437,16 +446,25 @@ impl Core {
             },
             _ => Error::Engine(EngineError::Execution(e)),
         };
-        let optimised = session.state().optimize(permit.plan()).map_err(execution)?;
+        let state = session.state();
+        let optimised = state.optimize(permit.plan()).map_err(execution)?;
         let plan_hash = hex::encode(Sha256::digest(optimised.display_indent().to_string()));
-        let df = session
-            .execute_logical_plan(permit.plan().clone())
+        let optimised = match baselines {
+            Some(scope) => self
+                .baselines
+                .substitute(&state, optimised, scope)
+                .await
+                .map_err(execution)?,
+            None => optimised,
+        };
+        // Already optimised: planned physically as it is.
+        let plan = state
+            .query_planner()
+            .create_physical_plan(&optimised, &state)
             .await
             .map_err(execution)?;
-        let task = Arc::new(df.task_ctx());
-        let plan = df.create_physical_plan().await.map_err(execution)?;
         let plan = crate::limits::interruptible(plan).map_err(execution)?;
-        let batches = datafusion::physical_plan::collect(plan, task)
+        let batches = datafusion::physical_plan::collect(plan, session.task_ctx())
             .await
             .map_err(execution)?;
         Ok((batches, plan_hash))
@@ -455,7 +473,7 @@ impl Core {
     /// Executes a permitted plan and makes it a result: the size limits, a schema describing the
     /// disclosure control applied, the result hash. Used by queries and by replays alike.
     pub(crate) async fn evaluate(&self, session: &SessionContext, permit: &Permit) -> Result<Evaluated, Error> {
-        let (batches, plan_hash) = self.execute_plan(session, permit).await?;
+        let (batches, plan_hash) = self.execute_plan(session, permit, None).await?;
         self.shape(permit, batches, plan_hash)
     }
 
@@ -675,6 +693,14 @@ impl Core {
             _ => Err(Error::UnknownStatement),
         }
     }
+}
+
+/// What a project's differencing baselines depend on besides the query: the project, the
+/// version and content hash of every dataset it reads, and its cohort.
+/// `None` (nothing reused) if they cannot be named.
+fn baseline_scope(engine: &Engine, access: &ProjectAccess) -> Option<String> {
+    let data = engine.fingerprints(access).ok()?;
+    Some(format!("{}\n{data:?}\n{:?}", access.project, access.cohort))
 }
 
 /// A step's span: named by the step in exported telemetry (`otel.name`).

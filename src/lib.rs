@@ -12,6 +12,7 @@ pub mod admin_client;
 pub mod api;
 pub mod audit;
 pub mod auditor;
+pub mod baselines;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -182,8 +182,57 @@ fn check_statement_kind(plan: &LogicalPlan) -> Result<(), PolicyError> {
     Err(PolicyError::NotAQuery(kind.into()))
 }
 
+/// Prefix of every name the rewrite adds; queries may not use it.
+const RESERVED: &str = "__sde_";
+
+/// Whether a side aggregate's alias names a differencing baseline: the query's groups counted
+/// without its filters (see [`Checker::protect`]).
+pub fn is_differencing_baseline(alias: &str) -> bool {
+    alias.starts_with("__sde_side_") && alias.ends_with("_u0")
+}
+
+/// Refuses a query that names a relation or column with the rewrite's reserved prefix.
+fn check_reserved_names(plan: &LogicalPlan) -> Result<(), PolicyError> {
+    let reserved = |name: &str| name.to_lowercase().starts_with(RESERVED);
+    let mut found = false;
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::SubqueryAlias(a) = node
+            && reserved(a.alias.table())
+        {
+            found = true;
+        }
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::Alias(a) = e
+                    && reserved(&a.name)
+                {
+                    found = true;
+                }
+                Ok(if found {
+                    TreeNodeRecursion::Stop
+                } else {
+                    TreeNodeRecursion::Continue
+                })
+            })
+        })?;
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })
+    .map_err(PolicyError::from_df)?;
+    match found {
+        true => Err(PolicyError::Unsupported(
+            "names starting with __sde_ are reserved for the gateway",
+        )),
+        false => Ok(()),
+    }
+}
+
 /// Checks and rewrites an (unoptimised) logical plan.
 pub fn check(plan: LogicalPlan, rules: Rules) -> Result<Permit, PolicyError> {
+    check_reserved_names(&plan)?;
     let mut checker = Checker {
         disclosure: Disclosure::new(rules),
         next_id: 0,

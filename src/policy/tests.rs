@@ -448,3 +448,15 @@ async fn a_person_with_many_rows_behind_a_join_is_still_one_person() {
                WHERE v.cost > 500 GROUP BY p.district";
     assert_table(&run(sql).await, &["++", "++"]);
 }
+
+#[tokio::test]
+async fn names_the_rewrite_uses_are_reserved() {
+    for sql in [
+        "SELECT district, COUNT(*) AS __sde_people_0_0 FROM patients GROUP BY district",
+        "SELECT COUNT(*) FROM (SELECT district FROM patients) AS __sde_side_0_u0",
+        "WITH __SDE_x AS (SELECT district FROM patients) SELECT COUNT(*) FROM __SDE_x",
+    ] {
+        let e = refusal(sql).await;
+        assert!(e.to_string().contains("reserved"), "{sql}: {e}");
+    }
+}

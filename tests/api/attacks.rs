@@ -207,17 +207,38 @@ async fn conditional_aggregates_and_dominance() {
     }
 }
 
-#[tokio::test]
-async fn differencing_is_refused() {
-    let gw = spawn_gateway().await;
-    // Find a district and age shared by a handful of (not opted-out) people.
+/// A district and age shared by a handful of (not opted-out) people.
+async fn small_group() -> (String, String) {
     let small = raw(
         &world_data(),
         "SELECT district, age, COUNT(*) AS n FROM patients WHERE person_id NOT IN (SELECT person_id FROM opt_outs)
          GROUP BY 1, 2 HAVING COUNT(*) BETWEEN 1 AND 9 ORDER BY age DESC LIMIT 1",
     )
     .await;
-    let (district, age) = (text(&small[0], 0, 0), text(&small[0], 1, 0));
+    (text(&small[0], 0, 0), text(&small[0], 1, 0))
+}
+
+#[tokio::test]
+async fn differencing_is_refused_when_its_baseline_is_reused() {
+    let gw = spawn_gateway().await;
+    let (district, age) = small_group().await;
+    // A harmless query computes the baseline for its groups (sex, without filters) once...
+    released(&gw, "SELECT sex, COUNT(*) FROM patients WHERE age > 50 GROUP BY sex").await;
+    let kept = gw.core.baselines.len();
+    assert!(kept >= 1, "the baseline was kept");
+    released(&gw, "SELECT sex, COUNT(*) FROM patients WHERE age <= 50 GROUP BY sex").await;
+    assert_eq!(gw.core.baselines.len(), kept, "a query with the same groups reuses it");
+    // ...and an attack reusing it is refused all the same.
+    let attack =
+        format!("SELECT sex, COUNT(*) FROM patients WHERE age <> {age} OR district <> '{district}' GROUP BY sex");
+    refused(&gw, &attack, "safe-outputs/differencing").await;
+    assert_eq!(gw.core.baselines.len(), kept);
+}
+
+#[tokio::test]
+async fn differencing_is_refused() {
+    let gw = spawn_gateway().await;
+    let (district, age) = small_group().await;
     for sql in [
         format!("SELECT COUNT(*) FROM patients WHERE NOT (age = {age} AND district = '{district}')"),
         format!("SELECT sex, COUNT(*) FROM patients WHERE age <> {age} OR district <> '{district}' GROUP BY sex"),

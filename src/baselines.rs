@@ -1,0 +1,173 @@
+//! Differencing baselines, computed once and reused.
+//!
+//! Disclosure control compares every filtered aggregate with the same groups *without* the
+//! query's filters (the differencing check, see `policy`). That baseline depends on the
+//! project's data (dataset versions, cohort) and on the shape of the query, never on its
+//! filters, so many different queries share it; computing it anew each time would scan the
+//! whole population for every filtered query. Here it is computed once per scope (project and
+//! data snapshot) and plan, kept in memory (bounded), and put into later plans in place of the
+//! aggregate. A baseline whose plan calls anything but immutable functions (the disclosure
+//! functions, which tally what they withhold, are volatile) is always computed afresh.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::{MemTable, provider_as_source};
+use datafusion::error::Result as DFResult;
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, SubqueryAlias, Volatility};
+use sha2::{Digest, Sha256};
+
+use crate::policy::is_differencing_baseline;
+
+/// Baselines kept at most; beyond it the oldest half is forgotten.
+const MAX_ENTRIES: usize = 512;
+/// Largest baseline kept, in bytes (a baseline has one row per group of the query).
+const MAX_BYTES: usize = 4 << 20;
+
+#[derive(Default)]
+pub struct Baselines {
+    entries: Mutex<HashMap<String, (u64, Arc<MemTable>)>>,
+    clock: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Baselines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.entries.lock().map(|e| e.len()).unwrap_or(0);
+        f.debug_struct("Baselines").field("entries", &n).finish()
+    }
+}
+
+impl Baselines {
+    /// Replaces each differencing baseline in the optimised `plan` by its result for `scope`,
+    /// computing (and keeping) those not yet known.
+    pub async fn substitute(&self, state: &SessionState, plan: LogicalPlan, scope: &str) -> DFResult<LogicalPlan> {
+        let mut wanted: Vec<(String, LogicalPlan)> = Vec::new();
+        plan.apply(|node| {
+            if let LogicalPlan::SubqueryAlias(a) = node
+                && is_differencing_baseline(a.alias.table())
+                && only_immutable(&a.input)?
+            {
+                wanted.push((key(scope, &a.input), a.input.as_ref().clone()));
+                return Ok(TreeNodeRecursion::Jump);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        if wanted.is_empty() {
+            return Ok(plan);
+        }
+        let mut tables = HashMap::new();
+        for (key, input) in wanted {
+            let table = match self.get(&key) {
+                Some(table) => table,
+                None => {
+                    let (table, bytes) = compute(state, &input).await?;
+                    let table = Arc::new(table);
+                    if bytes <= MAX_BYTES {
+                        self.put(&key, &table);
+                    }
+                    table
+                }
+            };
+            tables.insert(key, table);
+        }
+        plan.transform_up(|node| match node {
+            LogicalPlan::SubqueryAlias(a) if is_differencing_baseline(a.alias.table()) => {
+                match tables.get(&key(scope, &a.input)) {
+                    Some(table) => {
+                        let scan = LogicalPlanBuilder::scan(
+                            a.alias.table(),
+                            provider_as_source(Arc::clone(table) as _),
+                            None,
+                        )?
+                        .build()?;
+                        let alias = SubqueryAlias::try_new(Arc::new(scan), a.alias.clone())?;
+                        Ok(Transformed::yes(LogicalPlan::SubqueryAlias(alias)))
+                    }
+                    None => Ok(Transformed::no(LogicalPlan::SubqueryAlias(a))),
+                }
+            }
+            other => Ok(Transformed::no(other)),
+        })
+        .map(|t| t.data)
+    }
+
+    fn get(&self, key: &str) -> Option<Arc<MemTable>> {
+        let tick = self.clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut entries = self.entries.lock().expect("baselines lock");
+        let entry = entries.get_mut(key)?;
+        entry.0 = tick;
+        Some(Arc::clone(&entry.1))
+    }
+
+    fn put(&self, key: &str, table: &Arc<MemTable>) {
+        let tick = self.clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut entries = self.entries.lock().expect("baselines lock");
+        if entries.len() >= MAX_ENTRIES {
+            // Forget the least recently used half.
+            let mut ticks: Vec<u64> = entries.values().map(|(t, _)| *t).collect();
+            ticks.sort_unstable();
+            let cut = ticks[ticks.len() / 2];
+            entries.retain(|_, (t, _)| *t > cut);
+        }
+        entries.insert(key.to_owned(), (tick, Arc::clone(table)));
+    }
+
+    /// Baselines kept now.
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("baselines lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a baseline is: its scope and its (optimised) plan, as text.
+fn key(scope: &str, input: &LogicalPlan) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(scope.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(input.display_indent_schema().to_string().as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// Whether every function `plan` calls is immutable (so its result can be reused).
+fn only_immutable(plan: &LogicalPlan) -> DFResult<bool> {
+    let mut immutable = true;
+    plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                let volatility = match e {
+                    Expr::ScalarFunction(f) => Some(f.func.signature().volatility),
+                    Expr::AggregateFunction(f) => Some(f.func.signature().volatility),
+                    Expr::WindowFunction(_) => Some(Volatility::Volatile),
+                    _ => None,
+                };
+                if volatility.is_some_and(|v| v != Volatility::Immutable) {
+                    immutable = false;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    })?;
+    Ok(immutable)
+}
+
+/// Runs a baseline's (optimised) plan and holds its result as a table with the plan's schema;
+/// returns it and its size in bytes.
+async fn compute(state: &SessionState, input: &LogicalPlan) -> DFResult<(MemTable, usize)> {
+    let physical = state.query_planner().create_physical_plan(input, state).await?;
+    let physical = crate::limits::interruptible(physical)?;
+    let batches = datafusion::physical_plan::collect(physical, state.task_ctx()).await?;
+    let schema = Arc::new(input.schema().as_arrow().clone());
+    let batches = batches
+        .into_iter()
+        .map(|b| RecordBatch::try_new(Arc::clone(&schema), b.columns().to_vec()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+    Ok((MemTable::try_new(schema, vec![batches])?, bytes))
+}
