@@ -149,6 +149,9 @@ pub struct Limits {
     calls: Arc<AtomicI64>,
     /// Set when the shutdown grace period is over: running queries stop.
     cut_off: tokio::sync::watch::Sender<bool>,
+    /// What every query's runtime shares: DataFusion's caches of file listings, Parquet
+    /// metadata and file statistics (datasets are immutable versions), and no disk.
+    shared: Arc<RuntimeEnv>,
 }
 
 /// A query call in progress, from its start to its audit record.
@@ -207,6 +210,10 @@ impl Limits {
             per_user: Default::default(),
             calls: Arc::new(AtomicI64::new(0)),
             cut_off: tokio::sync::watch::channel(false).0,
+            shared: RuntimeEnvBuilder::new()
+                .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+                .build_arc()
+                .expect("a runtime without disk builds"),
         }
     }
 
@@ -257,16 +264,15 @@ impl Limits {
     }
 
     /// A DataFusion runtime for one query: its own memory cap inside the gateway's pool, no
-    /// spilling to disk.
+    /// spilling to disk, the gateway's caches of Parquet metadata and file listings.
     pub fn runtime(&self) -> DFResult<Arc<RuntimeEnv>> {
         let pool = QueryPool {
             shared: Arc::clone(&self.pool),
             limit: self.config.query_memory_bytes,
             used: AtomicUsize::new(0),
         };
-        RuntimeEnvBuilder::new()
+        RuntimeEnvBuilder::from_runtime_env(&self.shared)
             .with_memory_pool(Arc::new(pool))
-            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
             .build_arc()
     }
 

@@ -27,7 +27,7 @@ use datafusion::common::{Column, DFSchemaRef};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, nth_value, sum};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, sum};
 use datafusion::logical_expr::expr::{AggregateFunction, InSubquery};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
@@ -36,7 +36,7 @@ use datafusion::logical_expr::{
 use datafusion::logical_expr::{LogicalPlanBuilder, cast};
 use datafusion::prelude::SessionContext;
 
-use crate::disclosure::{Disclosure, Overrides, Rules};
+use crate::disclosure::{Disclosure, Overrides, Rules, second_largest};
 use crate::engine::{GuardedTable, PERSON_ID};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -807,11 +807,10 @@ impl Checker {
             for (i, _) in &sums {
                 let c = col(format!("__c{i}"));
                 let magnitude = when(c.clone().lt(lit(0.0)), -c.clone()).otherwise(c).map_err(df)?;
-                let order = vec![magnitude.clone().sort(false, true)];
                 let tag = |what: &str| format!("__sde_{what}_{id}_{i}_{j}");
                 per_group.push(sum(magnitude.clone()).alias(tag("total")));
                 per_group.push(max(magnitude.clone()).alias(tag("top1")));
-                per_group.push(nth_value(magnitude, 2, order).alias(tag("top2")));
+                per_group.push(second_largest(magnitude).alias(tag("top2")));
                 let verdict = self
                     .disclosure
                     .dominated(col(tag("total")), col(tag("top1")), col(tag("top2")));
