@@ -13,7 +13,9 @@
 //! The functions are volatile scalar UDFs built per query, never registered in a catalogue, so a
 //! researcher cannot call them; each counts what it withheld for the result's metadata.
 
+mod people;
 mod second;
+pub use people::people_at_least;
 pub use second::second_largest;
 
 use std::collections::HashMap;

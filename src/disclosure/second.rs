@@ -89,7 +89,10 @@ impl Accumulator for Top2 {
     }
 
     fn state(&mut self) -> DFResult<Vec<ScalarValue>> {
-        Ok(vec![ScalarValue::Float64(self.first), ScalarValue::Float64(self.second)])
+        Ok(vec![
+            ScalarValue::Float64(self.first),
+            ScalarValue::Float64(self.second),
+        ])
     }
 
     fn evaluate(&mut self) -> DFResult<ScalarValue> {
@@ -130,12 +133,7 @@ mod tests {
             .unwrap();
         b.update_batch(&[Arc::new(Float64Array::from(vec![7.0, 8.0])) as ArrayRef])
             .unwrap();
-        let state: Vec<ArrayRef> = b
-            .state()
-            .unwrap()
-            .into_iter()
-            .map(|s| s.to_array().unwrap())
-            .collect();
+        let state: Vec<ArrayRef> = b.state().unwrap().into_iter().map(|s| s.to_array().unwrap()).collect();
         a.merge_batch(&state).unwrap();
         assert_eq!(a.evaluate().unwrap(), ScalarValue::Float64(Some(8.0)));
     }

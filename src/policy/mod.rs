@@ -36,7 +36,7 @@ use datafusion::logical_expr::{
 use datafusion::logical_expr::{LogicalPlanBuilder, cast};
 use datafusion::prelude::SessionContext;
 
-use crate::disclosure::{Disclosure, Overrides, Rules, second_largest};
+use crate::disclosure::{Disclosure, Overrides, Rules, people_at_least, second_largest};
 use crate::engine::{GuardedTable, PERSON_ID};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -689,18 +689,18 @@ impl Checker {
             .iter()
             .map(|p| matches!(p, Expr::Column(c) if one_row_per_person(&agg.input, c)))
             .collect();
-        let people_where = |j: usize, person: &Expr, condition: Option<&Expr>| -> Result<Expr, PolicyError> {
-            Ok(match (unique[j], condition) {
-                (true, None) => count(lit(1)),
-                (true, Some(c)) => count(when(c.clone(), lit(1)).end().map_err(df)?),
-                (false, None) => count_distinct(person.clone()),
-                (false, Some(c)) => count_distinct(when(c.clone(), person.clone()).end().map_err(df)?),
+        let people_where = |j: usize, person: &Expr, condition: &Expr| -> Result<Expr, PolicyError> {
+            Ok(match unique[j] {
+                true => count(when(condition.clone(), lit(1)).end().map_err(df)?),
+                false => count_distinct(when(condition.clone(), person.clone()).end().map_err(df)?),
             })
         };
-        for (j, person) in ids.iter().enumerate() {
-            aggr.push(people_where(j, person, None)?.alias(people_name(j)));
-        }
         let group_people: Vec<Expr> = (0..ids.len()).map(|j| col(people_name(j))).collect();
+        // Whether exact people counts per group are needed: for the differencing check (a
+        // filtered input) and for cells with their own condition (people left out of the
+        // group). Otherwise the rules only ask whether a group has `threshold` people.
+        let unfiltered = without_filters(Arc::unwrap_or_clone(Arc::clone(&agg.input))).map_err(df)?;
+        let mut exact = unfiltered.transformed;
 
         // Per aggregate: whether it is a count, the people who contribute to it, and (for SUM
         // and AVG) the expression and condition whose per-person totals dominance judges.
@@ -739,8 +739,12 @@ impl Checker {
             // (a zero adds nothing, so `SUM(CASE WHEN … THEN x ELSE 0 END)` counts only the
             // people the CASE selects).
             let mut conditions: Vec<Expr> = params.filter.iter().map(|f| (**f).clone()).collect();
+            // COUNT(DISTINCT person_id) over one identifier: its people are the group's.
+            let counts_the_group =
+                is_count && params.distinct && ids.len() == 1 && params.args.len() == 1 && params.args[0] == ids[0];
             if let Some(arg) = params.args.first()
                 && !matches!(arg, Expr::Literal(..))
+                && !counts_the_group
             {
                 conditions.push(arg.clone().is_not_null());
                 if !is_count {
@@ -748,6 +752,7 @@ impl Checker {
                 }
             }
             let condition = conditions.into_iter().reduce(Expr::and);
+            exact |= condition.is_some();
             if !is_count {
                 let arg = params.args.first().cloned().unwrap_or(lit(0));
                 let value = match &condition {
@@ -762,13 +767,23 @@ impl Checker {
                     let mut cols = Vec::with_capacity(ids.len());
                     for (j, person) in ids.iter().enumerate() {
                         let name = format!("__sde_contrib_{id}_{i}_{j}");
-                        aggr.push(people_where(j, person, Some(&condition))?.alias(name.clone()));
+                        aggr.push(people_where(j, person, &condition)?.alias(name.clone()));
                         cols.push(col(name));
                     }
                     cols
                 }
             };
             cells.push((is_count, contributors));
+        }
+
+        let threshold = self.disclosure.rules().threshold as usize;
+        for (j, person) in ids.iter().enumerate() {
+            let people = match (unique[j], exact) {
+                (true, _) => count(lit(1)),
+                (false, false) => people_at_least(person.clone(), threshold),
+                (false, true) => count_distinct(person.clone()),
+            };
+            aggr.push(people.alias(people_name(j)));
         }
 
         let n_group = agg.group_expr.len();
@@ -827,7 +842,6 @@ impl Checker {
         }
 
         // Differencing: the same groups without the query's filters, counting people.
-        let unfiltered = without_filters(Arc::unwrap_or_clone(Arc::clone(&agg.input))).map_err(df)?;
         if unfiltered.transformed {
             let unfiltered = Arc::new(unfiltered.data);
             let counts: Vec<Expr> = ids

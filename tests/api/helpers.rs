@@ -38,8 +38,11 @@ pub struct TestGateway {
     pub config: GatewayConfig,
     /// The walk, for its load figures (queries in flight, memory reserved).
     pub core: std::sync::Arc<sde_gateway::gateway::Core>,
+    /// Read by the telemetry tests (`tests/telemetry.rs`).
+    #[allow(dead_code)]
     pub telemetry: sde_gateway::telemetry::Telemetry,
     /// The Prometheus listener, when `telemetry.metrics_listen` is set.
+    #[allow(dead_code)]
     pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     run: Option<tokio::task::JoinHandle<Result<(), sde_gateway::server::ServerError>>>,

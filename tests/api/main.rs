@@ -1,5 +1,6 @@
 //! Integration tests: the real gateway on an ephemeral port, real TLS with certificates made at
-//! test time, real signed tokens, and the Rust Flight SQL client.
+//! test time, real signed tokens, and the Rust Flight SQL client. The telemetry tests are their
+//! own test binary (`tests/telemetry.rs`), so no other test's tracing shares their process.
 
 mod admin;
 mod attacks;
@@ -11,5 +12,4 @@ mod identity;
 mod matrix;
 mod operations;
 mod property;
-mod telemetry;
 mod versions;

@@ -19,7 +19,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status};
 use tracing_subscriber::layer::SubscriberExt;
 
-use crate::helpers::*;
+// Its own process: `tracing` caches, per call site, whether any subscriber wants its spans,
+// and with the other tests' gateways starting and stopping subscribers in the same process
+// the step spans were sometimes judged unwanted and never reached this test's subscriber.
+#[allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use helpers::*;
 
 /// What the receiver has been sent.
 #[derive(Clone, Default)]
