@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, ListArray};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, ListArray, UInt32Array};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, UInt64Type};
 use datafusion::common::ScalarValue;
 use datafusion::common::hash_utils::{RandomState, create_hashes};
@@ -120,16 +120,25 @@ impl GroupsAccumulator for Groups {
     ) -> DFResult<()> {
         let values = &values[0];
         self.seen.resize_with(total_num_groups, Vec::new);
-        hash_rows(values, &mut self.hashes)?;
-        for (row, &group) in group_indices.iter().enumerate() {
-            let set = &mut self.seen[group];
-            if set.len() >= self.cap
-                || values.is_null(row)
-                || opt_filter.is_some_and(|f| f.is_null(row) || !f.value(row))
-            {
-                continue;
-            }
-            insert(set, self.cap, self.hashes[row]);
+        // Only rows of groups not yet full are hashed: once a group has shown `cap` people the
+        // rest of its rows cost one comparison each.
+        let rows: Vec<u32> = group_indices
+            .iter()
+            .enumerate()
+            .filter(|&(row, &group)| {
+                self.seen[group].len() < self.cap
+                    && values.is_valid(row)
+                    && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
+            })
+            .map(|(row, _)| row as u32)
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let wanted = datafusion::arrow::compute::take(values.as_ref(), &UInt32Array::from(rows.clone()), None)?;
+        hash_rows(&wanted, &mut self.hashes)?;
+        for (&row, &hash) in rows.iter().zip(&self.hashes) {
+            insert(&mut self.seen[group_indices[row as usize]], self.cap, hash);
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::catalog::TableProvider;
+use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::listing::ListingTable;
 use datafusion::datasource::provider_as_source;
@@ -24,10 +25,14 @@ use super::{EngineError, PERSON_ID, join_people, open_listing};
 use crate::ingest::version;
 
 const RECORD: &str = "_served.json";
+/// How copies are written (2: Snappy, as the ingest writes); a copy in another format is rebuilt.
+const FORMAT: u32 = 2;
 
 /// What was written, checked again at every start.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Record {
+    #[serde(default)]
+    format: u32,
     dataset: String,
     source_hash: String,
     opt_outs_hash: String,
@@ -59,14 +64,21 @@ pub(crate) async fn ensure(
 ) -> Result<Served, EngineError> {
     let dir = root
         .join(dataset)
-        .join(format!("{}-{}", &source_hash[..16], &opt_outs_hash[..16]));
-    let wanted = |r: &Record| r.dataset == dataset && r.source_hash == source_hash && r.opt_outs_hash == opt_outs_hash;
+        .join(format!("{}-{}-v{FORMAT}", &source_hash[..16], &opt_outs_hash[..16]));
+    let wanted = |r: &Record| {
+        r.format == FORMAT && r.dataset == dataset && r.source_hash == source_hash && r.opt_outs_hash == opt_outs_hash
+    };
     let record = match check(&dir)? {
         Some(record) if wanted(&record) => record,
         stale => {
             if stale.is_some() || dir.exists() {
                 tracing::warn!(dataset, dir = %dir.display(), "served copy does not match; rebuilding it");
-                std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+                // Moved aside first (atomically), so another gateway sharing the folder never
+                // sees half of it; if another one moved it already, so much the better.
+                let aside = dir.with_file_name(format!(".stale-{}", uuid::Uuid::new_v4()));
+                if std::fs::rename(&dir, &aside).is_ok() {
+                    let _ = std::fs::remove_dir_all(&aside);
+                }
             }
             build(&dir, dataset, source, source_hash, opt_outs, opt_outs_hash).await?
         }
@@ -128,6 +140,7 @@ async fn build(
         }
     };
     let record = Record {
+        format: FORMAT,
         dataset: dataset.to_owned(),
         source_hash: source_hash.to_owned(),
         opt_outs_hash: opt_outs_hash.to_owned(),
@@ -177,8 +190,15 @@ async fn write(
         .project(columns)?
         .build()?;
     let path = format!("{}/", dir.display());
+    // Snappy, as the ingest writes: cheaper to decode than DataFusion's default (zstd).
+    let mut parquet = TableParquetOptions::default();
+    parquet.global.compression = Some("snappy".into());
     DataFrame::new(ctx.state(), plan)
-        .write_parquet(&path, DataFrameWriteOptions::new().with_single_file_output(false), None)
+        .write_parquet(
+            &path,
+            DataFrameWriteOptions::new().with_single_file_output(false),
+            Some(parquet),
+        )
         .await?;
 
     let copy = open_listing(&ctx, dir).await?;
