@@ -229,6 +229,52 @@ async fn concurrent(dir: &Path, addr: std::net::SocketAddr, clients: usize, dura
     )
 }
 
+/// Per step, the sum (seconds) and count of the step-latency histogram, from the Prometheus
+/// listener.
+async fn step_totals(addr: std::net::SocketAddr) -> std::collections::BTreeMap<String, (f64, f64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let mut totals = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("sde_step_duration")) {
+        let (Some(step), Some(value)) = (
+            line.split("step=\"").nth(1).and_then(|r| r.split('"').next()),
+            line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        let entry = totals.entry(step.to_owned()).or_insert((0.0, 0.0));
+        if line.contains("_sum") {
+            entry.0 += value;
+        } else if line.contains("_count") {
+            entry.1 += value;
+        }
+    }
+    totals
+}
+
+fn step_means(
+    before: &std::collections::BTreeMap<String, (f64, f64)>,
+    after: &std::collections::BTreeMap<String, (f64, f64)>,
+) -> String {
+    let order = ["authenticate", "authorise", "plan", "check", "execute", "disclose", "audit"];
+    order
+        .iter()
+        .filter_map(|step| {
+            let (s1, c1) = after.get(*step)?;
+            let (s0, c0) = before.get(*step).copied().unwrap_or_default();
+            let calls = c1 - c0;
+            (calls > 0.0).then(|| format!("{step} {:.2} ms", (s1 - s0) / calls * 1000.0))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Replaces the text between the report's markers in `docs/benchmarks.md`.
 fn write_report(report: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
@@ -263,11 +309,14 @@ async fn main() {
     config.limits.user_queries_per_minute = 1_000_000;
     config.limits.max_concurrent_queries_per_user = 128;
     config.limits.max_queued_queries = 128;
+    // The Prometheus listener, to read the per-step latency of the small query.
+    config.telemetry.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
 
     let gateway = Gateway::build(&config).await.expect("gateway");
     let core = gateway.core();
     bench_project(&config, &core.engine.columns()).await;
     let addr = gateway.local_addr();
+    let metrics_addr = gateway.metrics_addr().expect("metrics listener");
     tokio::spawn(gateway.run(std::future::pending()));
 
     let raw = SessionContext::new();
@@ -334,12 +383,21 @@ async fn main() {
         "\nThe small query at 1, 8 and 32 concurrent Flight SQL clients, 10 s each:\n\n\
          | clients | queries/s | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|\n",
     );
+    let mut steps = String::new();
     for clients in [1, 8, 32] {
+        let before = step_totals(metrics_addr).await;
         let line = concurrent(&dir, addr, clients, Duration::from_secs(10)).await;
         eprintln!("{line}");
         report.push_str(&line);
         report.push('\n');
+        if clients == 1 {
+            steps = step_means(&before, &step_totals(metrics_addr).await);
+        }
     }
+    report.push_str(&format!(
+        "\nWhere the small query's time goes at 1 client (the gateway's `sde.step.duration` histogram, \
+         mean per call; `authorise` and `audit` run at GetFlightInfo and again at DoGet): {steps}.\n"
+    ));
 
     // 64 heavy queries at once: each completes or is refused cleanly; the process survives.
     // The gateway's memory pool is sampled meanwhile.
