@@ -262,7 +262,15 @@ fn step_means(
     before: &std::collections::BTreeMap<String, (f64, f64)>,
     after: &std::collections::BTreeMap<String, (f64, f64)>,
 ) -> String {
-    let order = ["authenticate", "authorise", "plan", "check", "execute", "disclose", "audit"];
+    let order = [
+        "authenticate",
+        "authorise",
+        "plan",
+        "check",
+        "execute",
+        "disclose",
+        "audit",
+    ];
     order
         .iter()
         .filter_map(|step| {

@@ -234,19 +234,29 @@ impl Core {
         Ok(principal)
     }
 
-    /// Safe People and Safe Projects for a data call.
+    /// Safe People and Safe Projects for a data call (granted decisions are remembered by the
+    /// registry until it changes).
     fn access(&self, call: &CallContext, who: &mut Who) -> Result<(Principal, ProjectAccess), Error> {
         self.step("authorise", || {
-            let principal = self.principal_inner(call, who)?;
-            let project = call
-                .project
-                .clone()
-                .ok_or(Refusal::NoProject)
-                .map_err(crate::registry::RegistryError::from)?;
+            let Some(project) = call.project.clone() else {
+                self.principal_inner(call, who)?;
+                return Err(RegistryError::from(Refusal::NoProject).into());
+            };
+            let subject = call.authenticated.clone()?;
+            who.user = Some(subject.user.clone());
+            who.span.record("user", subject.user.as_str());
+            let (principal, decided) = match self.registry.data_access(&subject.user, &project, self.clock.today()) {
+                Ok((principal, access)) => (principal.clone(), Ok((principal, access))),
+                Err(refused) => match *refused {
+                    (Some(principal), e) => (principal, Err(e)),
+                    (None, e) => return Err(e.into()),
+                },
+            };
+            who.span.record("organisation", principal.organisation.as_str());
+            who.principal = Some(principal);
             who.span.record("project", project.as_str());
-            who.project = Some(project.clone());
-            let access = self.registry.project_access(&principal, &project, self.clock.today())?;
-            Ok((principal, access))
+            who.project = Some(project);
+            decided.map_err(Into::into)
         })
     }
 

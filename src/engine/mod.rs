@@ -673,6 +673,21 @@ impl TableProvider for GuardedTable {
         _limit: Option<usize>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
         let name = self.name.as_str();
+        if self.opt_outs.is_none() && self.cohort.is_none() {
+            // A served copy with nothing to remove: its own scan, with the granted columns
+            // mapped to the copy's (filters are used to prune; they are applied again above).
+            let source = self.source.schema();
+            let wanted: Vec<&str> = match projection {
+                Some(indices) => indices.iter().map(|&i| self.schema.field(i).name().as_str()).collect(),
+                None => self.schema.fields().iter().map(|f| f.name().as_str()).collect(),
+            };
+            let indices = wanted
+                .into_iter()
+                .map(|c| source.index_of(c))
+                .collect::<Result<Vec<_>, _>>()?;
+            let filters = filters.iter().map(unqualify).collect::<DFResult<Vec<_>>>()?;
+            return self.source.scan(state, Some(&indices), &filters, None).await;
+        }
         let mut plan = LogicalPlanBuilder::scan(name, provider_as_source(Arc::clone(&self.source)), None)?;
         if let Some(cohort) = &self.cohort {
             plan = join_people(plan, name, &cohort.population, Some(&cohort.expr), JoinType::LeftSemi)?;

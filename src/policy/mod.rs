@@ -701,6 +701,16 @@ impl Checker {
         // group). Otherwise the rules only ask whether a group has `threshold` people.
         let unfiltered = without_filters(Arc::unwrap_or_clone(Arc::clone(&agg.input))).map_err(df)?;
         let mut exact = unfiltered.transformed;
+        // With SUM or AVG over one identifier, dominance needs each person's totals anyway
+        // (an aggregate by group and person): the people of each group and cell are counted
+        // from it too, in that one pass, rather than by distinct counts in the main aggregate.
+        let has_sums = agg.aggr_expr.iter().any(|e| {
+            matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(f)
+                if matches!(f.func.name().to_lowercase().as_str(), "sum" | "avg" | "mean"))
+        });
+        let per_person_counts = has_sums && ids.len() == 1 && !unique[0];
+        // Cells whose contributors are counted from the per-person aggregate: (cell, condition).
+        let mut person_conditions: Vec<(usize, Expr)> = Vec::new();
 
         // Per aggregate: whether it is a count, the people who contribute to it, and (for SUM
         // and AVG) the expression and condition whose per-person totals dominance judges.
@@ -763,6 +773,10 @@ impl Checker {
             }
             let contributors = match condition {
                 None => group_people.clone(),
+                Some(condition) if per_person_counts => {
+                    person_conditions.push((i, condition));
+                    vec![col(format!("__sde_contrib_{id}_{i}_0"))]
+                }
                 Some(condition) => {
                     let mut cols = Vec::with_capacity(ids.len());
                     for (j, person) in ids.iter().enumerate() {
@@ -778,6 +792,9 @@ impl Checker {
 
         let threshold = self.disclosure.rules().threshold as usize;
         for (j, person) in ids.iter().enumerate() {
+            if per_person_counts {
+                break;
+            }
             let people = match (unique[j], exact) {
                 (true, _) => count(lit(1)),
                 (false, false) => people_at_least(person.clone(), threshold),
@@ -810,15 +827,29 @@ impl Checker {
             if sums.is_empty() {
                 break;
             }
+            let mut per_person_exprs: Vec<Expr> = sums
+                .iter()
+                .map(|(i, v)| sum(v.clone()).alias(format!("__c{i}")))
+                .collect();
+            let mut per_group = Vec::new();
+            if per_person_counts {
+                // Each row of the per-person aggregate is one person (NULL identifiers aside).
+                let person_col = col("__person".into());
+                per_group.push(count(person_col.clone()).alias(people_name(j)));
+                for (i, condition) in &person_conditions {
+                    let rows = format!("__n{i}");
+                    per_person_exprs
+                        .push(count(when(condition.clone(), lit(1)).end().map_err(df)?).alias(rows.clone()));
+                    let contributes = when(col(rows).gt(lit(0)), person_col.clone()).end().map_err(df)?;
+                    per_group.push(count(contributes).alias(format!("__sde_contrib_{id}_{i}_{j}")));
+                }
+            }
             let per_person = Aggregate::try_new(
                 Arc::clone(&agg.input),
                 [keys.clone(), vec![person.clone().alias("__person")]].concat(),
-                sums.iter()
-                    .map(|(i, v)| sum(v.clone()).alias(format!("__c{i}")))
-                    .collect(),
+                per_person_exprs,
             )
             .map_err(df)?;
-            let mut per_group = Vec::new();
             for (i, _) in &sums {
                 let c = col(format!("__c{i}"));
                 let magnitude = when(c.clone().lt(lit(0.0)), -c.clone()).otherwise(c).map_err(df)?;

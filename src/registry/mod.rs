@@ -7,7 +7,7 @@
 //! project is approved by the whole board, inside its dates, has the user as a member and the
 //! organisation as a party. Each way of failing is its own [`Refusal`], naming its rule.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -132,8 +132,21 @@ pub struct Registry {
     conn: Mutex<Connection>,
     writer: tokio::sync::Mutex<Connection>,
     rules: RuleSet,
+    /// Data-call decisions granted, by (user, project, day), with the registry version they
+    /// were made at ([`Registry::data_access`]).
+    granted: Mutex<HashMap<(String, String, NaiveDate), Granted>>,
     /// How recent data protection training must be, in months.
     pub training_months: u32,
+}
+
+/// A data call refused: the principal if Safe People passed, and why.
+pub type DataRefusal = (Option<Principal>, RegistryError);
+
+/// A granted data-call decision and the registry version it was made at.
+struct Granted {
+    version: (i64, i64),
+    principal: Principal,
+    access: ProjectAccess,
 }
 
 impl std::fmt::Debug for Registry {
@@ -165,8 +178,55 @@ impl Registry {
             conn: Mutex::new(conn),
             writer: tokio::sync::Mutex::new(connect(path)?),
             rules,
+            granted: Mutex::new(HashMap::new()),
             training_months,
         })
+    }
+
+    /// Where the registry stands: moves with every change committed by another connection
+    /// (`data_version`, e.g. an administrative change) and every row changed through the reading
+    /// connection (`total_changes()`).
+    fn version(&self) -> Result<(i64, i64), RegistryError> {
+        self.with_conn(|c| {
+            let committed = c.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+            let changed = c.query_row("SELECT total_changes()", [], |r| r.get(0))?;
+            Ok((committed, changed))
+        })
+    }
+
+    /// Safe People, then Safe Projects, for a data call: [`Registry::principal`], then
+    /// [`Registry::project_access`]. A decision that grants access is remembered until the
+    /// registry changes or the day does; refusals are always decided afresh. On refusal, the
+    /// principal if Safe People passed.
+    pub fn data_access(
+        &self,
+        user: &str,
+        project: &str,
+        today: NaiveDate,
+    ) -> Result<(Principal, ProjectAccess), Box<DataRefusal>> {
+        let version = self.version().map_err(|e| Box::new((None, e)))?;
+        let key = (user.to_owned(), project.to_owned(), today);
+        if let Some(g) = self.granted.lock().expect("granted lock").get(&key)
+            && g.version == version
+        {
+            return Ok((g.principal.clone(), g.access.clone()));
+        }
+        let principal = self.principal(user, today).map_err(|e| Box::new((None, e)))?;
+        let access = match self.project_access(&principal, project, today) {
+            Ok(access) => access,
+            Err(e) => return Err(Box::new((Some(principal), e))),
+        };
+        let mut granted = self.granted.lock().expect("granted lock");
+        if granted.len() >= 10_000 {
+            granted.clear();
+        }
+        let remembered = Granted {
+            version,
+            principal: principal.clone(),
+            access: access.clone(),
+        };
+        granted.insert(key, remembered);
+        Ok((principal, access))
     }
 
     /// The hash of the access rules in force, recorded with every audit record.
@@ -562,6 +622,26 @@ mod tests {
             RegistryError::Refused(r) => r,
             other => panic!("expected a refusal, got {other}"),
         }
+    }
+
+    #[test]
+    fn a_remembered_decision_is_forgotten_as_soon_as_the_registry_changes() {
+        let (reg, dir) = demo_registry();
+        let project = "ews-asc-linkage";
+        let granted = reg.data_access("alice", project, today()).unwrap();
+        assert_eq!(reg.data_access("alice", project, today()).unwrap().1, granted.1);
+        // A change through the registry's own connection…
+        reg.set_grant_version(project, "patients", Some("v1")).unwrap();
+        let pinned = reg.data_access("alice", project, today()).unwrap();
+        assert_eq!(pinned.1.versions.get("patients").map(String::as_str), Some("v1"));
+        // …and one committed by another connection (an administrator, another process).
+        let other = rusqlite::Connection::open(dir.path().join("r.db")).unwrap();
+        other
+            .execute("UPDATE users SET suspended = 1 WHERE id = 'alice'", [])
+            .unwrap();
+        let (principal, refused) = *reg.data_access("alice", project, today()).unwrap_err();
+        assert!(principal.is_none(), "Safe People refused her");
+        assert!(refused.to_string().contains("suspended"), "{refused}");
     }
 
     #[test]
