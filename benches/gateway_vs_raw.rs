@@ -339,6 +339,21 @@ async fn main() {
         project: Some(PROJECT.into()),
         client_tool: None,
     };
+    // For profiling (`perf record`): only the gateway's walk of one query, for 20 s.
+    if let Ok(name) = std::env::var("GATEWAY_VS_RAW_PROFILE") {
+        let (_, sql) = QUERIES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("a query name from the set");
+        let until = Instant::now() + Duration::from_secs(20);
+        let mut runs = 0;
+        while Instant::now() < until {
+            let _ = core_query(&core, &call, sql).await;
+            runs += 1;
+        }
+        eprintln!("{name}: {runs} runs in 20 s");
+        return;
+    }
     let mut client = flight_client(&dir, addr).await;
 
     let mut report = format!(

@@ -25,8 +25,10 @@ use super::{EngineError, PERSON_ID, join_people, open_listing};
 use crate::ingest::version;
 
 const RECORD: &str = "_served.json";
-/// How copies are written (2: Snappy, as the ingest writes); a copy in another format is rebuilt.
-const FORMAT: u32 = 2;
+/// How copies are written (3: Snappy, as the ingest writes, except `person_id`, stored plain:
+/// random pseudonyms do not compress, and every query that counts people reads them); a copy
+/// in another format is rebuilt.
+const FORMAT: u32 = 3;
 
 /// What was written, checked again at every start.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -190,9 +192,14 @@ async fn write(
         .project(columns)?
         .build()?;
     let path = format!("{}/", dir.display());
-    // Snappy, as the ingest writes: cheaper to decode than DataFusion's default (zstd).
+    // Snappy, as the ingest writes (cheaper to decode than DataFusion's default, zstd); the
+    // pseudonyms plain.
     let mut parquet = TableParquetOptions::default();
     parquet.global.compression = Some("snappy".into());
+    let mut plain = datafusion::config::ParquetColumnOptions::default();
+    plain.compression = Some("uncompressed".into());
+    plain.dictionary_enabled = Some(false);
+    parquet.column_specific_options.insert(PERSON_ID.to_owned(), plain);
     DataFrame::new(ctx.state(), plan)
         .write_parquet(
             &path,
