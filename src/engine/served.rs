@@ -196,9 +196,11 @@ async fn write(
     // pseudonyms plain.
     let mut parquet = TableParquetOptions::default();
     parquet.global.compression = Some("snappy".into());
-    let mut plain = datafusion::config::ParquetColumnOptions::default();
-    plain.compression = Some("uncompressed".into());
-    plain.dictionary_enabled = Some(false);
+    let plain = datafusion::config::ParquetColumnOptions {
+        compression: Some("uncompressed".into()),
+        dictionary_enabled: Some(false),
+        ..Default::default()
+    };
     parquet.column_specific_options.insert(PERSON_ID.to_owned(), plain);
     DataFrame::new(ctx.state(), plan)
         .write_parquet(
