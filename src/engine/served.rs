@@ -25,10 +25,11 @@ use super::{EngineError, PERSON_ID, join_people, open_listing};
 use crate::ingest::version;
 
 const RECORD: &str = "_served.json";
-/// How copies are written (3: Snappy, as the ingest writes, except `person_id`, stored plain:
-/// random pseudonyms do not compress, and every query that counts people reads them); a copy
-/// in another format is rebuilt.
-const FORMAT: u32 = 3;
+/// How copies are written (4: Snappy, as the ingest writes, except `person_id`, stored without
+/// compression: random pseudonyms barely compress, and every query that counts people reads
+/// them; dictionary encoding stays, as a person's rows repeat the pseudonym); a copy in another
+/// format is rebuilt.
+const FORMAT: u32 = 4;
 
 /// What was written, checked again at every start.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -193,12 +194,11 @@ async fn write(
         .build()?;
     let path = format!("{}/", dir.display());
     // Snappy, as the ingest writes (cheaper to decode than DataFusion's default, zstd); the
-    // pseudonyms plain.
+    // pseudonyms uncompressed.
     let mut parquet = TableParquetOptions::default();
     parquet.global.compression = Some("snappy".into());
     let plain = datafusion::config::ParquetColumnOptions {
         compression: Some("uncompressed".into()),
-        dictionary_enabled: Some(false),
         ..Default::default()
     };
     parquet.column_specific_options.insert(PERSON_ID.to_owned(), plain);
