@@ -27,7 +27,7 @@ use sde_gateway::registry::admin;
 use sde_gateway::registry::rules::RuleSet;
 use sde_gateway::registry::{BOARD_ROLES, Registry};
 use sde_gateway::{Gateway, GatewayConfig};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 mod common;
 use common::{percentile, time};
@@ -119,17 +119,10 @@ async fn bench_project(config: &GatewayConfig, columns: &std::collections::BTree
 }
 
 async fn flight_client(dir: &Path, addr: std::net::SocketAddr) -> FlightSqlServiceClient<Channel> {
-    let ca = std::fs::read(dir.join("tls/ca.pem")).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name("localhost");
-    let channel = Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        sde_gateway::api::client::tls_channel(&format!("https://{addr}"), &dir.join("tls/ca.pem"), "localhost", None)
+            .await
+            .unwrap();
     let mut client = FlightSqlServiceClient::new(channel);
     client.set_token(std::fs::read_to_string(dir.join(format!("tokens/{USER}.jwt"))).unwrap());
     client.set_header("x-sde-project", PROJECT);
@@ -262,16 +255,7 @@ fn step_means(
     before: &std::collections::BTreeMap<String, (f64, f64)>,
     after: &std::collections::BTreeMap<String, (f64, f64)>,
 ) -> String {
-    let order = [
-        "authenticate",
-        "authorise",
-        "plan",
-        "check",
-        "execute",
-        "disclose",
-        "audit",
-    ];
-    order
+    sde_gateway::telemetry::STEPS
         .iter()
         .filter_map(|step| {
             let (s1, c1) = after.get(*step)?;

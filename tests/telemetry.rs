@@ -328,15 +328,8 @@ async fn the_binary_exports_spans_and_flushes_them_at_sigterm() {
     });
     serving.await.expect("the gateway starts");
 
-    let ca = std::fs::read(dir.path().join("tls/ca.pem")).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name("localhost");
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
+    let url = format!("https://127.0.0.1:{port}");
+    let channel = sde_gateway::api::client::tls_channel(&url, &dir.path().join("tls/ca.pem"), "localhost", None)
         .await
         .unwrap();
     let mut client = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
