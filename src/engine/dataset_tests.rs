@@ -232,6 +232,8 @@ async fn served_copies_leave_out_opted_out_people_and_are_rebuilt_when_they_do_n
         "9434765919,A\n9434765919,B\n4010232137,A\n",
         visits,
     );
+    // Every person opted out: an empty copy, still served.
+    ingest_csv(root, "lonely", "nhs_number,clinic", "9990000042,A\n", visits);
     let served = root.join("served");
     let open = || async {
         Engine::open_with_versions(&root.join("data"), Some(&root.join("versions")), &BTreeMap::new())
@@ -264,6 +266,17 @@ async fn served_copies_leave_out_opted_out_people_and_are_rebuilt_when_they_do_n
     let mut to_visits = access(&[]);
     to_visits.grants = BTreeMap::from([("visits".to_owned(), vec![PERSON_ID.to_owned(), "clinic".to_owned()])]);
     assert!(!guarded(&engine, &to_visits, "visits"));
+    let mut to_lonely = access(&[]);
+    to_lonely.grants = BTreeMap::from([("lonely".to_owned(), vec![PERSON_ID.to_owned(), "clinic".to_owned()])]);
+    let ctx = engine.session(&to_lonely).unwrap();
+    let rows = ctx
+        .sql("SELECT COUNT(*) FROM lonely")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(rows[0].column(0).as_primitive::<Int64Type>().value(0), 0);
     // Without served copies nothing is known about rows per person.
     let plain = Engine::open(&root.join("data"), &BTreeMap::new()).await.unwrap();
     assert!(!guarded(&plain, &access(&[]), "people"));

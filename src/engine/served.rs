@@ -21,7 +21,7 @@ use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::logical_expr::{JoinType, LogicalPlanBuilder};
 use datafusion::prelude::{DataFrame, SessionContext, col, lit};
 
-use super::{EngineError, PERSON_ID, join_people, open_listing};
+use super::{EngineError, PERSON_ID, join_people, open_listing_as};
 use crate::ingest::version;
 
 const RECORD: &str = "_served.json";
@@ -86,8 +86,7 @@ pub(crate) async fn ensure(
             build(&dir, dataset, source, source_hash, opt_outs, opt_outs_hash).await?
         }
     };
-    let ctx = SessionContext::new();
-    let table = open_listing(&ctx, &dir).await.map_err(|source| EngineError::Dataset {
+    let table = open_listing_as(&dir, source.schema()).map_err(|source| EngineError::Dataset {
         dataset: dataset.to_owned(),
         source,
     })?;
@@ -130,6 +129,8 @@ async fn build(
     let parent = dir.parent().expect("a served copy has a dataset folder");
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     let tmp: PathBuf = parent.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+    // Made first: with no rows left, nothing is written and the copy is an empty folder.
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let failed = |source| EngineError::Dataset {
         dataset: dataset.to_owned(),
         source,
@@ -210,7 +211,7 @@ async fn write(
         )
         .await?;
 
-    let copy = open_listing(&ctx, dir).await?;
+    let copy = open_listing_as(dir, source.schema())?;
     let facts = ctx
         .read_table(copy)?
         .aggregate(
