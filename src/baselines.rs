@@ -22,10 +22,11 @@ use sha2::{Digest, Sha256};
 
 use crate::policy::is_differencing_baseline;
 
-/// Baselines kept at most; beyond it the oldest half is forgotten.
-const MAX_ENTRIES: usize = 512;
+/// Baselines kept at most; beyond it the least recently used half is forgotten. With
+/// [`MAX_BYTES`], the cache holds at most 256 MiB outside the queries' memory pool.
+const MAX_ENTRIES: usize = 256;
 /// Largest baseline kept, in bytes (a baseline has one row per group of the query).
-const MAX_BYTES: usize = 4 << 20;
+const MAX_BYTES: usize = 1 << 20;
 
 #[derive(Default)]
 pub struct Baselines {
