@@ -45,13 +45,13 @@ impl Baselines {
     /// Replaces each differencing baseline in the optimised `plan` by its result for `scope`,
     /// computing (and keeping) those not yet known.
     pub async fn substitute(&self, state: &SessionState, plan: LogicalPlan, scope: &str) -> DFResult<LogicalPlan> {
-        let mut wanted: Vec<(String, LogicalPlan)> = Vec::new();
+        let mut wanted: Vec<LogicalPlan> = Vec::new();
         plan.apply(|node| {
             if let LogicalPlan::SubqueryAlias(a) = node
                 && is_differencing_baseline(a.alias.table())
                 && only_immutable(&a.input)?
             {
-                wanted.push((key(scope, &a.input), a.input.as_ref().clone()));
+                wanted.push(a.input.as_ref().clone());
                 return Ok(TreeNodeRecursion::Jump);
             }
             Ok(TreeNodeRecursion::Continue)
@@ -59,8 +59,10 @@ impl Baselines {
         if wanted.is_empty() {
             return Ok(plan);
         }
-        let mut tables = HashMap::new();
-        for (key, input) in wanted {
+        // Each baseline's plan and its result, found again below by the plan itself.
+        let mut tables: Vec<(LogicalPlan, Arc<MemTable>)> = Vec::with_capacity(wanted.len());
+        for input in wanted {
+            let key = key(scope, &input);
             let table = match self.get(&key) {
                 Some(table) => table,
                 None => {
@@ -72,12 +74,12 @@ impl Baselines {
                     table
                 }
             };
-            tables.insert(key, table);
+            tables.push((input, table));
         }
         plan.transform_up(|node| match node {
             LogicalPlan::SubqueryAlias(a) if is_differencing_baseline(a.alias.table()) => {
-                match tables.get(&key(scope, &a.input)) {
-                    Some(table) => {
+                match tables.iter().find(|(input, _)| input == a.input.as_ref()) {
+                    Some((_, table)) => {
                         let scan = LogicalPlanBuilder::scan(
                             a.alias.table(),
                             provider_as_source(Arc::clone(table) as _),

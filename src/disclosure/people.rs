@@ -89,6 +89,15 @@ fn insert(set: &mut Vec<u64>, cap: usize, hash: u64) {
     }
 }
 
+/// Adds the people of partial state `row` of `lists` to `set`.
+fn merge_row(set: &mut Vec<u64>, cap: usize, lists: &ListArray, row: usize) {
+    if lists.is_valid(row) {
+        for &hash in lists.value(row).as_primitive::<UInt64Type>().values() {
+            insert(set, cap, hash);
+        }
+    }
+}
+
 fn hash_rows(values: &ArrayRef, hashes: &mut Vec<u64>) -> DFResult<()> {
     hashes.clear();
     hashes.resize(values.len(), 0);
@@ -135,9 +144,10 @@ impl GroupsAccumulator for Groups {
         if rows.is_empty() {
             return Ok(());
         }
-        let wanted = datafusion::arrow::compute::take(values.as_ref(), &UInt32Array::from(rows.clone()), None)?;
+        let rows = UInt32Array::from(rows);
+        let wanted = datafusion::arrow::compute::take(values.as_ref(), &rows, None)?;
         hash_rows(&wanted, &mut self.hashes)?;
-        for (&row, &hash) in rows.iter().zip(&self.hashes) {
+        for (&row, &hash) in rows.values().iter().zip(&self.hashes) {
             insert(&mut self.seen[group_indices[row as usize]], self.cap, hash);
         }
         Ok(())
@@ -158,13 +168,7 @@ impl GroupsAccumulator for Groups {
         self.seen.resize_with(total_num_groups, Vec::new);
         let lists = values[0].as_list::<i32>();
         for (row, &group) in group_indices.iter().enumerate() {
-            if lists.is_null(row) {
-                continue;
-            }
-            let set = &mut self.seen[group];
-            for &hash in lists.value(row).as_primitive::<UInt64Type>().values() {
-                insert(set, self.cap, hash);
-            }
+            merge_row(&mut self.seen[group], self.cap, lists, row);
         }
         Ok(())
     }
@@ -201,6 +205,9 @@ struct One {
 
 impl Accumulator for One {
     fn update_batch(&mut self, values: &[ArrayRef]) -> DFResult<()> {
+        if self.seen.len() >= self.cap {
+            return Ok(());
+        }
         let values = &values[0];
         let mut hashes = Vec::new();
         hash_rows(values, &mut hashes)?;
@@ -215,11 +222,7 @@ impl Accumulator for One {
     fn merge_batch(&mut self, states: &[ArrayRef]) -> DFResult<()> {
         let lists = states[0].as_list::<i32>();
         for row in 0..lists.len() {
-            if !lists.is_null(row) {
-                for &hash in lists.value(row).as_primitive::<UInt64Type>().values() {
-                    insert(&mut self.seen, self.cap, hash);
-                }
-            }
+            merge_row(&mut self.seen, self.cap, lists, row);
         }
         Ok(())
     }
@@ -249,9 +252,8 @@ mod tests {
 
     use super::*;
 
-    /// Groups `g` of `(g, person)` rows, spread over several batches (so partial states merge),
-    /// counting people up to `cap`.
-    async fn counts(rows: &[(&str, Option<&str>)], cap: usize) -> Vec<(String, i64)> {
+    /// Table `t` of `(g, person)` rows, spread over several partitions (so partial states merge).
+    fn context(rows: &[(&str, Option<&str>)]) -> SessionContext {
         let schema = Arc::new(Schema::new(vec![
             Field::new("g", DataType::Utf8, false),
             Field::new("person", DataType::Utf8, true),
@@ -268,7 +270,12 @@ mod tests {
         let partitions = batches.into_iter().map(|b| vec![b]).collect();
         ctx.register_table("t", Arc::new(MemTable::try_new(schema, partitions).unwrap()))
             .unwrap();
-        let out = ctx
+        ctx
+    }
+
+    /// Per group `g`, people counted up to `cap`.
+    async fn counts(rows: &[(&str, Option<&str>)], cap: usize) -> Vec<(String, i64)> {
+        let out = context(rows)
             .table("t")
             .await
             .unwrap()
@@ -315,5 +322,30 @@ mod tests {
             counts(&rows, 10).await,
             [("a".into(), 2), ("b".into(), 4), ("c".into(), 0)]
         );
+    }
+
+    #[tokio::test]
+    async fn without_groups_people_are_counted_up_to_the_cap() {
+        let rows: Vec<(&str, Option<&str>)> = ["p1", "p2", "p1", "p3", "p4", "p5", "p6", "p2"]
+            .iter()
+            .map(|p| ("a", Some(*p)))
+            .chain([("a", None)])
+            .collect();
+        for (cap, expected) in [(3, 3), (10, 6)] {
+            let out = context(&rows)
+                .table("t")
+                .await
+                .unwrap()
+                .aggregate(vec![], vec![people_at_least(col("person"), cap).alias("n")])
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let n = out[0]
+                .column(0)
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .value(0);
+            assert_eq!(n, expected, "cap {cap}");
+        }
     }
 }

@@ -32,9 +32,9 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::ingest::{scan, version};
+use crate::registry::ProjectAccess;
 
 mod served;
-use crate::registry::ProjectAccess;
 
 /// The privacy unit: the pseudonymised person identifier present in every dataset.
 pub const PERSON_ID: &str = "person_id";
@@ -536,25 +536,22 @@ fn granted_schema(dataset: &str, full: &SchemaRef, columns: &[String]) -> Result
     Ok(Arc::new(Schema::new(fields)))
 }
 
-async fn open_listing(ctx: &SessionContext, dir: &Path) -> DFResult<Arc<ListingTable>> {
+/// The Parquet files directly in `dir`, as a listing table to configure.
+fn listing(dir: &Path) -> DFResult<ListingTableConfig> {
     let url = ListingTableUrl::parse(dir.to_string_lossy())?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new(url)
-        .with_listing_options(options)
-        .infer_schema(&ctx.state())
-        .await?;
+    Ok(ListingTableConfig::new(url).with_listing_options(options))
+}
+
+async fn open_listing(ctx: &SessionContext, dir: &Path) -> DFResult<Arc<ListingTable>> {
+    let config = listing(dir)?.infer_schema(&ctx.state()).await?;
     Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
 /// As [`open_listing`], with the schema given rather than read from the files (a folder may
 /// hold none: a served copy of a dataset whose every person opted out).
 fn open_listing_as(dir: &Path, schema: SchemaRef) -> DFResult<Arc<ListingTable>> {
-    let url = ListingTableUrl::parse(dir.to_string_lossy())?;
-    let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new(url)
-        .with_listing_options(options)
-        .with_schema(schema);
-    Ok(Arc::new(ListingTable::try_new(config)?))
+    Ok(Arc::new(ListingTable::try_new(listing(dir)?.with_schema(schema))?))
 }
 
 /// What a session scans for one dataset ([`Engine::source_for`]).

@@ -11,12 +11,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::Int64Type;
 use datafusion::catalog::TableProvider;
 use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::listing::ListingTable;
 use datafusion::datasource::provider_as_source;
-use datafusion::error::Result as DFResult;
+use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::logical_expr::{JoinType, LogicalPlanBuilder};
 use datafusion::prelude::{DataFrame, SessionContext, col, lit};
@@ -131,30 +133,37 @@ async fn build(
     let tmp: PathBuf = parent.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
     // Made first: with no rows left, nothing is written and the copy is an empty folder.
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let failed = |source| EngineError::Dataset {
-        dataset: dataset.to_owned(),
-        source,
+    let written = async {
+        let (rows, rows_with_person, people) =
+            write(&tmp, dataset, source, opt_outs)
+                .await
+                .map_err(|source| EngineError::Dataset {
+                    dataset: dataset.to_owned(),
+                    source,
+                })?;
+        let record = Record {
+            format: FORMAT,
+            dataset: dataset.to_owned(),
+            source_hash: source_hash.to_owned(),
+            opt_outs_hash: opt_outs_hash.to_owned(),
+            content_hash: version::content_hash(&tmp).map_err(io(&tmp))?,
+            rows,
+            rows_with_person,
+            people,
+        };
+        let text = serde_json::to_string_pretty(&record).expect("record serialises");
+        std::fs::write(tmp.join(RECORD), text).map_err(io(&tmp))?;
+        Ok(record)
     };
-    let outcome = write(&tmp, dataset, source, opt_outs).await.map_err(failed);
-    let (rows, rows_with_person, people) = match outcome {
-        Ok(facts) => facts,
+    // Whatever fails, no half-written folder is left behind.
+    let record = match written.await {
+        Ok(record) => record,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
     };
-    let record = Record {
-        format: FORMAT,
-        dataset: dataset.to_owned(),
-        source_hash: source_hash.to_owned(),
-        opt_outs_hash: opt_outs_hash.to_owned(),
-        content_hash: version::content_hash(&tmp).map_err(io(&tmp))?,
-        rows,
-        rows_with_person,
-        people,
-    };
-    let text = serde_json::to_string_pretty(&record).expect("record serialises");
-    std::fs::write(tmp.join(RECORD), text).map_err(io(&tmp))?;
+    let (rows, people) = (record.rows, record.people);
     if std::fs::rename(&tmp, dir).is_err() {
         // Built meanwhile by another process: keep theirs if it checks out.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -184,15 +193,8 @@ async fn write(
     let ctx = SessionContext::new();
     let opt_outs = Arc::clone(opt_outs) as _;
     let scan = LogicalPlanBuilder::scan(dataset, provider_as_source(Arc::clone(source) as _), None)?;
-    let columns: Vec<_> = source
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| datafusion::prelude::Expr::Column(datafusion::common::Column::new(Some(dataset), f.name())))
-        .collect();
-    let plan = join_people(scan, dataset, &opt_outs, None, JoinType::LeftAnti)?
-        .project(columns)?
-        .build()?;
+    // An anti-join keeps exactly the source's columns.
+    let plan = join_people(scan, dataset, &opt_outs, None, JoinType::LeftAnti)?.build()?;
     let path = format!("{}/", dir.display());
     // Snappy, as the ingest writes (cheaper to decode than DataFusion's default, zstd); the
     // pseudonyms uncompressed.
@@ -224,16 +226,14 @@ async fn write(
         )?
         .collect()
         .await?;
+    // A missing figure is an error, never zero: zero rows and zero people would read as one
+    // row per person.
     let value = |i: usize| {
         facts
             .first()
-            .and_then(|b| {
-                b.column(i)
-                    .as_any()
-                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
-            })
+            .and_then(|b| b.column(i).as_primitive_opt::<Int64Type>())
             .map(|a| a.value(0) as u64)
-            .unwrap_or(0)
+            .ok_or_else(|| DataFusionError::Internal(format!("served copy {dataset}: no count {i}")))
     };
-    Ok((value(0), value(1), value(2)))
+    Ok((value(0)?, value(1)?, value(2)?))
 }

@@ -196,25 +196,12 @@ fn check_reserved_names(plan: &LogicalPlan) -> Result<(), PolicyError> {
     let reserved = |name: &str| name.to_lowercase().starts_with(RESERVED);
     let mut found = false;
     plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::SubqueryAlias(a) = node
-            && reserved(a.alias.table())
-        {
-            found = true;
-        }
-        node.apply_expressions(|e| {
-            e.apply(|e| {
-                if let Expr::Alias(a) = e
-                    && reserved(&a.name)
-                {
-                    found = true;
-                }
-                Ok(if found {
-                    TreeNodeRecursion::Stop
-                } else {
-                    TreeNodeRecursion::Continue
-                })
-            })
-        })?;
+        found = matches!(node, LogicalPlan::SubqueryAlias(a) if reserved(a.alias.table()))
+            || node.expressions().iter().any(|e| {
+                // The search cannot fail; if it did, the query is refused.
+                e.exists(|e| Ok(matches!(e, Expr::Alias(a) if reserved(&a.name))))
+                    .unwrap_or(true)
+            });
         Ok(if found {
             TreeNodeRecursion::Stop
         } else {
@@ -790,17 +777,17 @@ impl Checker {
             cells.push((is_count, contributors));
         }
 
-        let threshold = self.disclosure.rules().threshold as usize;
-        for (j, person) in ids.iter().enumerate() {
-            if per_person_counts {
-                break;
+        // With per-person counts, the group's people come from the per-person aggregate below.
+        if !per_person_counts {
+            let threshold = self.disclosure.rules().threshold as usize;
+            for (j, person) in ids.iter().enumerate() {
+                let people = match (unique[j], exact) {
+                    (true, _) => count(lit(1)),
+                    (false, false) => people_at_least(person.clone(), threshold),
+                    (false, true) => count_distinct(person.clone()),
+                };
+                aggr.push(people.alias(people_name(j)));
             }
-            let people = match (unique[j], exact) {
-                (true, _) => count(lit(1)),
-                (false, false) => people_at_least(person.clone(), threshold),
-                (false, true) => count_distinct(person.clone()),
-            };
-            aggr.push(people.alias(people_name(j)));
         }
 
         let n_group = agg.group_expr.len();
