@@ -14,9 +14,9 @@
 //! researcher cannot call them; each counts what it withheld for the result's metadata.
 
 mod people;
-mod second;
+mod shares;
 pub use people::people_at_least;
-pub use second::second_largest;
+pub use shares::shares;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

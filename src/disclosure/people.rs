@@ -98,7 +98,7 @@ fn merge_row(set: &mut Vec<u64>, cap: usize, lists: &ListArray, row: usize) {
     }
 }
 
-fn hash_rows(values: &ArrayRef, hashes: &mut Vec<u64>) -> DFResult<()> {
+pub(super) fn hash_rows(values: &ArrayRef, hashes: &mut Vec<u64>) -> DFResult<()> {
     hashes.clear();
     hashes.resize(values.len(), 0);
     create_hashes([values], &RandomState::with_seed(0), hashes)?;

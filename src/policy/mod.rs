@@ -23,11 +23,12 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::NullEquality;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchemaRef};
+use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, sum};
+use datafusion::functions::core::expr_fn::get_field;
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::logical_expr::expr::{AggregateFunction, InSubquery};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
@@ -36,7 +37,7 @@ use datafusion::logical_expr::{
 use datafusion::logical_expr::{LogicalPlanBuilder, cast};
 use datafusion::prelude::SessionContext;
 
-use crate::disclosure::{Disclosure, Overrides, Rules, people_at_least, second_largest};
+use crate::disclosure::{Disclosure, Overrides, Rules, people_at_least, shares};
 use crate::engine::{GuardedTable, PERSON_ID};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -645,8 +646,9 @@ impl Checker {
     /// Projection   cells → sde_count_cell / sde_value_cell (threshold, rounding, dominance)
     ///   Filter     sde_keep_group (groups backed by too few people are withheld)
     ///     Filter   sde_no_differencing (only if the input is filtered)
-    ///       Join   on group keys with the side aggregates (per-person dominance, unfiltered people)
-    ///         Aggregate  the original aggregates + distinct people per group and per cell
+    ///       Join   on group keys with the unfiltered people (only if the input is filtered)
+    ///         Aggregate  the original aggregates + people per group and per cell
+    ///                    + each person's share of each SUM and AVG cell (`sde_shares`, dominance)
     /// ```
     fn protect(&mut self, agg: Aggregate, in_mask: &Mask) -> Result<LogicalPlan, PolicyError> {
         let schema = Arc::clone(agg.input.schema());
@@ -682,27 +684,41 @@ impl Checker {
                 false => count_distinct(when(condition.clone(), person.clone()).end().map_err(df)?),
             })
         };
-        let group_people: Vec<Expr> = (0..ids.len()).map(|j| col(people_name(j))).collect();
         // Whether exact people counts per group are needed: for the differencing check (a
         // filtered input) and for cells with their own condition (people left out of the
         // group). Otherwise the rules only ask whether a group has `threshold` people.
         let unfiltered = without_filters(Arc::unwrap_or_clone(Arc::clone(&agg.input))).map_err(df)?;
         let mut exact = unfiltered.transformed;
-        // With SUM or AVG over one identifier, dominance needs each person's totals anyway
-        // (an aggregate by group and person): the people of each group and cell are counted
-        // from it too, in that one pass, rather than by distinct counts in the main aggregate.
-        let has_sums = agg.aggr_expr.iter().any(|e| {
+        // Dominance needs each person's total of each SUM and AVG cell: `sde_shares` keeps them
+        // in the main aggregate's own pass. With one identifier and no differencing check, the
+        // people of the group and the contributors of each cell with a condition are counted
+        // from those shares too, rather than by distinct counts beside them.
+        let first_sum = agg.aggr_expr.iter().position(|e| {
             matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(f)
                 if matches!(f.func.name().to_lowercase().as_str(), "sum" | "avg" | "mean"))
         });
-        let per_person_counts = has_sums && ids.len() == 1 && !unique[0];
-        // Cells whose contributors are counted from the per-person aggregate: (cell, condition).
-        let mut person_conditions: Vec<(usize, Expr)> = Vec::new();
+        let per_person_counts = first_sum.is_some() && ids.len() == 1 && !unique[0] && !unfiltered.transformed;
+        let share = |k: usize, what: &str| get_field(col(format!("__sde_shares_{id}_{k}")), what);
+        // The `sde_shares` calls: (identifier, the value whose per-person totals are judged
+        // (NULL for a count), which rows make a person a contributor), each once.
+        let mut shares_of: Vec<(usize, Expr, Expr)> = Vec::new();
+        let mut share_of = |j: usize, value: Expr, contributes: Expr| -> usize {
+            let call = (j, value, contributes);
+            shares_of.iter().position(|c| *c == call).unwrap_or_else(|| {
+                shares_of.push(call);
+                shares_of.len() - 1
+            })
+        };
+        // Any call's people are the group's: with per-person counts there is one at least.
+        let group_people: Vec<Expr> = match per_person_counts {
+            true => vec![share(0, "people")],
+            false => (0..ids.len()).map(|j| col(people_name(j))).collect(),
+        };
 
-        // Per aggregate: whether it is a count, the people who contribute to it, and (for SUM
-        // and AVG) the expression and condition whose per-person totals dominance judges.
+        // Per aggregate: whether it is a count and the people who contribute to it.
         let mut cells = Vec::with_capacity(agg.aggr_expr.len());
-        let mut sums: Vec<(usize, Expr)> = Vec::new();
+        // Per SUM or AVG cell and identifier, its `sde_shares` call.
+        let mut sum_shares: Vec<(usize, usize)> = Vec::new();
         for (i, e) in agg.aggr_expr.iter().enumerate() {
             let Expr::AggregateFunction(AggregateFunction { func, params }) = e.clone().unalias_nested().data else {
                 return Err(PolicyError::Unsupported("this aggregate expression is not supported"));
@@ -756,13 +772,20 @@ impl Checker {
                     Some(c) => when(c.clone(), arg).end().map_err(df)?,
                     None => arg,
                 };
-                sums.push((i, cast(value, DataType::Float64)));
+                let contributes = condition.clone().unwrap_or(lit(true));
+                for j in 0..ids.len() {
+                    let k = share_of(j, cast(value.clone(), DataType::Float64), contributes.clone());
+                    sum_shares.push((i, k));
+                }
             }
             let contributors = match condition {
                 None => group_people.clone(),
                 Some(condition) if per_person_counts => {
-                    person_conditions.push((i, condition));
-                    vec![col(format!("__sde_contrib_{id}_{i}_0"))]
+                    let k = match sum_shares.last() {
+                        Some(&(last, k)) if last == i => k,
+                        _ => share_of(0, lit(ScalarValue::Float64(None)), condition),
+                    };
+                    vec![share(k, "contributors")]
                 }
                 Some(condition) => {
                     let mut cols = Vec::with_capacity(ids.len());
@@ -777,7 +800,7 @@ impl Checker {
             cells.push((is_count, contributors));
         }
 
-        // With per-person counts, the group's people come from the per-person aggregate below.
+        // With per-person counts, the group's people come from the shares.
         if !per_person_counts {
             let threshold = self.disclosure.rules().threshold as usize;
             for (j, person) in ids.iter().enumerate() {
@@ -791,6 +814,9 @@ impl Checker {
         }
 
         let n_group = agg.group_expr.len();
+        for (k, (j, value, contributes)) in shares_of.into_iter().enumerate() {
+            aggr.push(shares(ids[j].clone(), value, contributes).alias(format!("__sde_shares_{id}_{k}")));
+        }
         let main = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr).map_err(df)?;
         let group_cols: Vec<Column> = agg
             .schema
@@ -799,65 +825,24 @@ impl Checker {
             .map(|(q, f)| Column::new(q.cloned(), f.name()))
             .collect();
         let mut plan = LogicalPlan::Aggregate(main);
-
-        // Dominance: per identifier, each person's total contribution to each SUM/AVG cell,
-        // then per group the total, largest and second largest of those (as magnitudes).
-        // Side aggregates group by the same keys, named `__k0…` so the join can find them.
+        // A SUM or AVG cell is dominated if it is, judged by the people of any identifier.
+        let mut dominated: HashMap<usize, Expr> = HashMap::new();
+        for (i, k) in sum_shares {
+            let verdict = self
+                .disclosure
+                .dominated(share(k, "total"), share(k, "top1"), share(k, "top2"));
+            let either = match dominated.remove(&i) {
+                Some(previous) => previous.or(verdict),
+                None => verdict,
+            };
+            dominated.insert(i, either);
+        }
         let keys: Vec<Expr> = agg
             .group_expr
             .iter()
             .enumerate()
             .map(|(k, g)| g.clone().alias(format!("__k{k}")))
             .collect();
-        let mut dominated: HashMap<usize, Expr> = HashMap::new();
-        for (j, person) in ids.iter().enumerate() {
-            if sums.is_empty() {
-                break;
-            }
-            let mut per_person_exprs: Vec<Expr> = sums
-                .iter()
-                .map(|(i, v)| sum(v.clone()).alias(format!("__c{i}")))
-                .collect();
-            let mut per_group = Vec::new();
-            if per_person_counts {
-                // Each row of the per-person aggregate is one person (NULL identifiers aside).
-                let person_col = col("__person".into());
-                per_group.push(count(person_col.clone()).alias(people_name(j)));
-                for (i, condition) in &person_conditions {
-                    let rows = format!("__n{i}");
-                    per_person_exprs
-                        .push(count(when(condition.clone(), lit(1)).end().map_err(df)?).alias(rows.clone()));
-                    let contributes = when(col(rows).gt(lit(0)), person_col.clone()).end().map_err(df)?;
-                    per_group.push(count(contributes).alias(format!("__sde_contrib_{id}_{i}_{j}")));
-                }
-            }
-            let per_person = Aggregate::try_new(
-                Arc::clone(&agg.input),
-                [keys.clone(), vec![person.clone().alias("__person")]].concat(),
-                per_person_exprs,
-            )
-            .map_err(df)?;
-            for (i, _) in &sums {
-                let c = col(format!("__c{i}"));
-                let magnitude = when(c.clone().lt(lit(0.0)), -c.clone()).otherwise(c).map_err(df)?;
-                let tag = |what: &str| format!("__sde_{what}_{id}_{i}_{j}");
-                per_group.push(sum(magnitude.clone()).alias(tag("total")));
-                per_group.push(max(magnitude.clone()).alias(tag("top1")));
-                per_group.push(second_largest(magnitude).alias(tag("top2")));
-                let verdict = self
-                    .disclosure
-                    .dominated(col(tag("total")), col(tag("top1")), col(tag("top2")));
-                let either = match dominated.remove(i) {
-                    Some(previous) => previous.or(verdict),
-                    None => verdict,
-                };
-                dominated.insert(*i, either);
-            }
-            let side_keys: Vec<Expr> = (0..n_group).map(|k| col(format!("__k{k}"))).collect();
-            let side =
-                Aggregate::try_new(Arc::new(LogicalPlan::Aggregate(per_person)), side_keys, per_group).map_err(df)?;
-            plan = self.join_side(plan, LogicalPlan::Aggregate(side), &group_cols, id, j, "d")?;
-        }
 
         // Differencing: the same groups without the query's filters, counting people.
         if unfiltered.transformed {

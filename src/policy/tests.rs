@@ -263,6 +263,27 @@ async fn conditional_sums_count_only_selected_people() {
 }
 
 #[tokio::test]
+async fn a_sum_and_conditional_counts_each_count_their_own_people() {
+    // One pass judges the sum (dominated by a0) and counts each cell's people: the costly
+    // visits are one person's (a0); every visit costs more than 5, so that cell has the
+    // group's 12 people (its 31 visits rounded to 30).
+    let out = run(
+        "SELECT SUM(cost) AS s, COUNT(*) FILTER (WHERE cost > 100) AS costly, COUNT(*) FILTER (WHERE cost > 5) AS over5 FROM visits",
+    )
+    .await;
+    assert_table(
+        &out,
+        &[
+            "+---+--------+-------+",
+            "| s | costly | over5 |",
+            "+---+--------+-------+",
+            "|   |        | 30    |",
+            "+---+--------+-------+",
+        ],
+    );
+}
+
+#[tokio::test]
 async fn distinct_combinations_need_enough_people() {
     let out = run("SELECT DISTINCT district FROM patients ORDER BY district").await;
     assert_table(

@@ -1,0 +1,536 @@
+//! `sde_shares(person, value, contributes)`: what disclosure control needs to know about the
+//! people behind one SUM or AVG cell, computed in the same pass as the query's own aggregate.
+//!
+//! Per group it keeps each person's total of `value` and whether any of their rows
+//! `contributes`, and returns a struct:
+//! - `people`: distinct non-NULL persons;
+//! - `contributors`: those with a contributing row;
+//! - `total`, `top1`, `top2`: over each person's total as a magnitude, their sum, the largest
+//!   and the second largest (NULL where nobody has a value), for the dominance rules.
+//!
+//! Before, dominance needed a second aggregate by group and person over the same input, joined
+//! back to the main aggregate on the group keys: a second scan, a hash table of string keys and
+//! a join, for every query with a SUM or AVG.
+//!
+//! People are told apart by the same fixed 64-bit hash as [`super::people_at_least`]. Two
+//! people whose hashes collide (about one chance in 10^8 among a million people) count as one
+//! person whose total is both of theirs: fewer people and a larger top contributor, so more is
+//! withheld, not less. Rows without a person are kept apart as one unknown contributor: they
+//! count towards the totals (so they can make a cell look dominated) but not as people.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, ListArray, StructArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields, Float64Type, UInt8Type, UInt64Type};
+use datafusion::common::{ScalarValue, internal_err};
+use datafusion::error::Result as DFResult;
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, Expr, GroupsAccumulator, Signature, Volatility,
+};
+
+use super::people::hash_rows;
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Shares {
+    signature: Signature,
+}
+
+/// Each person's share of a cell, summarised per group (see the module). `value` must be a
+/// `Float64` and `contributes` a `Boolean` (NULL is false). Never registered in a catalogue, so queries cannot
+/// call it.
+pub fn shares(person: Expr, value: Expr, contributes: Expr) -> Expr {
+    let udaf = AggregateUDF::from(Shares {
+        signature: Signature::any(3, Volatility::Immutable),
+    });
+    udaf.call(vec![person, value, contributes])
+}
+
+/// The fields of the summary.
+fn summary_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("people", DataType::Int64, false),
+        Field::new("contributors", DataType::Int64, false),
+        Field::new("total", DataType::Float64, true),
+        Field::new("top1", DataType::Float64, true),
+        Field::new("top2", DataType::Float64, true),
+    ])
+}
+
+impl AggregateUDFImpl for Shares {
+    fn name(&self) -> &str {
+        "sde_shares"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, args: &[DataType]) -> DFResult<DataType> {
+        if args.get(1) != Some(&DataType::Float64) || args.get(2) != Some(&DataType::Boolean) {
+            return internal_err!("sde_shares takes (person, Float64, Boolean), not {args:?}");
+        }
+        Ok(DataType::Struct(summary_fields()))
+    }
+
+    fn is_nullable(&self) -> bool {
+        false
+    }
+
+    fn accumulator(&self, _: AccumulatorArgs) -> DFResult<Box<dyn Accumulator>> {
+        Ok(Box::new(One(Groups::default())))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> DFResult<Vec<FieldRef>> {
+        let list = |what: &str, item: DataType| {
+            Arc::new(Field::new(
+                format!("{}[{what}]", args.name),
+                DataType::List(Arc::new(Field::new_list_field(item, true))),
+                true,
+            ))
+        };
+        Ok(vec![
+            list("persons", DataType::UInt64),
+            list("totals", DataType::Float64),
+            list("flags", DataType::UInt8),
+        ])
+    }
+
+    fn groups_accumulator_supported(&self, _: AccumulatorArgs) -> bool {
+        true
+    }
+
+    fn create_groups_accumulator(&self, _: AccumulatorArgs) -> DFResult<Box<dyn GroupsAccumulator>> {
+        Ok(Box::new(Groups::default()))
+    }
+}
+
+/// Flags of a share. `KNOWN` appears only in partial states, to tell persons from the unknown.
+const VALUED: u8 = 1;
+const CONTRIBUTES: u8 = 2;
+const KNOWN: u8 = 4;
+
+/// One person's share of a group's cell.
+#[derive(Debug, Clone, Copy, Default)]
+struct Share {
+    total: f64,
+    flags: u8,
+}
+
+impl Share {
+    fn add(&mut self, value: Option<f64>, contributes: bool) {
+        if let Some(v) = value {
+            self.total += v;
+            self.flags |= VALUED;
+        }
+        if contributes {
+            self.flags |= CONTRIBUTES;
+        }
+    }
+
+    fn merge(&mut self, other: Share) {
+        self.total += other.total;
+        self.flags |= other.flags & (VALUED | CONTRIBUTES);
+    }
+}
+
+/// The keys are already hashes: used as they are.
+#[derive(Default)]
+struct AsIs(u64);
+
+impl Hasher for AsIs {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys")
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// What a group's shares come to (see the module).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Summary {
+    people: i64,
+    contributors: i64,
+    total: Option<f64>,
+    top1: Option<f64>,
+    top2: Option<f64>,
+}
+
+/// The shares of one group: by person hash, and rows without a person together.
+#[derive(Debug, Default)]
+struct Group {
+    known: HashMap<u64, Share, BuildHasherDefault<AsIs>>,
+    unknown: Option<Share>,
+}
+
+impl Group {
+    fn share(&mut self, person: Option<u64>) -> &mut Share {
+        match person {
+            Some(hash) => self.known.entry(hash).or_default(),
+            None => self.unknown.get_or_insert_default(),
+        }
+    }
+
+    /// Every share with its person hash, flagged `KNOWN` unless it is the unknown one.
+    fn entries(&self) -> impl Iterator<Item = (u64, Share)> + '_ {
+        let known = self.known.iter().map(|(&hash, &share)| {
+            (
+                hash,
+                Share {
+                    flags: share.flags | KNOWN,
+                    ..share
+                },
+            )
+        });
+        known.chain(self.unknown.map(|share| (0, share)))
+    }
+
+    fn summary(&self) -> Summary {
+        let contributors = self.known.values().filter(|s| s.flags & CONTRIBUTES != 0).count();
+        let (mut total, mut first, mut second): (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
+        for share in self.known.values().chain(&self.unknown) {
+            if share.flags & VALUED == 0 {
+                continue;
+            }
+            let m = share.total.abs();
+            total = Some(total.unwrap_or(0.0) + m);
+            match first {
+                Some(f) if m > f => {
+                    second = first;
+                    first = Some(m);
+                }
+                Some(_) => second = Some(second.map_or(m, |s| s.max(m))),
+                None => first = Some(m),
+            }
+        }
+        Summary {
+            people: self.known.len() as i64,
+            contributors: contributors as i64,
+            total,
+            top1: first,
+            top2: second,
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.known.capacity() * (std::mem::size_of::<(u64, Share)>() + 1)
+    }
+}
+
+/// The accumulator for grouped aggregates.
+#[derive(Debug, Default)]
+struct Groups {
+    groups: Vec<Group>,
+    hashes: Vec<u64>,
+}
+
+/// The three arguments (or state columns) of a batch, checked for their types.
+fn arguments(values: &[ArrayRef]) -> DFResult<(&ArrayRef, &Float64Array, &BooleanArray)> {
+    match (
+        values.first(),
+        values.get(1).and_then(|v| v.as_primitive_opt::<Float64Type>()),
+        values.get(2).and_then(|v| v.as_boolean_opt()),
+    ) {
+        (Some(person), Some(value), Some(contributes)) => Ok((person, value, contributes)),
+        _ => internal_err!("sde_shares takes (person, Float64, Boolean)"),
+    }
+}
+
+fn included(opt_filter: Option<&BooleanArray>, row: usize) -> bool {
+    opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
+}
+
+impl Groups {
+    /// Adds the rows of a batch, row `i` to group `group_indices[i]`.
+    fn add(&mut self, values: &[ArrayRef], group_indices: &[usize], opt_filter: Option<&BooleanArray>) -> DFResult<()> {
+        let (person, value, contributes) = arguments(values)?;
+        hash_rows(person, &mut self.hashes)?;
+        for (row, &g) in group_indices.iter().enumerate() {
+            if !included(opt_filter, row) {
+                continue;
+            }
+            let hash = person.is_valid(row).then(|| self.hashes[row]);
+            self.groups[g].share(hash).add(
+                value.is_valid(row).then(|| value.value(row)),
+                contributes.is_valid(row) && contributes.value(row),
+            );
+        }
+        Ok(())
+    }
+
+    /// Merges partial states, row `i` into group `group_indices[i]`.
+    fn merge(&mut self, states: &[ArrayRef], group_indices: &[usize]) -> DFResult<()> {
+        let [persons, totals, flags] = states else {
+            return internal_err!("sde_shares: three state columns expected");
+        };
+        let (persons, totals, flags) = (
+            persons.as_list::<i32>(),
+            totals.as_list::<i32>(),
+            flags.as_list::<i32>(),
+        );
+        for (row, &g) in group_indices.iter().enumerate() {
+            if persons.is_null(row) {
+                continue;
+            }
+            let (p, t, f) = (persons.value(row), totals.value(row), flags.value(row));
+            let (p, t, f) = (
+                p.as_primitive::<UInt64Type>(),
+                t.as_primitive::<Float64Type>(),
+                f.as_primitive::<UInt8Type>(),
+            );
+            for k in 0..p.len() {
+                let flags = f.value(k);
+                let person = (flags & KNOWN != 0).then(|| p.value(k));
+                self.groups[g].share(person).merge(Share {
+                    total: t.value(k),
+                    flags,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The partial states of `groups`: three lists per group.
+fn states(groups: &[Group]) -> Vec<ArrayRef> {
+    let persons = ListArray::from_iter_primitive::<UInt64Type, _, _>(
+        groups.iter().map(|g| Some(g.entries().map(|(h, _)| Some(h)))),
+    );
+    let totals = ListArray::from_iter_primitive::<Float64Type, _, _>(
+        groups.iter().map(|g| Some(g.entries().map(|(_, s)| Some(s.total)))),
+    );
+    let flags = ListArray::from_iter_primitive::<UInt8Type, _, _>(
+        groups.iter().map(|g| Some(g.entries().map(|(_, s)| Some(s.flags)))),
+    );
+    vec![Arc::new(persons), Arc::new(totals), Arc::new(flags)]
+}
+
+fn summaries(groups: &[Group]) -> ArrayRef {
+    let summaries: Vec<_> = groups.iter().map(Group::summary).collect();
+    let int = |f: fn(&Summary) -> i64| -> ArrayRef { Arc::new(Int64Array::from_iter_values(summaries.iter().map(f))) };
+    let float =
+        |f: fn(&Summary) -> Option<f64>| -> ArrayRef { Arc::new(Float64Array::from_iter(summaries.iter().map(f))) };
+    Arc::new(StructArray::new(
+        summary_fields(),
+        vec![
+            int(|s| s.people),
+            int(|s| s.contributors),
+            float(|s| s.total),
+            float(|s| s.top1),
+            float(|s| s.top2),
+        ],
+        None,
+    ))
+}
+
+impl GroupsAccumulator for Groups {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> DFResult<()> {
+        self.groups.resize_with(total_num_groups, Group::default);
+        self.add(values, group_indices, opt_filter)
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> DFResult<ArrayRef> {
+        Ok(summaries(&emit_to.take_needed(&mut self.groups)))
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> DFResult<Vec<ArrayRef>> {
+        Ok(states(&emit_to.take_needed(&mut self.groups)))
+    }
+
+    fn merge_batch(&mut self, values: &[ArrayRef], group_indices: &[usize], total_num_groups: usize) -> DFResult<()> {
+        self.groups.resize_with(total_num_groups, Group::default);
+        self.merge(values, group_indices)
+    }
+
+    /// Each row as a partial state of its own (used when DataFusion skips partial aggregation).
+    fn convert_to_state(&self, values: &[ArrayRef], opt_filter: Option<&BooleanArray>) -> DFResult<Vec<ArrayRef>> {
+        let rows = values.first().map_or(0, |v| v.len());
+        let mut each = Groups {
+            groups: (0..rows).map(|_| Group::default()).collect(),
+            hashes: Vec::new(),
+        };
+        let indices: Vec<usize> = (0..rows).collect();
+        each.add(values, &indices, opt_filter)?;
+        Ok(states(&each.groups))
+    }
+
+    fn size(&self) -> usize {
+        self.groups.capacity() * std::mem::size_of::<Group>()
+            + self.groups.iter().map(Group::size).sum::<usize>()
+            + self.hashes.capacity() * 8
+    }
+}
+
+/// The accumulator of an aggregate without groups: one group.
+#[derive(Debug)]
+struct One(Groups);
+
+impl Accumulator for One {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> DFResult<()> {
+        let rows = values.first().map_or(0, |v| v.len());
+        self.0.update_batch(values, &vec![0; rows], None, 1)
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> DFResult<()> {
+        let rows = states.first().map_or(0, |v| v.len());
+        self.0.merge_batch(states, &vec![0; rows], 1)
+    }
+
+    fn state(&mut self) -> DFResult<Vec<ScalarValue>> {
+        self.0.groups.resize_with(1, Group::default);
+        states(&self.0.groups)
+            .iter()
+            .map(|a| ScalarValue::try_from_array(a, 0))
+            .collect()
+    }
+
+    fn evaluate(&mut self) -> DFResult<ScalarValue> {
+        self.0.groups.resize_with(1, Group::default);
+        ScalarValue::try_from_array(&summaries(&self.0.groups), 0)
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + GroupsAccumulator::size(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::datatypes::Schema;
+    use datafusion::arrow::record_batch::RecordBatch;
+    use datafusion::datasource::MemTable;
+    use datafusion::functions::core::expr_fn::get_field;
+    use datafusion::prelude::{SessionContext, col};
+
+    use super::*;
+
+    type Row = (&'static str, Option<&'static str>, Option<f64>);
+    type Figures = (i64, i64, Option<f64>, Option<f64>, Option<f64>);
+
+    /// Table `t` of `(g, person, v)` rows, spread over several partitions (so partial states
+    /// merge).
+    fn context(rows: &[Row]) -> SessionContext {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, false),
+            Field::new("person", DataType::Utf8, true),
+            Field::new("v", DataType::Float64, true),
+        ]));
+        let batches: Vec<RecordBatch> = rows
+            .chunks(2)
+            .map(|chunk| {
+                let g: StringArray = chunk.iter().map(|r| Some(r.0)).collect();
+                let p: StringArray = chunk.iter().map(|r| r.1).collect();
+                let v: Float64Array = chunk.iter().map(|r| r.2).collect();
+                RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(g), Arc::new(p), Arc::new(v)]).unwrap()
+            })
+            .collect();
+        let ctx = SessionContext::new();
+        let mut partitions: Vec<Vec<RecordBatch>> = batches.into_iter().map(|b| vec![b]).collect();
+        if partitions.is_empty() {
+            partitions.push(vec![]);
+        }
+        ctx.register_table("t", Arc::new(MemTable::try_new(schema, partitions).unwrap()))
+            .unwrap();
+        ctx
+    }
+
+    /// Per group (or for the whole table), with contributors being rows with `v > 1`.
+    async fn summarise(rows: &[Row], grouped: bool) -> Vec<Figures> {
+        let contributes = col("v").gt(datafusion::prelude::lit(1.0));
+        let groups = if grouped { vec![col("g")] } else { vec![] };
+        let mut df = context(rows)
+            .table("t")
+            .await
+            .unwrap()
+            .aggregate(groups, vec![shares(col("person"), col("v"), contributes).alias("s")])
+            .unwrap();
+        if grouped {
+            df = df.sort(vec![col("g").sort(true, true)]).unwrap();
+        }
+        let fields = ["people", "contributors", "total", "top1", "top2"].map(|f| get_field(col("s"), f));
+        let out = df.select(fields.to_vec()).unwrap().collect().await.unwrap();
+        let mut result = Vec::new();
+        for b in out {
+            let int = |c: usize, i: usize| {
+                b.column(c)
+                    .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                    .value(i)
+            };
+            let float = |c: usize, i: usize| {
+                let a = b.column(c).as_primitive::<Float64Type>();
+                a.is_valid(i).then(|| a.value(i))
+            };
+            for i in 0..b.num_rows() {
+                result.push((int(0, i), int(1, i), float(2, i), float(3, i), float(4, i)));
+            }
+        }
+        result
+    }
+
+    const ROWS: [Row; 10] = [
+        // a: p1 has 5 + -9 = -4 (magnitude 4), p2 has 3, p3 has no value; a row without a person.
+        ("a", Some("p1"), Some(5.0)),
+        ("a", Some("p2"), Some(3.0)),
+        ("a", Some("p1"), Some(-9.0)),
+        ("a", Some("p3"), None),
+        ("a", None, Some(2.0)),
+        // b: one person with one contributing row and one that is not.
+        ("b", Some("p1"), Some(1.0)),
+        ("b", Some("p1"), Some(7.0)),
+        // c: nobody has a value.
+        ("c", Some("p4"), None),
+        ("c", Some("p5"), None),
+        ("c", None, None),
+    ];
+
+    #[tokio::test]
+    async fn each_persons_total_is_summarised_per_group() {
+        assert_eq!(
+            summarise(&ROWS, true).await,
+            [
+                // people p1 p2 p3; contributors p1 (5) p2 (3); magnitudes 4, 3 and the unknown 2.
+                (3, 2, Some(9.0), Some(4.0), Some(3.0)),
+                (1, 1, Some(8.0), Some(8.0), None),
+                (2, 0, None, None, None),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_groups_the_whole_table_is_one_group() {
+        // p1: 5 - 9 + 1 + 7 = 4; p2: 3; unknown 2; p3, p4, p5 no value.
+        assert_eq!(summarise(&ROWS, false).await, [(5, 2, Some(9.0), Some(4.0), Some(3.0))]);
+        assert_eq!(summarise(&[], false).await, [(0, 0, None, None, None)]);
+    }
+
+    #[test]
+    fn ties_count_twice_for_the_top_two() {
+        let mut g = Group::default();
+        for (p, v) in [(1, 5.0), (2, 5.0), (3, 1.0)] {
+            g.share(Some(p)).add(Some(v), true);
+        }
+        let summary = g.summary();
+        assert_eq!((summary.people, summary.contributors), (3, 3));
+        assert_eq!(
+            (summary.total, summary.top1, summary.top2),
+            (Some(11.0), Some(5.0), Some(5.0))
+        );
+    }
+}
