@@ -106,6 +106,7 @@ impl Gateway {
         .map_err(crate::Error::from)?;
         if let Some(served) = &config.data.served {
             engine = engine.serve_from(served).await.map_err(crate::Error::from)?;
+            tokio::spawn(engine.keep_served_copies());
         }
         let audit = crate::audit::SigningKey::load(&config.audit.signing_key)
             .and_then(|key| AuditLog::open_with(&config.audit.dir, key, (&config.audit).into()))

@@ -295,3 +295,58 @@ async fn served_copies_leave_out_opted_out_people_and_are_rebuilt_when_they_do_n
         crate::ingest::version::content_hash(&copy).unwrap()
     );
 }
+
+#[tokio::test]
+async fn served_copies_nobody_uses_are_removed_after_a_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    world(root);
+    let served = root.join("served");
+    let open = || async {
+        Engine::open_with_versions(&root.join("data"), Some(&root.join("versions")), &BTreeMap::new())
+            .await
+            .unwrap()
+            .serve_from(&served)
+            .await
+            .unwrap()
+    };
+    let engine = open().await;
+    let in_use = engine.served_dirs();
+    assert!(!in_use.is_empty());
+    let two_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 24 * 3600);
+    let age = |dir: &std::path::Path, when: std::time::SystemTime| {
+        std::fs::File::options()
+            .append(true)
+            .open(dir.join("_served.json"))
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    };
+    let people = served.join("people");
+    let fake = |name: &str| {
+        let d = people.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("_served.json"), "{}").unwrap();
+        d
+    };
+    let old = fake("0000000000000000-0000000000000000-v3");
+    age(&old, two_days_ago);
+    let recent = fake("1111111111111111-1111111111111111-v4");
+    let stale = fake(".stale-interrupted");
+    let building = fake(".tmp-building");
+    // Copies in use are kept however old their mark, and marked again.
+    age(&in_use[0], two_days_ago);
+
+    let engine = open().await;
+    assert_eq!(engine.served_dirs(), in_use);
+    assert!(in_use.iter().all(|d| d.exists()));
+    assert!(!old.exists(), "a copy unused for two days is removed");
+    assert!(!stale.exists(), "leftovers of a removal are removed");
+    assert!(recent.exists() && building.exists(), "recently used copies are kept");
+    let marked = std::fs::metadata(in_use[0].join("_served.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(marked > two_days_ago + std::time::Duration::from_secs(3600));
+    assert_eq!(count_people(&engine, &access(&[])).await, 4);
+}

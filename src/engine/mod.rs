@@ -315,7 +315,30 @@ impl Engine {
             let copy = served::ensure(dir, &dataset, &table, &hash, &self.opt_outs, &opt_outs_hash).await?;
             self.served.insert((dataset, hash), copy);
         }
+        let in_use = self.served_dirs();
+        served::touch(&in_use);
+        let removed = served::prune(dir, &in_use, served::UNUSED_FOR);
+        if removed > 0 {
+            tracing::info!(removed, "unused served copies removed");
+        }
         Ok(self)
+    }
+
+    fn served_dirs(&self) -> Vec<std::path::PathBuf> {
+        self.served.values().map(|s| s.dir.clone()).collect()
+    }
+
+    /// Runs for as long as the gateway does, marking its served copies as in use every hour,
+    /// so that another gateway sharing the folder does not remove them.
+    pub fn keep_served_copies(&self) -> impl Future<Output = ()> + Send + 'static {
+        let in_use = self.served_dirs();
+        async move {
+            let mut every = tokio::time::interval(served::TOUCH_EVERY);
+            loop {
+                every.tick().await;
+                served::touch(&in_use);
+            }
+        }
     }
 
     /// What a session scans for `dataset`: the served copy if there is one (opted-out people

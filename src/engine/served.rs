@@ -7,9 +7,15 @@
 //! content hashes, and its own files must still hash to what the record says. Anything else is
 //! rebuilt. The record also holds facts the policy relies on: whether every row has a
 //! `person_id` and no person has two rows, so that a count of rows is a count of people.
+//!
+//! Copies do not pile up: a gateway touches the records of the copies it serves at start and
+//! every hour, and at start removes the copies nobody has touched for a day (those of an older
+//! opt-out register or dataset version, or of an older format), with any leftovers of
+//! interrupted builds. Gateways sharing the folder keep each other's copies while they run.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Int64Type;
@@ -33,6 +39,11 @@ const RECORD: &str = "_served.json";
 /// format is rebuilt.
 const FORMAT: u32 = 4;
 
+/// A copy whose record nobody has touched for this long is removed at start.
+pub(crate) const UNUSED_FOR: Duration = Duration::from_secs(24 * 3600);
+/// How often a running gateway touches the records of the copies it serves.
+pub(crate) const TOUCH_EVERY: Duration = Duration::from_secs(3600);
+
 /// What was written, checked again at every start.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Record {
@@ -52,6 +63,7 @@ struct Record {
 /// A dataset version as served.
 #[derive(Debug, Clone)]
 pub(crate) struct Served {
+    pub dir: PathBuf,
     pub table: Arc<ListingTable>,
     /// Every row has a `person_id` and no two rows share one.
     pub one_row_per_person: bool,
@@ -93,9 +105,63 @@ pub(crate) async fn ensure(
         source,
     })?;
     Ok(Served {
+        dir,
         table,
         one_row_per_person: record.rows_with_person == record.rows && record.people == record.rows,
     })
+}
+
+/// Marks the copies in `dirs` as in use now.
+pub(crate) fn touch(dirs: &[PathBuf]) {
+    for dir in dirs {
+        let touched = std::fs::File::options()
+            .append(true)
+            .open(dir.join(RECORD))
+            .and_then(|f| f.set_modified(SystemTime::now()));
+        if let Err(e) = touched {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not mark a served copy as in use");
+        }
+    }
+}
+
+/// Removes the copies under `root` that are not in `in_use` and were not touched for
+/// `unused_for`, and the leftovers of interrupted builds; returns how many were removed.
+pub(crate) fn prune(root: &Path, in_use: &[PathBuf], unused_for: Duration) -> usize {
+    let folders = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect()
+    };
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for dataset in folders(root) {
+        for copy in folders(&dataset) {
+            let name = copy
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let touched = std::fs::metadata(copy.join(RECORD))
+                .or_else(|_| std::fs::metadata(&copy))
+                .and_then(|m| m.modified())
+                .unwrap_or(now);
+            let unused = now.duration_since(touched).unwrap_or_default() >= unused_for;
+            if in_use.contains(&copy) || !(unused || name.starts_with(".stale-")) {
+                continue;
+            }
+            // Moved aside first (atomically), so nobody opens half of it.
+            let aside = dataset.join(format!(".stale-{}", uuid::Uuid::new_v4()));
+            let gone = std::fs::rename(&copy, &aside).and_then(|()| std::fs::remove_dir_all(&aside));
+            match gone {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!(dir = %copy.display(), error = %e, "could not remove an unused served copy"),
+            }
+        }
+    }
+    removed
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
