@@ -323,8 +323,13 @@ async fn main() {
         project: Some(PROJECT.into()),
         client_tool: None,
     };
-    // For profiling (`perf record`): only the gateway's walk of one query, for 20 s.
+    // For profiling (`perf record`): only the gateway's walk of one query, for 20 s; or, with
+    // `flight N`, the small query from N concurrent Flight SQL clients for 20 s.
     if let Ok(name) = std::env::var("GATEWAY_VS_RAW_PROFILE") {
+        if let Some(clients) = name.strip_prefix("flight ").and_then(|n| n.parse().ok()) {
+            eprintln!("{}", concurrent(&dir, addr, clients, Duration::from_secs(20)).await);
+            return;
+        }
         let (_, sql) = QUERIES
             .iter()
             .find(|(n, _)| *n == name)

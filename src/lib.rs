@@ -8,6 +8,12 @@
 //! aggregate-only, with identifiers used safely; rewrite it for disclosure control) → execute →
 //! `disclosure` (threshold, rounding) → `audit` (recorded before release) → `api` (gRPC).
 
+/// mimalloc for every binary built on the crate (the gateway, its tests and benches): the query
+/// engine allocates and frees many small buffers per query from several threads, which glibc's
+/// allocator serves with more contention and fragmentation (see `docs/benchmarks.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod admin_client;
 pub mod api;
 pub mod audit;
