@@ -30,7 +30,7 @@ use sde_gateway::{Gateway, GatewayConfig};
 use tonic::transport::Channel;
 
 mod common;
-use common::{percentile, time};
+use common::{percentile, timed, timing};
 
 const PROJECT: &str = "bench";
 const USER: &str = "alice";
@@ -346,33 +346,31 @@ async fn main() {
     let mut client = flight_client(&dir, addr).await;
 
     let mut report = format!(
-        "Machine: {}. Demo world of {people} people; {runs} runs per query after one warm-up; milliseconds.\n\
+        "Machine: {}. Demo world of {people} people; {runs} runs per query after one warm-up, the three ways taking turns; milliseconds.\n\
          Command: `cargo bench --bench gateway_vs_raw -- {people} {runs}`.\n\n\
          | query | raw median | raw p95 | core first run | core median | core p95 | flight median | flight p95 | flight / raw |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         machine()
     );
     for (name, sql) in QUERIES {
-        let r = time(runs, || async {
+        let raw_run = || async {
             raw.sql(sql).await.unwrap().collect().await.unwrap();
-        })
-        .await;
+        };
+        raw_run().await; // warm-up
         // The gateway's first run of the query: differencing baselines not yet computed.
         let first = Instant::now();
         let outcome = core_query(&core, &call, sql).await;
         let first = first.elapsed().as_secs_f64() * 1000.0;
-        let c = time(runs, || async {
-            let _ = core_query(&core, &call, sql).await;
-        })
-        .await;
-        let client = &mut client;
-        let f = time(runs, || {
-            let mut client = client.clone();
-            async move {
-                let _ = flight_query(&mut client, sql).await;
-            }
-        })
-        .await;
+        let _ = flight_query(&mut client, sql).await; // warm-up
+        // The three ways in turn, run after run, so that a change in the machine's load falls
+        // on all three alike.
+        let (mut r, mut c, mut f) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            r.push(timed(raw_run()).await);
+            c.push(timed(core_query(&core, &call, sql)).await);
+            f.push(timed(flight_query(&mut client, sql)).await);
+        }
+        let (r, c, f) = (timing(r), timing(c), timing(f));
         let name = match outcome {
             Ok(()) => name.to_owned(),
             Err(rule) => format!("{name} (refused: {rule})"),

@@ -16,6 +16,22 @@ pub struct Timing {
     pub p95: f64,
 }
 
+/// Median and 95th percentile of samples in milliseconds.
+pub fn timing(mut times: Vec<f64>) -> Timing {
+    times.sort_by(f64::total_cmp);
+    Timing {
+        median: percentile(&times, 0.5),
+        p95: percentile(&times, 0.95),
+    }
+}
+
+/// How long `f` takes, in milliseconds.
+pub async fn timed<Fut: std::future::Future>(f: Fut) -> f64 {
+    let start = Instant::now();
+    f.await;
+    start.elapsed().as_secs_f64() * 1000.0
+}
+
 /// Runs `f` once to warm up, then `runs` times, timing each run.
 pub async fn time<F, Fut>(runs: usize, mut f: F) -> Timing
 where
@@ -29,9 +45,5 @@ where
         f().await;
         times.push(start.elapsed().as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
-    Timing {
-        median: percentile(&times, 0.5),
-        p95: percentile(&times, 0.95),
-    }
+    timing(times)
 }
