@@ -250,7 +250,7 @@ async fn served_copies_leave_out_opted_out_people_and_are_rebuilt_when_they_do_n
 
     // The copy of the latest version: five people less the one opted out, one row each.
     let copy = served.join("people").join(format!(
-        "{}-{}-v4",
+        "{}-{}-v5",
         &v2.manifest.content_hash[..16],
         &engine.snapshot()[OPT_OUTS].content_hash[..16]
     ));
