@@ -218,6 +218,16 @@ async fn a_dataset_with_direct_identifiers_is_never_served() {
     assert!(engine.snapshot()["contacts"].version.starts_with("unversioned-"));
 }
 
+/// The engine over `root`'s data and versions, served from copies in `root/served`.
+async fn open_served(root: &Path) -> Engine {
+    Engine::open_with_versions(&root.join("data"), Some(&root.join("versions")), &BTreeMap::new())
+        .await
+        .unwrap()
+        .serve_from(&root.join("served"))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn served_copies_leave_out_opted_out_people_and_are_rebuilt_when_they_do_not_match() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,14 +245,7 @@ async fn served_copies_leave_out_opted_out_people_and_are_rebuilt_when_they_do_n
     // Every person opted out: an empty copy, still served.
     ingest_csv(root, "lonely", "nhs_number,clinic", "9990000042,A\n", visits);
     let served = root.join("served");
-    let open = || async {
-        Engine::open_with_versions(&root.join("data"), Some(&root.join("versions")), &BTreeMap::new())
-            .await
-            .unwrap()
-            .serve_from(&served)
-            .await
-            .unwrap()
-    };
+    let open = || open_served(root);
     let engine = open().await;
     let pinned = access(&[("people", &v1.manifest.version)]);
     assert_eq!(count_people(&engine, &access(&[])).await, 4);
@@ -302,14 +305,7 @@ async fn served_copies_nobody_uses_are_removed_after_a_day() {
     let root = dir.path();
     world(root);
     let served = root.join("served");
-    let open = || async {
-        Engine::open_with_versions(&root.join("data"), Some(&root.join("versions")), &BTreeMap::new())
-            .await
-            .unwrap()
-            .serve_from(&served)
-            .await
-            .unwrap()
-    };
+    let open = || open_served(root);
     let engine = open().await;
     let in_use = engine.served_dirs();
     assert!(!in_use.is_empty());
