@@ -9,18 +9,18 @@
 //! aggregate. A baseline whose plan calls anything but immutable functions (the disclosure
 //! functions, which tally what they withhold, are volatile) is always computed afresh.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::error::Result as DFResult;
 use datafusion::execution::SessionState;
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, SubqueryAlias, Volatility};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, ScalarUDF, SubqueryAlias, Volatility};
 use sha2::{Digest, Sha256};
 
 use crate::policy::is_differencing_baseline;
+use crate::recent::Recent;
 
 /// Baselines kept at most; beyond it the least recently used half is forgotten. With
 /// [`MAX_BYTES`], the cache holds at most 256 MiB outside the queries' memory pool.
@@ -28,16 +28,21 @@ const MAX_ENTRIES: usize = 256;
 /// Largest baseline kept, in bytes (a baseline has one row per group of the query).
 const MAX_BYTES: usize = 1 << 20;
 
-#[derive(Default)]
 pub struct Baselines {
-    entries: Mutex<HashMap<String, (u64, Arc<MemTable>)>>,
-    clock: std::sync::atomic::AtomicU64,
+    entries: Recent<Arc<MemTable>>,
+}
+
+impl Default for Baselines {
+    fn default() -> Self {
+        Self {
+            entries: Recent::new(MAX_ENTRIES),
+        }
+    }
 }
 
 impl std::fmt::Debug for Baselines {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.entries.lock().map(|e| e.len()).unwrap_or(0);
-        f.debug_struct("Baselines").field("entries", &n).finish()
+        f.debug_struct("Baselines").field("entries", &self.len()).finish()
     }
 }
 
@@ -49,7 +54,7 @@ impl Baselines {
         plan.apply(|node| {
             if let LogicalPlan::SubqueryAlias(a) = node
                 && is_differencing_baseline(a.alias.table())
-                && only_immutable(&a.input)?
+                && only_immutable(&a.input, |_| false)?
             {
                 wanted.push(a.input.as_ref().clone());
                 return Ok(TreeNodeRecursion::Jump);
@@ -63,13 +68,13 @@ impl Baselines {
         let mut tables: Vec<(LogicalPlan, Arc<MemTable>)> = Vec::with_capacity(wanted.len());
         for input in wanted {
             let key = key(scope, &input);
-            let table = match self.get(&key) {
+            let table = match self.entries.get(&key) {
                 Some(table) => table,
                 None => {
                     let (table, bytes) = compute(state, &input).await?;
                     let table = Arc::new(table);
                     if bytes <= MAX_BYTES {
-                        self.put(&key, &table);
+                        self.entries.put(&key, Arc::clone(&table));
                     }
                     table
                 }
@@ -97,30 +102,9 @@ impl Baselines {
         .map(|t| t.data)
     }
 
-    fn get(&self, key: &str) -> Option<Arc<MemTable>> {
-        let tick = self.clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut entries = self.entries.lock().expect("baselines lock");
-        let entry = entries.get_mut(key)?;
-        entry.0 = tick;
-        Some(Arc::clone(&entry.1))
-    }
-
-    fn put(&self, key: &str, table: &Arc<MemTable>) {
-        let tick = self.clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut entries = self.entries.lock().expect("baselines lock");
-        if entries.len() >= MAX_ENTRIES {
-            // Forget the least recently used half.
-            let mut ticks: Vec<u64> = entries.values().map(|(t, _)| *t).collect();
-            ticks.sort_unstable();
-            let cut = ticks[ticks.len() / 2];
-            entries.retain(|_, (t, _)| *t > cut);
-        }
-        entries.insert(key.to_owned(), (tick, Arc::clone(table)));
-    }
-
     /// Baselines kept now.
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("baselines lock").len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -137,13 +121,15 @@ fn key(scope: &str, input: &LogicalPlan) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// Whether every function `plan` calls is immutable (so its result can be reused).
-fn only_immutable(plan: &LogicalPlan) -> DFResult<bool> {
+/// Whether every function `plan` calls is immutable (so its result, or its optimised plan, can
+/// be reused), scalar functions for which `allowed` holds aside.
+pub(crate) fn only_immutable(plan: &LogicalPlan, allowed: impl Fn(&ScalarUDF) -> bool) -> DFResult<bool> {
     let mut immutable = true;
     plan.apply_with_subqueries(|node| {
         node.apply_expressions(|e| {
             e.apply(|e| {
                 let volatility = match e {
+                    Expr::ScalarFunction(f) if allowed(&f.func) => None,
                     Expr::ScalarFunction(f) => Some(f.func.signature().volatility),
                     Expr::AggregateFunction(f) => Some(f.func.signature().volatility),
                     Expr::WindowFunction(_) => Some(Volatility::Volatile),

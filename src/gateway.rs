@@ -22,10 +22,12 @@ use crate::engine::{Engine, EngineError};
 use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
 use crate::limits::{LimitError, Limits};
+use crate::plans::{Plans, Ready};
 use crate::policy::{self, Permit};
 use crate::registry::rules::Action;
 use crate::registry::{Principal, ProjectAccess, Refusal, Registry, RegistryError};
 use crate::telemetry::Metrics;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 
 /// Who is calling and for which project, as the transport saw it.
@@ -111,6 +113,8 @@ pub struct Core {
     pub metrics: Metrics,
     /// Differencing baselines computed once and reused across queries.
     pub baselines: crate::baselines::Baselines,
+    /// The plans of repeated statements.
+    pub plans: Plans,
     pending: Mutex<HashMap<String, Pending>>,
     prepared: Mutex<HashMap<String, Prepared>>,
 }
@@ -191,6 +195,7 @@ impl Core {
             limiter: Arc::new(Limits::new(&limits)),
             metrics: Metrics::disabled(),
             baselines: Default::default(),
+            plans: Default::default(),
             limits,
             pending: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
@@ -410,7 +415,9 @@ impl Core {
         }
     }
 
-    /// Plan, check, execute (in the query's own memory pool) and apply disclosure control.
+    /// Plan, check, execute (in the query's own memory pool) and apply disclosure control. A
+    /// statement the project sent before under the same grants, rules and data is not planned
+    /// and checked again: its kept plan runs ([`crate::plans`]).
     async fn run(
         &self,
         principal: Principal,
@@ -424,47 +431,75 @@ impl Core {
             .map_err(|e| Error::Internal(format!("query runtime: {e}")))?;
         let session = self.engine.session_with_runtime(&access, runtime)?;
         let rules = self.rules.tightened(&access.disclosure);
-        let plan = self
-            .step_async("plan", policy::plan_sql(&session, sql, self.limits.max_sql_bytes))
-            .await?;
-        let permit = self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?;
         let scope = baseline_scope(&self.engine, &access);
-        let (batches, plan_hash) = self
-            .step_async("execute", self.execute_plan(&session, &permit, scope.as_deref()))
-            .await?;
+        let key = scope.as_deref().and_then(|s| Plans::key(s, &access, &rules, sql));
+        let kept = key.as_deref().and_then(|k| self.plans.get(k));
+        let (permit, ready) = match kept {
+            // The steps still show in the request's span, each a lookup now.
+            Some(ready) => {
+                let ready = self.step("plan", || ready.map_err(execution_error))?;
+                self.step("check", || (ready.permit.clone(), Some(ready)))
+            }
+            None => {
+                let plan = self
+                    .step_async("plan", policy::plan_sql(&session, sql, self.limits.max_sql_bytes))
+                    .await?;
+                (
+                    self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?,
+                    None,
+                )
+            }
+        };
+        let execute = async {
+            let ready = match ready {
+                Some(ready) => ready,
+                None => {
+                    let ready = self.optimise(&session, permit)?;
+                    if let Some(key) = &key {
+                        self.plans.keep(key, &ready).map_err(execution_error)?;
+                    }
+                    ready
+                }
+            };
+            let batches = self
+                .execute_optimised(&session, ready.optimised.clone(), scope.as_deref())
+                .await?;
+            Ok::<_, Error>((ready, batches))
+        };
+        let (ready, batches) = self.step_async("execute", execute).await?;
         self.step("disclose", || {
-            let evaluated = self.shape(&permit, batches, plan_hash)?;
-            self.keep(principal, access, &permit, evaluated, entry)
+            let evaluated = self.shape(&ready.permit, batches, ready.plan_hash.clone())?;
+            self.keep(principal, access, &ready.permit, evaluated, entry)
         })
     }
 
-    /// Executes a permitted plan (interruptible, so a deadline or a departed client stops it)
-    /// and returns its batches and the hash of the optimised plan. With a `baselines` scope,
-    /// differencing baselines already computed in that scope are reused
-    /// ([`crate::baselines`]); replays compute everything afresh.
-    async fn execute_plan(
+    /// Optimises a permitted plan, once, and hashes the result for the audit record.
+    fn optimise(&self, session: &SessionContext, permit: Permit) -> Result<Ready, Error> {
+        let optimised = session.state().optimize(permit.plan()).map_err(execution_error)?;
+        let plan_hash = hex::encode(Sha256::digest(optimised.display_indent().to_string()));
+        Ok(Ready {
+            permit,
+            optimised,
+            plan_hash,
+        })
+    }
+
+    /// Executes an optimised, permitted plan (interruptible, so a deadline or a departed client
+    /// stops it). With a `baselines` scope, differencing baselines already computed in that
+    /// scope are reused ([`crate::baselines`]); replays compute everything afresh.
+    async fn execute_optimised(
         &self,
         session: &SessionContext,
-        permit: &Permit,
+        optimised: LogicalPlan,
         baselines: Option<&str>,
-    ) -> Result<(Vec<RecordBatch>, String), Error> {
-        let execution = |e: datafusion::error::DataFusionError| match e.find_root() {
-            // Disclosure control can refuse while the query runs (differencing).
-            datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
-                Some(refused) => Error::Policy(refused.clone().into()),
-                None => Error::Engine(EngineError::Execution(e)),
-            },
-            _ => Error::Engine(EngineError::Execution(e)),
-        };
+    ) -> Result<Vec<RecordBatch>, Error> {
         let state = session.state();
-        let optimised = state.optimize(permit.plan()).map_err(execution)?;
-        let plan_hash = hex::encode(Sha256::digest(optimised.display_indent().to_string()));
         let optimised = match baselines {
             Some(scope) => self
                 .baselines
                 .substitute(&state, optimised, scope)
                 .await
-                .map_err(execution)?,
+                .map_err(execution_error)?,
             None => optimised,
         };
         // Already optimised: planned physically as it is.
@@ -472,19 +507,19 @@ impl Core {
             .query_planner()
             .create_physical_plan(&optimised, &state)
             .await
-            .map_err(execution)?;
-        let plan = crate::limits::interruptible(plan).map_err(execution)?;
-        let batches = datafusion::physical_plan::collect(plan, session.task_ctx())
+            .map_err(execution_error)?;
+        let plan = crate::limits::interruptible(plan).map_err(execution_error)?;
+        datafusion::physical_plan::collect(plan, session.task_ctx())
             .await
-            .map_err(execution)?;
-        Ok((batches, plan_hash))
+            .map_err(execution_error)
     }
 
     /// Executes a permitted plan and makes it a result: the size limits, a schema describing the
-    /// disclosure control applied, the result hash. Used by queries and by replays alike.
+    /// disclosure control applied, the result hash. Used by replays, which plan afresh.
     pub(crate) async fn evaluate(&self, session: &SessionContext, permit: &Permit) -> Result<Evaluated, Error> {
-        let (batches, plan_hash) = self.execute_plan(session, permit, None).await?;
-        self.shape(permit, batches, plan_hash)
+        let ready = self.optimise(session, permit.clone())?;
+        let batches = self.execute_optimised(session, ready.optimised, None).await?;
+        self.shape(permit, batches, ready.plan_hash)
     }
 
     /// Caps the result's size, describes what disclosure control withheld and hashes the result.
@@ -711,6 +746,18 @@ impl Core {
 fn baseline_scope(engine: &Engine, access: &ProjectAccess) -> Option<String> {
     let data = engine.fingerprints(access).ok()?;
     Some(format!("{}\n{data:?}\n{:?}", access.project, access.cohort))
+}
+
+/// An execution error as the caller sees it: disclosure control can refuse while the query
+/// runs (differencing); anything else is the engine's.
+fn execution_error(e: datafusion::error::DataFusionError) -> Error {
+    match e.find_root() {
+        datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
+            Some(refused) => Error::Policy(refused.clone().into()),
+            None => Error::Engine(EngineError::Execution(e)),
+        },
+        _ => Error::Engine(EngineError::Execution(e)),
+    }
 }
 
 /// A step's span: named by the step in exported telemetry (`otel.name`).

@@ -26,9 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array};
 use datafusion::arrow::compute::{cast, nullif};
 use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::logical_expr::{
-    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, lit,
+    ColumnarValue, Expr, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, lit,
 };
 use serde::Serialize;
 
@@ -169,6 +170,28 @@ impl Disclosure {
             signature: Signature::variadic_any(Volatility::Volatile),
         };
         ScalarUDF::new_from_impl(udf).call(args)
+    }
+
+    /// `plan` with its disclosure functions tallying into this query's counts (a kept plan run
+    /// again, see [`crate::plans`]).
+    pub fn rebind(&self, plan: LogicalPlan) -> DFResult<LogicalPlan> {
+        plan.transform_up_with_subqueries(|node| {
+            node.map_expressions(|e| {
+                e.transform_up(|e| match e {
+                    Expr::ScalarFunction(f) => match f.func.inner().downcast_ref::<CellRule>() {
+                        Some(rule) => Ok(Transformed::yes(self.call(rule.kind, f.args))),
+                        None => Ok(Transformed::no(Expr::ScalarFunction(f))),
+                    },
+                    other => Ok(Transformed::no(other)),
+                })
+            })
+        })
+        .map(|t| t.data)
+    }
+
+    /// Whether `f` is one of the disclosure functions (volatile only because they tally).
+    pub fn is_cell_rule(f: &ScalarUDF) -> bool {
+        f.inner().downcast_ref::<CellRule>().is_some()
     }
 
     /// True where the group is backed by at least `threshold` people. `people` holds one

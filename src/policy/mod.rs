@@ -98,6 +98,20 @@ impl Permit {
     pub fn disclosure(&self) -> &Disclosure {
         &self.disclosure
     }
+
+    /// This permit and its `optimised` plan with disclosure functions of their own, so that
+    /// what one run withholds is not counted in another's report (a kept plan run again).
+    pub fn rebound(&self, optimised: &LogicalPlan) -> datafusion::error::Result<(Permit, LogicalPlan)> {
+        let disclosure = Disclosure::new(self.disclosure.rules());
+        let plan = disclosure.rebind(self.plan.clone())?;
+        let optimised = disclosure.rebind(optimised.clone())?;
+        let permit = Permit {
+            plan,
+            disclosure,
+            checked: self.checked.clone(),
+        };
+        Ok((permit, optimised))
+    }
     /// Output columns whose values passed through disclosure control.
     pub fn checked_columns(&self) -> &[String] {
         &self.checked

@@ -407,3 +407,43 @@ async fn grpc_health_reports_serving_without_a_token() {
         assert_eq!(reply.status(), ServingStatus::Serving, "{service:?}");
     }
 }
+
+#[tokio::test]
+async fn a_repeated_statement_reuses_its_plan_until_its_grants_change() {
+    let gw = spawn_gateway().await;
+    let mut client = gw.client("alice", PROJECT).await;
+    // Small districts × ethnicities: some groups withheld each time.
+    let sql = "SELECT district, ethnicity, COUNT(*) AS n FROM patients GROUP BY 1, 2";
+    let (first_schema, first) = query_described(&mut client, sql).await.unwrap();
+    let kept = gw.core.plans.len();
+    assert!(kept >= 1, "the plan is kept");
+    let (again_schema, again) = query_described(&mut client, sql).await.unwrap();
+    assert_eq!(gw.core.plans.len(), kept, "run again from the kept plan");
+    assert_eq!(rows(&first), rows(&again));
+    // Each run reports what it withheld itself: not added to the first run's tally.
+    let withheld = |s: &datafusion::arrow::datatypes::Schema| s.metadata()["sde.groups_withheld"].clone();
+    assert_ne!(withheld(&first_schema), "0");
+    assert_eq!(withheld(&first_schema), withheld(&again_schema));
+
+    // A plan that depends on the time of the query is never kept.
+    let timed = "SELECT date_part('year', now()) AS y, COUNT(*) AS n FROM patients GROUP BY 1";
+    query(&mut client, timed).await.unwrap();
+    assert_eq!(gw.core.plans.len(), kept);
+
+    // Revoking a column makes the statement planned and checked again, and refused.
+    let admin_token = gw.token("admin");
+    gw.admin()
+        .await
+        .revoke_dataset(authed(
+            sde_gateway::api::proto::GrantRequest {
+                project: PROJECT.into(),
+                dataset: "patients".into(),
+                columns: vec!["ethnicity".into()],
+            },
+            &admin_token,
+        ))
+        .await
+        .unwrap();
+    let refused = query(&mut client, sql).await.unwrap_err();
+    assert!(refused.message().contains("ethnicity"), "{refused:?}");
+}
