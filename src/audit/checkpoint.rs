@@ -14,7 +14,7 @@ use base64::Engine as _;
 use ct_merkle::mem_backed_tree::MemoryBackedTree;
 use ct_merkle::{ConsistencyProof, InclusionProof, RootHash};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use super::AuditError;
 
@@ -166,6 +166,62 @@ pub fn root_hex(tree: &Tree) -> String {
     hex::encode(tree.root().as_bytes())
 }
 
+/// RFC 6962 roots of a growing prefix of leaves, in time and memory logarithmic in its size:
+/// the roots of the perfect subtrees that make it up, largest (leftmost) first. Checking every
+/// checkpoint of a log this way reads each record once; rebuilding each checkpoint's tree took
+/// two minutes for 470 000 records and 486 checkpoints.
+#[derive(Debug, Default)]
+pub struct Frontier {
+    subtrees: Vec<(u32, [u8; 32])>,
+    size: u64,
+}
+
+impl Frontier {
+    pub fn push(&mut self, leaf: &[u8; 32]) {
+        let mut node: [u8; 32] = Sha256::new().chain_update([0u8]).chain_update(leaf).finalize().into();
+        let mut height = 0;
+        while let Some(&(h, left)) = self.subtrees.last() {
+            if h != height {
+                break;
+            }
+            self.subtrees.pop();
+            node = parent(&left, &node);
+            height += 1;
+        }
+        self.subtrees.push((height, node));
+        self.size += 1;
+    }
+
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// Hex root of the leaves pushed so far (empty for none, as checkpoints of no records say).
+    pub fn root_hex(&self) -> String {
+        let mut subtrees = self.subtrees.iter().rev();
+        let Some(&(_, mut root)) = subtrees.next() else {
+            return String::new();
+        };
+        for (_, left) in subtrees {
+            root = parent(left, &root);
+        }
+        hex::encode(root)
+    }
+}
+
+fn parent(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update([1u8])
+        .chain_update(left)
+        .chain_update(right)
+        .finalize()
+        .into()
+}
+
 /// The tree of the first `size` leaves of `tree` (a past checkpoint's tree).
 pub fn prefix(tree: &Tree, size: u64) -> Tree {
     let mut t = Tree::new();
@@ -274,6 +330,22 @@ mod tests {
         let other = SigningKey::from_pem(&SigningKey::generate_pem()).unwrap().public_key();
         assert!(!c.signed_by(&other));
         assert!(SigningKey::from_pem("nonsense").is_err());
+    }
+
+    #[test]
+    fn the_frontier_gives_the_trees_root_at_every_size() {
+        let t = tree(40);
+        let mut frontier = Frontier::default();
+        assert_eq!(frontier.root_hex(), "");
+        for (i, leaf) in t.items().iter().enumerate() {
+            frontier.push(leaf);
+            assert_eq!(
+                frontier.root_hex(),
+                root_hex(&prefix(&t, i as u64 + 1)),
+                "size {}",
+                i + 1
+            );
+        }
     }
 
     #[test]
