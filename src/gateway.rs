@@ -65,6 +65,14 @@ struct Prepared {
     created: Instant,
 }
 
+/// A statement about to run: a kept plan, or one just planned and checked (to optimise).
+/// One lives on the stack for the length of a call, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Statement {
+    Kept(Ready),
+    Checked(Permit),
+}
+
 /// An executed statement: the handle to fetch it with, its result schema and size.
 #[derive(Debug, Clone)]
 pub struct Planned {
@@ -434,26 +442,23 @@ impl Core {
         let scope = baseline_scope(&self.engine, &access);
         let key = scope.as_deref().and_then(|s| Plans::key(s, &access, &rules, sql));
         let kept = key.as_deref().and_then(|k| self.plans.get(k));
-        let (permit, ready) = match kept {
+        let statement = match kept {
             // The steps still show in the request's span, each a lookup now.
             Some(ready) => {
                 let ready = self.step("plan", || ready.map_err(execution_error))?;
-                self.step("check", || (ready.permit.clone(), Some(ready)))
+                self.step("check", || Statement::Kept(ready))
             }
             None => {
                 let plan = self
                     .step_async("plan", policy::plan_sql(&session, sql, self.limits.max_sql_bytes))
                     .await?;
-                (
-                    self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?,
-                    None,
-                )
+                Statement::Checked(self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?)
             }
         };
         let execute = async {
-            let ready = match ready {
-                Some(ready) => ready,
-                None => {
+            let ready = match statement {
+                Statement::Kept(ready) => ready,
+                Statement::Checked(permit) => {
                     let ready = self.optimise(&session, permit)?;
                     if let Some(key) = &key {
                         self.plans.keep(key, &ready).map_err(execution_error)?;
