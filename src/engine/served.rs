@@ -33,11 +33,11 @@ use super::{EngineError, PERSON_ID, join_people, open_listing_as};
 use crate::ingest::version;
 
 const RECORD: &str = "_served.json";
-/// How copies are written (5: Snappy, as the ingest writes, except `person_id`, stored without
-/// compression: random pseudonyms barely compress, and every query that counts people reads
-/// them; dictionary encoding stays, as a person's rows repeat the pseudonym, with a dictionary
-/// page large enough for a whole row group, 4 had the default 1 MiB); a copy in another
-/// format is rebuilt.
+/// How copies are written; a copy in another format is rebuilt. Format 5: Snappy, as the ingest
+/// writes, except `person_id`, stored without compression (random pseudonyms barely compress,
+/// and every query that counts people reads them) but dictionary-encoded, as a person's rows
+/// repeat the pseudonym, with dictionary pages of up to [`DICTIONARY_BYTES`] (format 4 had
+/// the default 1 MiB).
 const FORMAT: u32 = 5;
 /// Largest dictionary page: a row group's pseudonyms fit in it (up to 1M rows of 32-character
 /// pseudonyms, 32 MiB), so `person_id` stays dictionary-encoded throughout instead of falling
@@ -96,12 +96,8 @@ pub(crate) async fn ensure(
         stale => {
             if stale.is_some() || dir.exists() {
                 tracing::warn!(dataset, dir = %dir.display(), "served copy does not match; rebuilding it");
-                // Moved aside first (atomically), so another gateway sharing the folder never
-                // sees half of it; if another one moved it already, so much the better.
-                let aside = dir.with_file_name(format!(".stale-{}", uuid::Uuid::new_v4()));
-                if std::fs::rename(&dir, &aside).is_ok() {
-                    let _ = std::fs::remove_dir_all(&aside);
-                }
+                // If another gateway removed it already, so much the better.
+                let _ = remove(&dir);
             }
             build(&dir, dataset, source, source_hash, opt_outs, opt_outs_hash).await?
         }
@@ -158,16 +154,21 @@ pub(crate) fn prune(root: &Path, in_use: &[PathBuf], unused_for: Duration) -> us
             if in_use.contains(&copy) || !(unused || name.starts_with(".stale-")) {
                 continue;
             }
-            // Moved aside first (atomically), so nobody opens half of it.
-            let aside = dataset.join(format!(".stale-{}", uuid::Uuid::new_v4()));
-            let gone = std::fs::rename(&copy, &aside).and_then(|()| std::fs::remove_dir_all(&aside));
-            match gone {
+            match remove(&copy) {
                 Ok(()) => removed += 1,
                 Err(e) => tracing::warn!(dir = %copy.display(), error = %e, "could not remove an unused served copy"),
             }
         }
     }
     removed
+}
+
+/// Removes a copy: moved aside first (atomically), so that another gateway sharing the folder
+/// never opens half of it.
+fn remove(copy: &Path) -> std::io::Result<()> {
+    let aside = copy.with_file_name(format!(".stale-{}", uuid::Uuid::new_v4()));
+    std::fs::rename(copy, &aside)?;
+    std::fs::remove_dir_all(&aside)
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {

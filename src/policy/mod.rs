@@ -112,6 +112,7 @@ impl Permit {
         };
         Ok((permit, optimised))
     }
+
     /// Output columns whose values passed through disclosure control.
     pub fn checked_columns(&self) -> &[String] {
         &self.checked
@@ -707,11 +708,11 @@ impl Checker {
         // in the main aggregate's own pass. With one identifier and no differencing check, the
         // people of the group and the contributors of each cell with a condition are counted
         // from those shares too, rather than by distinct counts beside them.
-        let first_sum = agg.aggr_expr.iter().position(|e| {
+        let has_sums = agg.aggr_expr.iter().any(|e| {
             matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(f)
                 if matches!(f.func.name().to_lowercase().as_str(), "sum" | "avg" | "mean"))
         });
-        let per_person_counts = first_sum.is_some() && ids.len() == 1 && !unique[0] && !unfiltered.transformed;
+        let per_person_counts = has_sums && ids.len() == 1 && !unique[0] && !unfiltered.transformed;
         let share = |k: usize, what: &str| get_field(col(format!("__sde_shares_{id}_{k}")), what);
         // The `sde_shares` calls: (identifier, the value whose per-person totals are judged
         // (NULL for a count), which rows make a person a contributor), each once.
