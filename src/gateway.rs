@@ -437,7 +437,9 @@ impl Core {
             .limiter
             .runtime()
             .map_err(|e| Error::Internal(format!("query runtime: {e}")))?;
-        let session = self.engine.session_with_runtime(&access, runtime)?;
+        let session = self
+            .engine
+            .session_with_runtime(&access, runtime, self.limiter.partitions())?;
         let rules = self.rules.tightened(&access.disclosure);
         let scope = baseline_scope(&self.engine, &access);
         let key = scope.as_deref().and_then(|s| Plans::key(s, &access, &rules, sql));

@@ -149,6 +149,8 @@ pub struct Limits {
     calls: Arc<AtomicI64>,
     /// Set when the shutdown grace period is over: running queries stop.
     cut_off: tokio::sync::watch::Sender<bool>,
+    /// Cores this gateway's queries share.
+    cores: usize,
     /// What every query's runtime shares: DataFusion's caches of file listings, Parquet
     /// metadata and file statistics (datasets are immutable versions), and no disk.
     shared: Arc<RuntimeEnv>,
@@ -210,6 +212,7 @@ impl Limits {
             per_user: Default::default(),
             calls: Arc::new(AtomicI64::new(0)),
             cut_off: tokio::sync::watch::channel(false).0,
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
             shared: RuntimeEnvBuilder::new()
                 .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
                 .build_arc()
@@ -246,6 +249,16 @@ impl Limits {
     /// Queries executing now.
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// How many partitions (threads) the query being planned now should run on: all the cores
+    /// while it runs alone, fewer as more queries run at once. Under load, splitting each query
+    /// across cores that other queries already keep busy only adds exchanges between threads and
+    /// a second aggregation phase; each query on one core does the same work with less overhead.
+    /// Results do not depend on it.
+    pub fn partitions(&self) -> usize {
+        let running = usize::try_from(self.in_flight()).unwrap_or(0);
+        partitions_for(self.cores, running)
     }
 
     /// Queries waiting for a slot now.
@@ -351,6 +364,11 @@ impl Limits {
     }
 }
 
+/// The cores divided among the queries running (counting the one being planned), at least one.
+fn partitions_for(cores: usize, running: usize) -> usize {
+    (cores / running.max(1)).max(1)
+}
+
 /// Makes every operator of `plan` give way to the runtime regularly (Tokio's cooperative
 /// budget). Without it an operator that turns one input batch into many (a cross join) can run
 /// for minutes inside one poll, and neither the deadline nor a departed client could stop it.
@@ -381,6 +399,30 @@ mod tests {
         let mut config = LimitsConfig::default();
         adjust(&mut config);
         Limits::new(&config)
+    }
+
+    #[test]
+    fn the_cores_are_divided_among_the_queries_running() {
+        assert_eq!(partitions_for(2, 1), 2);
+        assert_eq!(partitions_for(2, 2), 1);
+        assert_eq!(partitions_for(2, 8), 1);
+        assert_eq!(partitions_for(8, 3), 2);
+        assert_eq!(partitions_for(4, 0), 4);
+    }
+
+    #[tokio::test]
+    async fn a_query_planned_alone_gets_every_core_and_fewer_under_load() {
+        let mut l = limits(|c| c.max_concurrent_queries_per_user = 8);
+        l.cores = 4;
+        let first = l.admit("alice").await.unwrap();
+        assert_eq!(l.partitions(), 4);
+        let more: Vec<Slot> = futures::future::try_join_all((0..3).map(|_| l.admit("alice")))
+            .await
+            .unwrap();
+        assert_eq!(l.partitions(), 1);
+        drop(more);
+        assert_eq!(l.partitions(), 4);
+        drop(first);
     }
 
     #[test]

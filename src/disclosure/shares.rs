@@ -288,6 +288,8 @@ impl Groups {
                 t.as_primitive::<Float64Type>(),
                 f.as_primitive::<UInt8Type>(),
             );
+            // Room for them all at once, rather than growing the table as they come.
+            self.groups[g].known.reserve(p.len());
             for k in 0..p.len() {
                 let flags = f.value(k);
                 let person = (flags & KNOWN != 0).then(|| p.value(k));

@@ -438,16 +438,20 @@ impl Engine {
 
     /// A session for one project: only granted tables and columns, each guarded.
     pub fn session(&self, access: &ProjectAccess) -> Result<SessionContext, EngineError> {
-        self.session_with_runtime(access, Arc::new(RuntimeEnv::default()))
+        let partitions = SessionConfig::new().target_partitions();
+        self.session_with_runtime(access, Arc::new(RuntimeEnv::default()), partitions)
     }
 
-    /// As [`Engine::session`], running under `runtime` (the query's memory pool).
+    /// As [`Engine::session`], running under `runtime` (the query's memory pool) on
+    /// `partitions` partitions.
     pub fn session_with_runtime(
         &self,
         access: &ProjectAccess,
         runtime: Arc<RuntimeEnv>,
+        partitions: usize,
     ) -> Result<SessionContext, EngineError> {
         let config = SessionConfig::new()
+            .with_target_partitions(partitions)
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_create_default_catalog_and_schema(true)
             .with_information_schema(false);

@@ -16,9 +16,11 @@ use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::clock::SharedClock;
 use crate::config::IdentityConfig;
+use crate::recent::Recent;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum IdentityError {
@@ -80,13 +82,31 @@ enum Keys {
     Jwks(Box<jwks::Jwks>),
 }
 
+/// A token whose signature and claims were checked, and the key that checked it.
+struct Verified {
+    key: Arc<DecodingKey>,
+    user: String,
+    exp: i64,
+}
+
+/// Tokens verified lately, at most (a client sends the same token with every call).
+const VERIFIED_TOKENS: usize = 4096;
+
 /// Verifies bearer tokens with a pinned algorithm and a static public key or a JWKS.
+///
+/// A client sends the same token with every call, so a token's signature is checked once: the
+/// token is remembered (by its SHA-256) with its subject, expiry and the key that checked it.
+/// A remembered token still has its expiry judged by the clock at every call, and counts only
+/// while the key that checked it is the one the token names now: once the identity provider
+/// stops publishing that key (or publishes another under its `kid`), it is refused or checked
+/// afresh. Tokens that fail are never remembered.
 pub struct TokenVerifier {
     keys: Keys,
     algorithm: Algorithm,
     validation: Validation,
     leeway: i64,
     clock: SharedClock,
+    verified: Recent<Arc<Verified>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -134,6 +154,7 @@ impl TokenVerifier {
             validation,
             leeway: config.leeway_seconds as i64,
             clock,
+            verified: Recent::new(VERIFIED_TOKENS),
         })
     }
 
@@ -179,15 +200,35 @@ impl TokenVerifier {
                 jwks.key(&kid).await?
             }
         };
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
-            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
-        if data.claims.exp + self.leeway <= self.clock.now().timestamp() {
+        let id = hex::encode(Sha256::digest(token));
+        let verified = match self.verified.get(&id) {
+            Some(seen) if Arc::ptr_eq(&seen.key, &key) => seen,
+            _ => {
+                let verified = Arc::new(self.check(token, key)?);
+                self.verified.put(&id, Arc::clone(&verified));
+                verified
+            }
+        };
+        if verified.exp + self.leeway <= self.clock.now().timestamp() {
             return Err(IdentityError::Expired);
         }
+        Ok(Subject {
+            user: verified.user.clone(),
+        })
+    }
+
+    /// Checks the token's signature with `key`, and its claims.
+    fn check(&self, token: &str, key: Arc<DecodingKey>) -> Result<Verified, IdentityError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
         if data.claims.sub.is_empty() {
             return Err(IdentityError::Invalid("empty subject".into()));
         }
-        Ok(Subject { user: data.claims.sub })
+        Ok(Verified {
+            key,
+            user: data.claims.sub,
+            exp: data.claims.exp,
+        })
     }
 }
 

@@ -179,6 +179,38 @@ async fn rotation_to_a_new_kid_takes_one_refresh_and_the_old_key_goes_with_it() 
 }
 
 #[tokio::test]
+async fn a_token_checked_before_is_refused_once_its_key_is_withdrawn() {
+    let s = Setup::new().await;
+    let (a, b) = (SigningKey::new("key-a"), SigningKey::new("key-b"));
+    s.server.publish(&[a.jwk()]);
+    let token = s.token(&a);
+    assert_eq!(s.verifier.verify(&token).await.unwrap().user, "alice");
+    // The same token again is not checked again, but its key still is looked up.
+    assert_eq!(s.verifier.verify(&token).await.unwrap().user, "alice");
+
+    // The provider withdraws A (say it leaked): the very same token is refused.
+    s.server.publish(&[b.jwk()]);
+    s.advance(CACHE);
+    assert!(invalid(s.verifier.verify(&token).await));
+}
+
+#[tokio::test]
+async fn a_token_checked_before_is_checked_again_when_its_kid_names_another_key() {
+    let s = Setup::new().await;
+    let a = SigningKey::new("key-a");
+    s.server.publish(&[a.jwk()]);
+    let token = s.token(&a);
+    assert_eq!(s.verifier.verify(&token).await.unwrap().user, "alice");
+
+    // The provider publishes another key under the same kid: the token's signature no longer
+    // holds, even though it was accepted a moment ago.
+    let other = SigningKey::new("key-a");
+    s.server.publish(&[other.jwk()]);
+    s.advance(CACHE);
+    assert!(invalid(s.verifier.verify(&token).await));
+}
+
+#[tokio::test]
 async fn unknown_kids_cannot_cause_a_refresh_storm() {
     let s = Setup::new().await;
     let a = SigningKey::new("key-a");
