@@ -15,7 +15,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::error::Result as DFResult;
-use datafusion::execution::SessionState;
+use datafusion::execution::{SessionState, TaskContext};
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, ScalarUDF, SubqueryAlias, Volatility};
 use sha2::{Digest, Sha256};
 
@@ -49,7 +49,13 @@ impl std::fmt::Debug for Baselines {
 impl Baselines {
     /// Replaces each differencing baseline in the optimised `plan` by its result for `scope`,
     /// computing (and keeping) those not yet known.
-    pub async fn substitute(&self, state: &SessionState, plan: LogicalPlan, scope: &str) -> DFResult<LogicalPlan> {
+    pub async fn substitute(
+        &self,
+        state: &SessionState,
+        task: &Arc<TaskContext>,
+        plan: LogicalPlan,
+        scope: &str,
+    ) -> DFResult<LogicalPlan> {
         let mut wanted: Vec<LogicalPlan> = Vec::new();
         plan.apply(|node| {
             if let LogicalPlan::SubqueryAlias(a) = node
@@ -71,7 +77,7 @@ impl Baselines {
             let table = match self.entries.get(&key) {
                 Some(table) => table,
                 None => {
-                    let (table, bytes) = compute(state, &input).await?;
+                    let (table, bytes) = compute(state, task, &input).await?;
                     let table = Arc::new(table);
                     if bytes <= MAX_BYTES {
                         self.entries.put(&key, Arc::clone(&table));
@@ -146,12 +152,12 @@ pub(crate) fn only_immutable(plan: &LogicalPlan, allowed: impl Fn(&ScalarUDF) ->
     Ok(immutable)
 }
 
-/// Runs a baseline's (optimised) plan and holds its result as a table with the plan's schema;
-/// returns it and its size in bytes.
-async fn compute(state: &SessionState, input: &LogicalPlan) -> DFResult<(MemTable, usize)> {
+/// Runs a baseline's (optimised) plan, as part of the query's `task` (its memory pool), and
+/// holds its result as a table with the plan's schema; returns it and its size in bytes.
+async fn compute(state: &SessionState, task: &Arc<TaskContext>, input: &LogicalPlan) -> DFResult<(MemTable, usize)> {
     let physical = state.query_planner().create_physical_plan(input, state).await?;
     let physical = crate::limits::interruptible(physical)?;
-    let batches = datafusion::physical_plan::collect(physical, state.task_ctx()).await?;
+    let batches = datafusion::physical_plan::collect(physical, Arc::clone(task)).await?;
     let schema = Arc::new(input.schema().as_arrow().clone());
     let batches = batches
         .into_iter()

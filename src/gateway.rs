@@ -24,11 +24,17 @@ use crate::identity::{IdentityError, Subject};
 use crate::limits::{LimitError, Limits};
 use crate::plans::{Plans, Ready};
 use crate::policy::{self, Permit};
+use crate::recent::Recent;
 use crate::registry::rules::Action;
 use crate::registry::{Principal, ProjectAccess, Refusal, Registry, RegistryError};
 use crate::telemetry::Metrics;
+use datafusion::execution::TaskContext;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
+
+/// Project sessions kept at most (each a catalogue of a few table providers).
+const SESSIONS: usize = 256;
 
 /// Who is calling and for which project, as the transport saw it.
 #[derive(Debug, Clone)]
@@ -123,6 +129,9 @@ pub struct Core {
     pub baselines: crate::baselines::Baselines,
     /// The plans of repeated statements.
     pub plans: Plans,
+    /// Each project's session (its catalogue of guarded tables), built once per access, data
+    /// snapshot and partition count rather than for every query.
+    sessions: Recent<SessionContext>,
     pending: Mutex<HashMap<String, Pending>>,
     prepared: Mutex<HashMap<String, Prepared>>,
 }
@@ -204,6 +213,7 @@ impl Core {
             metrics: Metrics::disabled(),
             baselines: Default::default(),
             plans: Default::default(),
+            sessions: Recent::new(SESSIONS),
             limits,
             pending: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
@@ -437,11 +447,9 @@ impl Core {
             .limiter
             .runtime()
             .map_err(|e| Error::Internal(format!("query runtime: {e}")))?;
-        let session = self
-            .engine
-            .session_with_runtime(&access, runtime, self.limiter.partitions())?;
         let rules = self.rules.tightened(&access.disclosure);
         let scope = baseline_scope(&self.engine, &access);
+        let session = self.session(&access, scope.as_deref())?;
         let key = scope.as_deref().and_then(|s| Plans::key(s, &access, &rules, sql));
         let kept = key.as_deref().and_then(|k| self.plans.get(k));
         let statement = match kept {
@@ -469,7 +477,7 @@ impl Core {
                 }
             };
             let batches = self
-                .execute_optimised(&session, ready.optimised.clone(), scope.as_deref())
+                .execute_optimised(&session, runtime, ready.optimised.clone(), scope.as_deref())
                 .await?;
             Ok::<_, Error>((ready, batches))
         };
@@ -478,6 +486,27 @@ impl Core {
             let evaluated = self.shape(&ready.permit, batches, ready.plan_hash.clone())?;
             self.keep(principal, access, &ready.permit, evaluated, entry)
         })
+    }
+
+    /// The session a project's query is planned in, kept for its access (grants, cohort,
+    /// pinned versions), data snapshot (`scope`, which names every dataset version it reads)
+    /// and the partitions the query runs on now. Its runtime holds only the shared caches:
+    /// each query executes under a runtime of its own ([`Core::execute_optimised`]).
+    fn session(&self, access: &ProjectAccess, scope: Option<&str>) -> Result<SessionContext, Error> {
+        let partitions = self.limiter.partitions();
+        let key = scope.map(|scope| hex::encode(Sha256::digest(format!("{scope}\n{access:?}\n{partitions}"))));
+        if let Some(session) = key.as_deref().and_then(|k| self.sessions.get(k)) {
+            return Ok(session);
+        }
+        let runtime = self
+            .limiter
+            .session_runtime()
+            .map_err(|e| Error::Internal(format!("session runtime: {e}")))?;
+        let session = self.engine.session_with_runtime(access, runtime, partitions)?;
+        if let Some(key) = key {
+            self.sessions.put(&key, session.clone());
+        }
+        Ok(session)
     }
 
     /// Optimises a permitted plan, once, and hashes the result for the audit record.
@@ -497,14 +526,16 @@ impl Core {
     async fn execute_optimised(
         &self,
         session: &SessionContext,
+        runtime: Arc<RuntimeEnv>,
         optimised: LogicalPlan,
         baselines: Option<&str>,
     ) -> Result<Vec<RecordBatch>, Error> {
         let state = session.state();
+        let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
         let optimised = match baselines {
             Some(scope) => self
                 .baselines
-                .substitute(&state, optimised, scope)
+                .substitute(&state, &task, optimised, scope)
                 .await
                 .map_err(execution_error)?,
             None => optimised,
@@ -516,7 +547,7 @@ impl Core {
             .await
             .map_err(execution_error)?;
         let plan = crate::limits::interruptible(plan).map_err(execution_error)?;
-        datafusion::physical_plan::collect(plan, session.task_ctx())
+        datafusion::physical_plan::collect(plan, task)
             .await
             .map_err(execution_error)
     }
@@ -525,7 +556,9 @@ impl Core {
     /// disclosure control applied, the result hash. Used by replays, which plan afresh.
     pub(crate) async fn evaluate(&self, session: &SessionContext, permit: &Permit) -> Result<Evaluated, Error> {
         let ready = self.optimise(session, permit.clone())?;
-        let batches = self.execute_optimised(session, ready.optimised, None).await?;
+        let batches = self
+            .execute_optimised(session, session.runtime_env(), ready.optimised, None)
+            .await?;
         self.shape(permit, batches, ready.plan_hash)
     }
 

@@ -289,6 +289,14 @@ impl Limits {
             .build_arc()
     }
 
+    /// The runtime of the sessions kept across queries (which plan, but whose queries run
+    /// under a runtime of their own): the shared caches, and the gateway-wide pool.
+    pub fn session_runtime(&self) -> DFResult<Arc<RuntimeEnv>> {
+        RuntimeEnvBuilder::from_runtime_env(&self.shared)
+            .with_memory_pool(Arc::clone(&self.pool))
+            .build_arc()
+    }
+
     /// Takes one of `user`'s rate-limit tokens, or refuses.
     pub fn check_rate(&self, user: &str) -> Result<(), LimitError> {
         let per_minute = self.config.user_queries_per_minute;
