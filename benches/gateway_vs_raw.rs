@@ -186,27 +186,43 @@ fn peak_memory_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// `clients` Flight SQL clients each sending the small query for `duration`.
-async fn concurrent(dir: &Path, addr: std::net::SocketAddr, clients: usize, duration: Duration) -> String {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let mut client = flight_client(dir, addr).await;
-        tasks.push(tokio::spawn(async move {
-            let mut times = Vec::new();
-            let mut errors = 0usize;
-            while started.elapsed() < duration {
-                let t = Instant::now();
-                match flight_query(&mut client, SMALL).await {
-                    Ok(_) => times.push(t.elapsed().as_secs_f64() * 1000.0),
-                    Err(_) => errors += 1,
+/// What a closed loop of clients measured: each client sends its next query as soon as its
+/// last one returns.
+struct Load {
+    per_second: f64,
+    p50: f64,
+    p99: f64,
+    errors: usize,
+}
+
+/// Runs `query` in a loop in each of `clients` tasks until `duration` has passed since
+/// `started`.
+async fn closed_loop<C, F, Fut, T, E>(clients: Vec<C>, started: Instant, duration: Duration, query: F) -> Load
+where
+    C: Send + 'static,
+    F: Fn(C) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = (C, Result<T, E>)> + Send,
+{
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let query = query.clone();
+            tokio::spawn(async move {
+                let (mut times, mut errors) = (Vec::new(), 0usize);
+                while started.elapsed() < duration {
+                    let t = Instant::now();
+                    let (back, outcome) = query(client).await;
+                    client = back;
+                    match outcome {
+                        Ok(_) => times.push(t.elapsed().as_secs_f64() * 1000.0),
+                        Err(_) => errors += 1,
+                    }
                 }
-            }
-            (times, errors)
-        }));
-    }
-    let mut all = Vec::new();
-    let mut errors = 0;
+                (times, errors)
+            })
+        })
+        .collect();
+    let (mut all, mut errors) = (Vec::new(), 0);
     for task in tasks {
         let (times, e) = task.await.unwrap();
         all.extend(times);
@@ -214,12 +230,38 @@ async fn concurrent(dir: &Path, addr: std::net::SocketAddr, clients: usize, dura
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
-    format!(
-        "| {clients} | {:.0} | {:.1} | {:.1} | {errors} |",
-        all.len() as f64 / elapsed,
-        percentile(&all, 0.5),
-        percentile(&all, 0.99)
-    )
+    Load {
+        per_second: all.len() as f64 / elapsed,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        errors,
+    }
+}
+
+/// `clients` Flight SQL clients each sending the small query for `duration`.
+async fn concurrent(dir: &Path, addr: std::net::SocketAddr, clients: usize, duration: Duration) -> Load {
+    let mut connected = Vec::new();
+    for _ in 0..clients {
+        connected.push(flight_client(dir, addr).await);
+    }
+    closed_loop(connected, Instant::now(), duration, |mut client| async move {
+        let outcome = flight_query(&mut client, SMALL).await;
+        (client, outcome)
+    })
+    .await
+}
+
+/// The same load on plain DataFusion in-process: `clients` tasks sharing one session.
+async fn concurrent_raw(raw: &SessionContext, clients: usize, duration: Duration) -> Load {
+    let sessions = vec![raw.clone(); clients];
+    closed_loop(sessions, Instant::now(), duration, |raw| async move {
+        let outcome = match raw.sql(SMALL).await {
+            Ok(frame) => frame.collect().await,
+            Err(e) => Err(e),
+        };
+        (raw, outcome)
+    })
+    .await
 }
 
 /// Per step, the sum (seconds) and count of the step-latency histogram, from the Prometheus
@@ -324,10 +366,21 @@ async fn main() {
         client_tool: None,
     };
     // For profiling (`perf record`): only the gateway's walk of one query, for 20 s; or, with
-    // `flight N`, the small query from N concurrent Flight SQL clients for 20 s.
+    // `flight N` (`raw N`), the small query from N concurrent Flight SQL clients (plain
+    // DataFusion tasks) for 20 s.
     if let Ok(name) = std::env::var("GATEWAY_VS_RAW_PROFILE") {
-        if let Some(clients) = name.strip_prefix("flight ").and_then(|n| n.parse().ok()) {
-            eprintln!("{}", concurrent(&dir, addr, clients, Duration::from_secs(20)).await);
+        let (way, clients) = name.split_once(' ').unwrap_or((&name, ""));
+        if let ("flight" | "raw", Ok(clients)) = (way, clients.parse::<usize>()) {
+            let duration = Duration::from_secs(20);
+            let load = if way == "flight" {
+                concurrent(&dir, addr, clients, duration).await
+            } else {
+                concurrent_raw(&raw, clients, duration).await
+            };
+            eprintln!(
+                "{clients} clients: {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors",
+                load.per_second, load.p50, load.p99, load.errors
+            );
             return;
         }
         let (_, sql) = QUERIES
@@ -390,19 +443,25 @@ async fn main() {
     }
 
     report.push_str(
-        "\nThe small query at 1, 8 and 32 concurrent Flight SQL clients, 10 s each:\n\n\
-         | clients | queries/s | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|\n",
+        "\nThe small query at 1, 8 and 32 concurrent Flight SQL clients, 10 s each; then the same \
+         load on plain DataFusion in-process (tasks sharing one session, no network), 10 s each:\n\n\
+         | clients | queries/s | p50 ms | p99 ms | errors | raw queries/s | raw p50 ms | raw p99 ms |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut steps = String::new();
     for clients in [1, 8, 32] {
         let before = step_totals(metrics_addr).await;
-        let line = concurrent(&dir, addr, clients, Duration::from_secs(10)).await;
-        eprintln!("{line}");
-        report.push_str(&line);
-        report.push('\n');
+        let gw = concurrent(&dir, addr, clients, Duration::from_secs(10)).await;
         if clients == 1 {
             steps = step_means(&before, &step_totals(metrics_addr).await);
         }
+        let raw = concurrent_raw(&raw, clients, Duration::from_secs(10)).await;
+        let line = format!(
+            "| {clients} | {:.0} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} |\n",
+            gw.per_second, gw.p50, gw.p99, gw.errors, raw.per_second, raw.p50, raw.p99
+        );
+        eprint!("{line}");
+        report.push_str(&line);
     }
     report.push_str(&format!(
         "\nWhere the small query's time goes at 1 client (the gateway's `sde.step.duration` histogram, \
