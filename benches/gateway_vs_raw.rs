@@ -456,6 +456,7 @@ async fn main() {
             steps = step_means(&before, &step_totals(metrics_addr).await);
         }
         let raw = concurrent_raw(&raw, clients, Duration::from_secs(10)).await;
+        assert_eq!(raw.errors, 0, "plain DataFusion failed the small query");
         let line = format!(
             "| {clients} | {:.0} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} |\n",
             gw.per_second, gw.p50, gw.p99, gw.errors, raw.per_second, raw.p50, raw.p99
