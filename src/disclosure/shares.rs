@@ -23,8 +23,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, ListArray, StructArray,
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, ListArray, StructArray, UInt8Array, UInt64Array,
 };
+use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields, Float64Type, UInt8Type, UInt64Type};
 use datafusion::common::{ScalarValue, internal_err};
 use datafusion::error::Result as DFResult;
@@ -196,9 +197,13 @@ impl Group {
     }
 
     fn summary(&self) -> Summary {
-        let contributors = self.known.values().filter(|s| s.flags & CONTRIBUTES != 0).count();
+        let mut contributors = 0;
         let (mut total, mut first, mut second): (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
-        for share in self.known.values().chain(&self.unknown) {
+        let known = self.known.values().map(|share| (true, share));
+        for (known, share) in known.chain(self.unknown.iter().map(|share| (false, share))) {
+            if known && share.flags & CONTRIBUTES != 0 {
+                contributors += 1;
+            }
             if share.flags & VALUED == 0 {
                 continue;
             }
@@ -215,7 +220,7 @@ impl Group {
         }
         Summary {
             people: self.known.len() as i64,
-            contributors: contributors as i64,
+            contributors,
             total,
             top1: first,
             top2: second,
@@ -303,18 +308,37 @@ impl Groups {
     }
 }
 
-/// The partial states of `groups`: three lists per group.
-fn states(groups: &[Group]) -> Vec<ArrayRef> {
-    let persons = ListArray::from_iter_primitive::<UInt64Type, _, _>(
-        groups.iter().map(|g| Some(g.entries().map(|(h, _)| Some(h)))),
+/// The partial states of `groups`: three lists per group, written in one pass over the shares.
+fn states(groups: &[Group]) -> DFResult<Vec<ArrayRef>> {
+    let entries: usize = groups
+        .iter()
+        .map(|g| g.known.len() + usize::from(g.unknown.is_some()))
+        .sum();
+    let (mut persons, mut totals, mut flags) = (
+        Vec::with_capacity(entries),
+        Vec::with_capacity(entries),
+        Vec::with_capacity(entries),
     );
-    let totals = ListArray::from_iter_primitive::<Float64Type, _, _>(
-        groups.iter().map(|g| Some(g.entries().map(|(_, s)| Some(s.total)))),
-    );
-    let flags = ListArray::from_iter_primitive::<UInt8Type, _, _>(
-        groups.iter().map(|g| Some(g.entries().map(|(_, s)| Some(s.flags)))),
-    );
-    vec![Arc::new(persons), Arc::new(totals), Arc::new(flags)]
+    let mut lengths = Vec::with_capacity(groups.len());
+    for group in groups {
+        let before = persons.len();
+        for (hash, share) in group.entries() {
+            persons.push(hash);
+            totals.push(share.total);
+            flags.push(share.flags);
+        }
+        lengths.push(persons.len() - before);
+    }
+    let offsets = OffsetBuffer::<i32>::from_lengths(lengths);
+    let list = |item: DataType, values: ArrayRef| -> DFResult<ArrayRef> {
+        let field = Arc::new(Field::new_list_field(item, true));
+        Ok(Arc::new(ListArray::try_new(field, offsets.clone(), values, None)?))
+    };
+    Ok(vec![
+        list(DataType::UInt64, Arc::new(UInt64Array::from(persons)))?,
+        list(DataType::Float64, Arc::new(Float64Array::from(totals)))?,
+        list(DataType::UInt8, Arc::new(UInt8Array::from(flags)))?,
+    ])
 }
 
 fn summaries(groups: &[Group]) -> ArrayRef {
@@ -352,7 +376,7 @@ impl GroupsAccumulator for Groups {
     }
 
     fn state(&mut self, emit_to: EmitTo) -> DFResult<Vec<ArrayRef>> {
-        Ok(states(&emit_to.take_needed(&mut self.groups)))
+        states(&emit_to.take_needed(&mut self.groups))
     }
 
     fn merge_batch(&mut self, values: &[ArrayRef], group_indices: &[usize], total_num_groups: usize) -> DFResult<()> {
@@ -369,7 +393,7 @@ impl GroupsAccumulator for Groups {
         };
         let indices: Vec<usize> = (0..rows).collect();
         each.add(values, &indices, opt_filter)?;
-        Ok(states(&each.groups))
+        states(&each.groups)
     }
 
     fn size(&self) -> usize {
@@ -396,7 +420,7 @@ impl Accumulator for One {
 
     fn state(&mut self) -> DFResult<Vec<ScalarValue>> {
         self.0.groups.resize_with(1, Group::default);
-        states(&self.0.groups)
+        states(&self.0.groups)?
             .iter()
             .map(|a| ScalarValue::try_from_array(a, 0))
             .collect()
