@@ -17,10 +17,9 @@ use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::error::Result as DFResult;
 use datafusion::execution::{SessionState, TaskContext};
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, ScalarUDF, SubqueryAlias, Volatility};
-use sha2::{Digest, Sha256};
 
 use crate::policy::is_differencing_baseline;
-use crate::recent::Recent;
+use crate::recent::{self, Recent};
 
 /// Baselines kept at most; beyond it the least recently used half is forgotten. With
 /// [`MAX_BYTES`], the cache holds at most 256 MiB outside the queries' memory pool.
@@ -120,11 +119,7 @@ impl Baselines {
 
 /// What a baseline is: its scope and its (optimised) plan, as text.
 fn key(scope: &str, input: &LogicalPlan) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(scope.as_bytes());
-    hasher.update([0u8]);
-    hasher.update(input.display_indent_schema().to_string().as_bytes());
-    hex::encode(hasher.finalize())
+    recent::key(&[scope, &input.display_indent_schema().to_string()])
 }
 
 /// Whether every function `plan` calls is immutable (so its result, or its optimised plan, can

@@ -24,7 +24,7 @@ use crate::identity::{IdentityError, Subject};
 use crate::limits::{LimitError, Limits};
 use crate::plans::{Plans, Ready};
 use crate::policy::{self, Permit};
-use crate::recent::Recent;
+use crate::recent::{self, Recent};
 use crate::registry::rules::Action;
 use crate::registry::{Principal, ProjectAccess, Refusal, Registry, RegistryError};
 use crate::telemetry::Metrics;
@@ -494,7 +494,7 @@ impl Core {
     /// each query executes under a runtime of its own ([`Core::execute_optimised`]).
     fn session(&self, access: &ProjectAccess, scope: Option<&str>) -> Result<SessionContext, Error> {
         let partitions = self.limiter.partitions();
-        let key = scope.map(|scope| hex::encode(Sha256::digest(format!("{scope}\n{access:?}\n{partitions}"))));
+        let key = scope.map(|scope| recent::key(&[scope, &format!("{access:?}"), &partitions.to_string()]));
         if let Some(session) = key.as_deref().and_then(|k| self.sessions.get(k)) {
             return Ok(session);
         }

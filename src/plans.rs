@@ -13,13 +13,11 @@
 
 use std::sync::Arc;
 
-use datafusion::logical_expr::LogicalPlan;
-use sha2::{Digest, Sha256};
-
 use crate::disclosure::{Disclosure, Rules};
 use crate::policy::Permit;
-use crate::recent::Recent;
+use crate::recent::{self, Recent};
 use crate::registry::ProjectAccess;
+use datafusion::logical_expr::LogicalPlan;
 
 /// Plans kept at most (a plan is a few kilobytes).
 const MAX_ENTRIES: usize = 1024;
@@ -70,12 +68,12 @@ impl Plans {
         if sql.len() > MAX_SQL_BYTES {
             return None;
         }
-        let mut hasher = Sha256::new();
-        for part in [scope, &format!("{:?}", access.grants), &format!("{rules:?}"), sql] {
-            hasher.update(part.as_bytes());
-            hasher.update([0u8]);
-        }
-        Some(hex::encode(hasher.finalize()))
+        Some(recent::key(&[
+            scope,
+            &format!("{:?}", access.grants),
+            &format!("{rules:?}"),
+            sql,
+        ]))
     }
 
     /// A kept plan, with disclosure functions of its own.

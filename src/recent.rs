@@ -1,9 +1,23 @@
 //! A bounded map that forgets the least recently used half of its entries when it is full:
-//! the differencing baselines and the plans of repeated statements are kept in one each.
+//! the differencing baselines, the plans of repeated statements, the projects' sessions and the
+//! verified tokens are kept in one each.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+/// The key of an entry made of `parts`: their SHA-256, each part ended by a zero byte so that
+/// no two lists of parts run together into the same key.
+pub fn key(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0u8]);
+    }
+    hex::encode(hasher.finalize())
+}
 
 pub struct Recent<V> {
     entries: Mutex<HashMap<String, (u64, V)>>,

@@ -16,11 +16,10 @@ use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::clock::SharedClock;
 use crate::config::IdentityConfig;
-use crate::recent::Recent;
+use crate::recent::{self, Recent};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum IdentityError {
@@ -200,7 +199,7 @@ impl TokenVerifier {
                 jwks.key(&kid).await?
             }
         };
-        let id = hex::encode(Sha256::digest(token));
+        let id = recent::key(&[token]);
         let verified = match self.verified.get(&id) {
             Some(seen) if Arc::ptr_eq(&seen.key, &key) => seen,
             _ => {
