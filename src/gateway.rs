@@ -476,6 +476,25 @@ impl Core {
                     ready
                 }
             };
+            // People told from rows first, where they can be; if the rows leave a group
+            // unsettled, again counting them, with disclosure functions of its own (nothing the
+            // first try withheld is counted).
+            if let Some(from_rows) = ready.first_try() {
+                let tried = self
+                    .execute_optimised(&session, Arc::clone(&runtime), from_rows.clone(), scope.as_deref())
+                    .await;
+                match tried {
+                    Err(e) if unsettled(&e) => {
+                        ready.unsettled.store(true, std::sync::atomic::Ordering::Relaxed);
+                        let ready = ready.rebound().map_err(execution_error)?;
+                        let batches = self
+                            .execute_optimised(&session, runtime, ready.optimised.clone(), scope.as_deref())
+                            .await?;
+                        return Ok((ready, batches));
+                    }
+                    tried => return Ok((ready, tried?)),
+                }
+            }
             let batches = self
                 .execute_optimised(&session, runtime, ready.optimised.clone(), scope.as_deref())
                 .await?;
@@ -511,11 +530,19 @@ impl Core {
 
     /// Optimises a permitted plan, once, and hashes the result for the audit record.
     fn optimise(&self, session: &SessionContext, permit: Permit) -> Result<Ready, Error> {
-        let optimised = session.state().optimize(permit.plan()).map_err(execution_error)?;
+        let state = session.state();
+        let optimised = state.optimize(permit.plan()).map_err(execution_error)?;
+        let from_rows = match permit.from_rows() {
+            Some(plan) => Some(state.optimize(plan).map_err(execution_error)?),
+            None => None,
+        };
+        // The plan whose figures are released: `from_rows` releases the same or nothing.
         let plan_hash = hex::encode(Sha256::digest(optimised.display_indent().to_string()));
         Ok(Ready {
             permit,
             optimised,
+            from_rows,
+            unsettled: Arc::default(),
             plan_hash,
         })
     }
@@ -798,6 +825,14 @@ fn execution_error(e: datafusion::error::DataFusionError) -> Error {
         },
         _ => Error::Engine(EngineError::Execution(e)),
     }
+}
+
+/// Whether an execution failed only because rows could not tell a group's people
+/// ([`crate::disclosure::Unsettled`]).
+fn unsettled(e: &Error) -> bool {
+    matches!(e, Error::Engine(EngineError::Execution(e))
+        if matches!(e.find_root(), datafusion::error::DataFusionError::External(inner)
+            if inner.downcast_ref::<crate::disclosure::Unsettled>().is_some()))
 }
 
 /// A step's span: named by the step in exported telemetry (`otel.name`).

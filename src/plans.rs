@@ -12,6 +12,7 @@
 //! ([`Permit::rebound`]), so what one run withholds is never counted in another's report.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::disclosure::{Disclosure, Rules};
 use crate::policy::Permit;
@@ -29,6 +30,11 @@ pub const MAX_SQL_BYTES: usize = 16 << 10;
 pub struct Ready {
     pub permit: Permit,
     pub optimised: LogicalPlan,
+    /// [`Permit::from_rows`], optimised: run first, while it has settled every run so far.
+    pub from_rows: Option<LogicalPlan>,
+    /// Set once `from_rows` could not settle a group: the statement's later runs (all sharing
+    /// this flag through the kept plan) go straight to `optimised`.
+    pub unsettled: Arc<AtomicBool>,
     pub plan_hash: String,
 }
 
@@ -36,11 +42,24 @@ impl Ready {
     /// The same plan with disclosure functions of its own.
     pub fn rebound(&self) -> datafusion::error::Result<Ready> {
         let (permit, optimised) = self.permit.rebound(&self.optimised)?;
+        let from_rows = match &self.from_rows {
+            Some(plan) => Some(permit.disclosure().rebind(plan.clone())?),
+            None => None,
+        };
         Ok(Ready {
             permit,
             optimised,
+            from_rows,
+            unsettled: Arc::clone(&self.unsettled),
             plan_hash: self.plan_hash.clone(),
         })
+    }
+
+    /// The plan to try first, if any: people told from rows, unless that failed before.
+    pub fn first_try(&self) -> Option<&LogicalPlan> {
+        self.from_rows
+            .as_ref()
+            .filter(|_| !self.unsettled.load(Ordering::Relaxed))
     }
 }
 

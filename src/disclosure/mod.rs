@@ -82,6 +82,13 @@ pub struct DifferencingRefused {
     pub threshold: u64,
 }
 
+/// Raised while a query runs when a group's rows alone cannot show that it has enough people
+/// (see [`Disclosure::people_from_rows`]). Never a refusal: the query runs again, counting the
+/// people themselves.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("internal: a group's rows do not show enough people; its people must be counted")]
+pub struct Unsettled;
+
 /// What disclosure control withheld while one query ran.
 #[derive(Debug, Default)]
 pub struct Withheld {
@@ -217,6 +224,17 @@ impl Disclosure {
         )
     }
 
+    /// The people behind each group of an aggregate over rows each with a person, no person
+    /// having more than `most` of them, told from the group's count of `rows` without reading
+    /// who they are: at least `rows / most` (rounded up). Where that is below the threshold the
+    /// rows cannot settle whether the group may be released, and the query fails with
+    /// [`Unsettled`] (to be run again counting the people). So every figure this returns is a
+    /// lower bound of the people that passes the threshold: groups and cells judged by it are
+    /// released exactly when they would be by their people counted one by one.
+    pub fn people_from_rows(&self, rows: Expr, most: u64) -> Expr {
+        self.call(Kind::PeopleFromRows(most.max(1)), vec![rows])
+    }
+
     /// True, or a [`DifferencingRefused`] error where a group's filtered people (`people[j]`)
     /// fall short of its unfiltered people (`unfiltered[j]`) by fewer than the threshold.
     pub fn no_differencing(&self, people: Vec<Expr>, unfiltered: Vec<Expr>) -> Expr {
@@ -263,6 +281,8 @@ enum Kind {
     CountCell,
     ValueCell,
     NoDifferencing,
+    /// People told from rows, with the most rows one person has.
+    PeopleFromRows(u64),
 }
 
 #[derive(Debug)]
@@ -313,6 +333,7 @@ impl ScalarUDFImpl for CellRule {
             Kind::CountCell => "sde_count_cell",
             Kind::ValueCell => "sde_value_cell",
             Kind::NoDifferencing => "sde_no_differencing",
+            Kind::PeopleFromRows(_) => "sde_people_from_rows",
         }
     }
 
@@ -323,7 +344,7 @@ impl ScalarUDFImpl for CellRule {
     fn return_type(&self, arg_types: &[DataType]) -> DFResult<DataType> {
         Ok(match self.kind {
             Kind::KeepGroup | Kind::NoDifferencing => DataType::Boolean,
-            Kind::CountCell => DataType::Int64,
+            Kind::CountCell | Kind::PeopleFromRows(_) => DataType::Int64,
             Kind::ValueCell => arg_types
                 .first()
                 .cloned()
@@ -343,6 +364,21 @@ impl ScalarUDFImpl for CellRule {
                     .groups
                     .fetch_add((rows - keep.true_count()) as u64, Ordering::Relaxed);
                 Arc::new(keep)
+            }
+            Kind::PeopleFromRows(most) => {
+                let rows_of = cast(&arrays[0], &DataType::Int64)?;
+                let rows_of = rows_of.as_primitive::<Int64Type>();
+                let people: Int64Array = (0..rows)
+                    .map(|i| {
+                        let people = if rows_of.is_null(i) { 0 } else { rows_of.value(i) }.max(0) as u64;
+                        let people = people.div_ceil(most) as i64;
+                        match people >= threshold {
+                            true => Ok(Some(people)),
+                            false => Err(DataFusionError::External(Box::new(Unsettled))),
+                        }
+                    })
+                    .collect::<DFResult<_>>()?;
+                Arc::new(people)
             }
             Kind::NoDifferencing => {
                 let (people, unfiltered) = arrays.split_at(arrays.len() / 2);

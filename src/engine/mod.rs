@@ -350,12 +350,12 @@ impl Engine {
             Some(copy) => Source {
                 table: Arc::clone(&copy.table) as _,
                 opt_outs: None,
-                one_row_per_person: copy.one_row_per_person,
+                most_rows_per_person: copy.most_rows_per_person,
             },
             None => Source {
                 table: Arc::clone(table) as _,
                 opt_outs: Some(Arc::clone(&self.opt_outs) as _),
-                one_row_per_person: false,
+                most_rows_per_person: None,
             },
         })
     }
@@ -471,7 +471,7 @@ impl Engine {
                 schema: granted_schema(dataset, &source.table.schema(), columns)?,
                 source: source.table,
                 opt_outs: source.opt_outs,
-                one_row_per_person: source.one_row_per_person,
+                most_rows_per_person: source.most_rows_per_person,
                 identifiers: self.identifiers.get(dataset).cloned().unwrap_or_default(),
                 cohort: match (&cohort, population) {
                     (Some(expr), Some(population)) => Some(Cohort {
@@ -585,7 +585,7 @@ fn open_listing_as(dir: &Path, schema: SchemaRef) -> DFResult<Arc<ListingTable>>
 struct Source {
     table: Arc<dyn TableProvider>,
     opt_outs: Option<Arc<dyn TableProvider>>,
-    one_row_per_person: bool,
+    most_rows_per_person: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -605,8 +605,9 @@ pub struct GuardedTable {
     /// The opt-out register to remove beneath every scan; `None` when `source` is a served
     /// copy that has none of its people.
     opt_outs: Option<Arc<dyn TableProvider>>,
-    /// Every row has a `person_id` and no two rows share one (known for served copies).
-    one_row_per_person: bool,
+    /// Where every row has a `person_id`: the most rows any one person has (known for served
+    /// copies; 1 where no two rows share one).
+    most_rows_per_person: Option<u64>,
     /// Identifier columns besides `person_id`.
     identifiers: Vec<String>,
     cohort: Option<Cohort>,
@@ -620,7 +621,7 @@ impl GuardedTable {
             schema: source.schema(),
             source,
             opt_outs: Some(opt_outs),
-            one_row_per_person: false,
+            most_rows_per_person: None,
             identifiers: vec![],
             cohort: None,
         }
@@ -634,14 +635,25 @@ impl GuardedTable {
 
     /// Marks the source as having one row per person, each with a `person_id` (so a count of
     /// rows is a count of people); for tests and tools.
-    pub fn with_one_row_per_person(mut self) -> Self {
-        self.one_row_per_person = true;
+    pub fn with_one_row_per_person(self) -> Self {
+        self.with_most_rows_per_person(1)
+    }
+
+    /// Marks the source as having a `person_id` on every row and at most `most` rows per
+    /// person (so a count of rows divided by `most` is at least the people); for tests and tools.
+    pub fn with_most_rows_per_person(mut self, most: u64) -> Self {
+        self.most_rows_per_person = Some(most.max(1));
         self
     }
 
     /// Whether every row has a `person_id` and no two rows share one.
     pub fn one_row_per_person(&self) -> bool {
-        self.one_row_per_person
+        self.most_rows_per_person == Some(1)
+    }
+
+    /// Where every row has a `person_id`: the most rows any one person has.
+    pub fn most_rows_per_person(&self) -> Option<u64> {
+        self.most_rows_per_person
     }
 
     /// The dataset name, as granted.

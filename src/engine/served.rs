@@ -6,7 +6,8 @@
 //! at every start: its record (`_served.json`) must name the source's and the register's
 //! content hashes, and its own files must still hash to what the record says. Anything else is
 //! rebuilt. The record also holds facts the policy relies on: whether every row has a
-//! `person_id` and no person has two rows, so that a count of rows is a count of people.
+//! `person_id`, and the most rows any one person has, so that a count of rows tells at least
+//! how many people are behind it (all of them, where no person has two rows).
 //!
 //! Copies do not pile up: a gateway touches the records of the copies it serves at start and
 //! every hour, and at start removes the copies nobody has touched for a day (those of an older
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use datafusion::arrow::array::AsArray;
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Int64Type;
 use datafusion::catalog::TableProvider;
 use datafusion::config::TableParquetOptions;
@@ -25,7 +26,7 @@ use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::listing::ListingTable;
 use datafusion::datasource::provider_as_source;
 use datafusion::error::{DataFusionError, Result as DFResult};
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
+use datafusion::functions_aggregate::expr_fn::{count, max};
 use datafusion::logical_expr::{JoinType, LogicalPlanBuilder};
 use datafusion::prelude::{DataFrame, SessionContext, col, lit};
 
@@ -33,12 +34,12 @@ use super::{EngineError, PERSON_ID, join_people, open_listing_as};
 use crate::ingest::version;
 
 const RECORD: &str = "_served.json";
-/// How copies are written; a copy in another format is rebuilt. Format 5: Snappy, as the ingest
+/// How copies are written; a copy in another format is rebuilt. Format 6: Snappy, as the ingest
 /// writes, except `person_id`, stored without compression (random pseudonyms barely compress,
 /// and every query that counts people reads them) but dictionary-encoded, as a person's rows
 /// repeat the pseudonym, with dictionary pages of up to [`DICTIONARY_BYTES`] (format 4 had
-/// the default 1 MiB).
-const FORMAT: u32 = 5;
+/// the default 1 MiB); the record holds the most rows one person has (format 5 did not).
+const FORMAT: u32 = 6;
 /// Largest dictionary page: a row group's pseudonyms fit in it (up to 1M rows of 32-character
 /// pseudonyms, 32 MiB), so `person_id` stays dictionary-encoded throughout instead of falling
 /// back to plain strings after the first 1 MiB (DataFusion's default), and is read as indices
@@ -61,9 +62,10 @@ struct Record {
     /// Content hash of the copy's own Parquet files.
     content_hash: String,
     rows: u64,
-    /// Rows with a `person_id`, and distinct `person_id`s.
+    /// Rows with a `person_id`, distinct `person_id`s, and the most rows any one of them has.
     rows_with_person: u64,
     people: u64,
+    most_rows_per_person: u64,
 }
 
 /// A dataset version as served.
@@ -71,8 +73,9 @@ struct Record {
 pub(crate) struct Served {
     pub dir: PathBuf,
     pub table: Arc<ListingTable>,
-    /// Every row has a `person_id` and no two rows share one.
-    pub one_row_per_person: bool,
+    /// Where every row has a `person_id`: the most rows any one person has (1: no two rows
+    /// share one).
+    pub most_rows_per_person: Option<u64>,
 }
 
 /// Opens the served copy of `source` (content hash `source_hash`) under `root`, building it
@@ -109,7 +112,8 @@ pub(crate) async fn ensure(
     Ok(Served {
         dir,
         table,
-        one_row_per_person: record.rows_with_person == record.rows && record.people == record.rows,
+        // With no rows at all, every row is a different person.
+        most_rows_per_person: (record.rows_with_person == record.rows).then_some(record.most_rows_per_person.max(1)),
     })
 }
 
@@ -207,13 +211,17 @@ async fn build(
     // Made first: with no rows left, nothing is written and the copy is an empty folder.
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let written = async {
-        let (rows, rows_with_person, people) =
-            write(&tmp, dataset, source, opt_outs)
-                .await
-                .map_err(|source| EngineError::Dataset {
-                    dataset: dataset.to_owned(),
-                    source,
-                })?;
+        let Facts {
+            rows,
+            rows_with_person,
+            people,
+            most_rows_per_person,
+        } = write(&tmp, dataset, source, opt_outs)
+            .await
+            .map_err(|source| EngineError::Dataset {
+                dataset: dataset.to_owned(),
+                source,
+            })?;
         let record = Record {
             format: FORMAT,
             dataset: dataset.to_owned(),
@@ -223,6 +231,7 @@ async fn build(
             rows,
             rows_with_person,
             people,
+            most_rows_per_person,
         };
         let text = serde_json::to_string_pretty(&record).expect("record serialises");
         std::fs::write(tmp.join(RECORD), text).map_err(io(&tmp))?;
@@ -255,14 +264,17 @@ async fn build(
     Ok(record)
 }
 
-/// Writes `source` without the people of `opt_outs` as Parquet into `dir`; returns the rows
-/// written, the rows with a `person_id` and the distinct `person_id`s.
-async fn write(
-    dir: &Path,
-    dataset: &str,
-    source: &Arc<ListingTable>,
-    opt_outs: &Arc<ListingTable>,
-) -> DFResult<(u64, u64, u64)> {
+/// What a copy holds, as its record tells the policy.
+struct Facts {
+    rows: u64,
+    rows_with_person: u64,
+    people: u64,
+    most_rows_per_person: u64,
+}
+
+/// Writes `source` without the people of `opt_outs` as Parquet into `dir`, and counts what it
+/// wrote.
+async fn write(dir: &Path, dataset: &str, source: &Arc<ListingTable>, opt_outs: &Arc<ListingTable>) -> DFResult<Facts> {
     let ctx = SessionContext::new();
     let opt_outs = Arc::clone(opt_outs) as _;
     let scan = LogicalPlanBuilder::scan(dataset, provider_as_source(Arc::clone(source) as _), None)?;
@@ -288,26 +300,43 @@ async fn write(
         .await?;
 
     let copy = open_listing_as(dir, source.schema())?;
-    let facts = ctx
-        .read_table(copy)?
+    let rows = ctx
+        .read_table(Arc::clone(&copy) as _)?
         .aggregate(
             vec![],
             vec![
                 count(lit(1)).alias("rows"),
                 count(col(PERSON_ID)).alias("rows_with_person"),
-                count_distinct(col(PERSON_ID)).alias("people"),
             ],
         )?
         .collect()
         .await?;
+    let people = ctx
+        .read_table(copy)?
+        .filter(col(PERSON_ID).is_not_null())?
+        .aggregate(vec![col(PERSON_ID)], vec![count(lit(1)).alias("rows")])?
+        .aggregate(
+            vec![],
+            vec![count(lit(1)).alias("people"), max(col("rows")).alias("most")],
+        )?
+        .collect()
+        .await?;
     // A missing figure is an error, never zero: zero rows and zero people would read as one
-    // row per person.
-    let value = |i: usize| {
-        facts
+    // row per person. Only the most rows per person is NULL where there is nobody.
+    let value = |batches: &[RecordBatch], i: usize| {
+        batches
             .first()
             .and_then(|b| b.column(i).as_primitive_opt::<Int64Type>())
-            .map(|a| a.value(0) as u64)
+            .filter(|a| a.len() == 1)
+            .map(|a| a.is_valid(0).then(|| a.value(0) as u64))
             .ok_or_else(|| DataFusionError::Internal(format!("served copy {dataset}: no count {i}")))
     };
-    Ok((value(0)?, value(1)?, value(2)?))
+    let known =
+        |v: Option<u64>| v.ok_or_else(|| DataFusionError::Internal(format!("served copy {dataset}: a NULL count")));
+    Ok(Facts {
+        rows: known(value(&rows, 0)?)?,
+        rows_with_person: known(value(&rows, 1)?)?,
+        people: known(value(&people, 0)?)?,
+        most_rows_per_person: value(&people, 1)?.unwrap_or(0),
+    })
 }

@@ -87,6 +87,8 @@ impl PolicyError {
 #[derive(Debug, Clone)]
 pub struct Permit {
     plan: LogicalPlan,
+    /// The same query counting people from rows where it can (see [`Permit::from_rows`]).
+    from_rows: Option<LogicalPlan>,
     disclosure: Disclosure,
     checked: Vec<String>,
 }
@@ -95,6 +97,17 @@ impl Permit {
     pub fn plan(&self) -> &LogicalPlan {
         &self.plan
     }
+
+    /// Where some aggregate reads a table whose rows each have a person, none more than a known
+    /// number, and needs to know only whether each group has `threshold` people: the plan that
+    /// tells its people from its rows instead of reading who they are
+    /// ([`Disclosure::people_from_rows`]). It releases exactly what [`Permit::plan`] releases,
+    /// or fails with [`crate::disclosure::Unsettled`] where rows cannot tell; then
+    /// [`Permit::plan`] runs.
+    pub fn from_rows(&self) -> Option<&LogicalPlan> {
+        self.from_rows.as_ref()
+    }
+
     pub fn disclosure(&self) -> &Disclosure {
         &self.disclosure
     }
@@ -104,9 +117,11 @@ impl Permit {
     pub fn rebound(&self, optimised: &LogicalPlan) -> datafusion::error::Result<(Permit, LogicalPlan)> {
         let disclosure = Disclosure::new(self.disclosure.rules());
         let plan = disclosure.rebind(self.plan.clone())?;
+        let from_rows = self.from_rows.clone().map(|p| disclosure.rebind(p)).transpose()?;
         let optimised = disclosure.rebind(optimised.clone())?;
         let permit = Permit {
             plan,
+            from_rows,
             disclosure,
             checked: self.checked.clone(),
         };
@@ -233,24 +248,36 @@ fn check_reserved_names(plan: &LogicalPlan) -> Result<(), PolicyError> {
     }
 }
 
-/// Checks and rewrites an (unoptimised) logical plan.
+/// Checks and rewrites an (unoptimised) logical plan: once counting people one by one, and,
+/// where rows can tell enough people for some aggregate, once more telling them from rows.
 pub fn check(plan: LogicalPlan, rules: Rules) -> Result<Permit, PolicyError> {
     check_reserved_names(&plan)?;
-    let mut checker = Checker {
-        disclosure: Disclosure::new(rules),
-        next_id: 0,
-        subquery_masks: HashMap::new(),
-        checked: vec![],
+    let disclosure = Disclosure::new(rules);
+    let rewrite = |plan: LogicalPlan, from_rows: bool| {
+        let mut checker = Checker {
+            disclosure: disclosure.clone(),
+            next_id: 0,
+            subquery_masks: HashMap::new(),
+            checked: vec![],
+            from_rows,
+            told_from_rows: false,
+        };
+        let (plan, mask) = checker.visit(plan)?;
+        if mask.iter().any(|&m| m != Id::No) {
+            return Err(PolicyError::RowLevel);
+        }
+        Ok((plan, checker))
     };
-    let (plan, mask) = checker.visit(plan)?;
-    if mask.iter().any(|&m| m != Id::No) {
-        return Err(PolicyError::RowLevel);
-    }
-    let checked = output_names(&plan, &checker.checked);
+    let (exact, checker) = rewrite(plan.clone(), false)?;
+    let from_rows = match rewrite(plan, true)? {
+        (from_rows, c) if c.told_from_rows => Some(from_rows),
+        _ => None,
+    };
     Ok(Permit {
-        plan,
-        disclosure: checker.disclosure,
-        checked,
+        checked: output_names(&exact, &checker.checked),
+        plan: exact,
+        from_rows,
+        disclosure,
     })
 }
 
@@ -300,6 +327,10 @@ struct Checker {
     /// Identifier masks of rewritten subquery plans, keyed by the plan's address.
     subquery_masks: HashMap<usize, Mask>,
     checked: Vec<String>,
+    /// Whether groups may be judged by their rows where each person has at most a known number
+    /// of them ([`Permit::from_rows`]); and whether any was.
+    from_rows: bool,
+    told_from_rows: bool,
 }
 
 fn key(plan: &Arc<LogicalPlan>) -> usize {
@@ -688,11 +719,16 @@ impl Checker {
         let mut aggr = agg.aggr_expr.clone();
         let people_name = |j: usize| format!("__sde_people_{id}_{j}");
         // Where each row is a different person (a table with one row per person, filtered),
-        // people are counted as rows: the same figure without hashing every identifier.
-        let unique: Vec<bool> = ids
+        // people are counted as rows: the same figure without hashing every identifier. Where
+        // each person has at most a known number of rows, rows can at least show enough people.
+        let most_rows: Vec<Option<u64>> = ids
             .iter()
-            .map(|p| matches!(p, Expr::Column(c) if one_row_per_person(&agg.input, c)))
+            .map(|p| match p {
+                Expr::Column(c) => most_rows_per_person(&agg.input, c),
+                _ => None,
+            })
             .collect();
+        let unique: Vec<bool> = most_rows.iter().map(|m| *m == Some(1)).collect();
         let people_where = |j: usize, person: &Expr, condition: &Expr| -> Result<Expr, PolicyError> {
             Ok(match unique[j] {
                 true => count(when(condition.clone(), lit(1)).end().map_err(df)?),
@@ -816,13 +852,19 @@ impl Checker {
         }
 
         // With per-person counts, the group's people come from the shares.
+        // The people told from rows: (identifier, the most rows one person has).
+        let mut from_rows: Vec<(usize, u64)> = Vec::new();
         if !per_person_counts {
             let threshold = self.disclosure.rules().threshold as usize;
             for (j, person) in ids.iter().enumerate() {
-                let people = match (unique[j], exact) {
-                    (true, _) => count(lit(1)),
-                    (false, false) => people_at_least(person.clone(), threshold),
-                    (false, true) => count_distinct(person.clone()),
+                let people = match (unique[j], exact, most_rows[j]) {
+                    (true, _, _) => count(lit(1)),
+                    (false, false, Some(most)) if self.from_rows => {
+                        from_rows.push((j, most));
+                        count(lit(1))
+                    }
+                    (false, false, _) => people_at_least(person.clone(), threshold),
+                    (false, true, _) => count_distinct(person.clone()),
                 };
                 aggr.push(people.alias(people_name(j)));
             }
@@ -840,6 +882,21 @@ impl Checker {
             .map(|(q, f)| Column::new(q.cloned(), f.name()))
             .collect();
         let mut plan = LogicalPlan::Aggregate(main);
+        if !from_rows.is_empty() {
+            self.told_from_rows = true;
+            let exprs = plan
+                .schema()
+                .iter()
+                .map(|(q, f)| {
+                    let column = Expr::Column(Column::new(q.cloned(), f.name()));
+                    match from_rows.iter().find(|(j, _)| *f.name() == people_name(*j)) {
+                        Some(&(_, most)) => self.disclosure.people_from_rows(column, most).alias(f.name()),
+                        None => column,
+                    }
+                })
+                .collect::<Vec<_>>();
+            plan = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan)).map_err(df)?);
+        }
         // A SUM or AVG cell is dominated if it is, judged by the people of any identifier.
         let mut dominated: HashMap<usize, Expr> = HashMap::new();
         for (i, k) in sum_shares {
@@ -947,37 +1004,39 @@ impl Checker {
     }
 }
 
-/// Whether every row of `plan` has a different, non-NULL `column`, known because the column is
-/// the `person_id` of a table with one row per person, reached through filters, renames and
-/// semi- or anti-joins only (which drop rows but never repeat one). Anything else: not known.
+/// Whether every row of `plan` has a different, non-NULL `column` (see [`most_rows_per_person`]).
 fn one_row_per_person(plan: &LogicalPlan, column: &Column) -> bool {
-    let Ok(index) = plan.schema().index_of_column(column) else {
-        return false;
-    };
+    most_rows_per_person(plan, column) == Some(1)
+}
+
+/// The most rows of `plan` that share one `column`, every row having one, known because the
+/// column is the `person_id` of a table that has at most that many rows per person, each with
+/// a `person_id`, reached through filters, renames and semi- or anti-joins only (which drop
+/// rows but never repeat one). Anything else: not known.
+fn most_rows_per_person(plan: &LogicalPlan, column: &Column) -> Option<u64> {
+    let index = plan.schema().index_of_column(column).ok()?;
     let input_column = |input: &LogicalPlan| {
         let (qualifier, field) = input.schema().qualified_field(index);
         Column::new(qualifier.cloned(), field.name())
     };
     match plan {
-        LogicalPlan::TableScan(scan) => {
-            let name = plan.schema().field(index).name();
-            name == PERSON_ID
-                && source_as_provider(&scan.source)
-                    .ok()
-                    .as_deref()
-                    .and_then(GuardedTable::as_guarded)
-                    .is_some_and(GuardedTable::one_row_per_person)
+        LogicalPlan::TableScan(scan) if plan.schema().field(index).name() == PERSON_ID => {
+            source_as_provider(&scan.source)
+                .ok()
+                .as_deref()
+                .and_then(GuardedTable::as_guarded)
+                .and_then(GuardedTable::most_rows_per_person)
         }
-        LogicalPlan::Filter(f) => one_row_per_person(&f.input, column),
-        LogicalPlan::SubqueryAlias(a) => one_row_per_person(&a.input, &input_column(&a.input)),
+        LogicalPlan::Filter(f) => most_rows_per_person(&f.input, column),
+        LogicalPlan::SubqueryAlias(a) => most_rows_per_person(&a.input, &input_column(&a.input)),
         LogicalPlan::Projection(p) => match p.expr[index].clone().unalias_nested().data {
-            Expr::Column(c) => one_row_per_person(&p.input, &c),
-            _ => false,
+            Expr::Column(c) => most_rows_per_person(&p.input, &c),
+            _ => None,
         },
         LogicalPlan::Join(j) if matches!(j.join_type, JoinType::LeftSemi | JoinType::LeftAnti) => {
-            one_row_per_person(&j.left, column)
+            most_rows_per_person(&j.left, column)
         }
-        _ => false,
+        _ => None,
     }
 }
 

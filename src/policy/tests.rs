@@ -78,10 +78,38 @@ fn session() -> SessionContext {
     .unwrap();
     ctx.register_table(
         "visits",
-        Arc::new(GuardedTable::new("visits", visits, opt_outs).with_identifiers(&["clinic_id"])),
+        Arc::new(GuardedTable::new("visits", visits, Arc::clone(&opt_outs)).with_identifiers(&["clinic_id"])),
+    )
+    .unwrap();
+    ctx.register_table(
+        "episodes",
+        // At most 3 rows per person, each with a person, as a served copy records.
+        Arc::new(GuardedTable::new("episodes", episodes(), opt_outs).with_most_rows_per_person(3)),
     )
     .unwrap();
     ctx
+}
+
+/// Care episodes, at most 3 per person: kind X, 20 people with 2 episodes each (40 rows); kind
+/// Y, 8 people with 3 each and one with 1 (25 rows, 9 people).
+fn episodes() -> Arc<dyn TableProvider> {
+    let mut ids = vec![];
+    let mut kinds = vec![];
+    for (kind, people, each) in [("X", 20, 2), ("Y", 8, 3), ("Y", 1, 1)] {
+        for i in 0..people {
+            for _ in 0..each {
+                ids.push(format!("{kind}{each}-{i}"));
+                kinds.push(kind);
+            }
+        }
+    }
+    table(
+        Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Utf8, false),
+            Field::new("kind", DataType::Utf8, false),
+        ])),
+        vec![Arc::new(StringArray::from(ids)), Arc::new(StringArray::from(kinds))],
+    )
 }
 
 async fn refusal(sql: &str) -> PolicyError {
@@ -460,6 +488,83 @@ async fn rows_are_counted_as_people_only_where_each_row_is_a_different_person() 
         )
         .await
     );
+}
+
+/// The plan telling people from rows, executed, if the rewrite made one.
+async fn execute_from_rows(sql: &str) -> Option<datafusion::error::Result<String>> {
+    let ctx = session();
+    let permit = plan_and_check(&ctx, sql, RULES, 1 << 16).await.unwrap();
+    let plan = permit.from_rows()?.clone();
+    let run = async {
+        let batches = ctx.execute_logical_plan(plan).await?.collect().await?;
+        Ok(pretty_format_batches(&batches)?.to_string())
+    };
+    Some(run.await)
+}
+
+#[tokio::test]
+async fn rows_settle_a_group_only_where_they_prove_enough_people() {
+    // 25 rows of Y with at most 3 per person prove only 9 people: the rows cannot settle it.
+    // Counted one by one, Y has 9 people and is withheld.
+    let sql = "SELECT kind, COUNT(*) AS n FROM episodes GROUP BY kind";
+    let err = execute_from_rows(sql).await.expect("a plan from rows").unwrap_err();
+    assert!(
+        matches!(err.find_root(), DataFusionError::External(e) if e.downcast_ref::<crate::disclosure::Unsettled>().is_some()),
+        "{err}"
+    );
+    let exact = [
+        "+------+----+",
+        "| kind | n  |",
+        "+------+----+",
+        "| X    | 40 |",
+        "+------+----+",
+    ];
+    assert_table(&run(sql).await, &exact);
+    // All 65 rows prove at least 22 people: settled, released as counting them would.
+    let sql = "SELECT COUNT(*) AS n FROM episodes";
+    let total = ["+----+", "| n  |", "+----+", "| 65 |", "+----+"];
+    assert_table(&execute_from_rows(sql).await.unwrap().unwrap(), &total);
+    assert_table(&run(sql).await, &total);
+    // Settled from rows, the table's people are never read.
+    let ctx = session();
+    let permit = plan_and_check(&ctx, sql, RULES, 1 << 16).await.unwrap();
+    let optimised = ctx.state().optimize(permit.from_rows().unwrap()).unwrap();
+    let mut scans = vec![];
+    optimised
+        .apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                scans.push(
+                    scan.projected_schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect::<Vec<_>>(),
+                );
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .unwrap();
+    assert!(
+        !scans.is_empty() && scans.iter().all(|s| !s.iter().any(|c| c == PERSON_ID)),
+        "{scans:?}"
+    );
+}
+
+#[tokio::test]
+async fn people_are_told_from_rows_only_where_rows_can_tell() {
+    for sql in [
+        // Filters and cells with conditions need people counted exactly (differencing).
+        "SELECT kind, COUNT(*) AS n FROM episodes WHERE kind <> 'Z' GROUP BY kind",
+        "SELECT kind, COUNT(*) FILTER (WHERE kind = 'X') AS n FROM episodes GROUP BY kind",
+        // A table whose most rows per person is not known; a join that can repeat a person.
+        "SELECT cost > 500 AS c, COUNT(*) AS n FROM visits GROUP BY 1",
+        "SELECT e.kind, COUNT(*) AS n FROM episodes e JOIN visits v ON e.person_id = v.person_id GROUP BY 1",
+        // Sums need each person's share; a table with one row per person counts people as rows.
+        "SELECT kind, SUM(1) AS n FROM episodes GROUP BY kind",
+        "SELECT district, COUNT(*) AS n FROM patients GROUP BY district",
+    ] {
+        assert!(execute_from_rows(sql).await.is_none(), "{sql}");
+    }
 }
 
 #[tokio::test]
