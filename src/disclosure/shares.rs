@@ -260,15 +260,32 @@ impl Groups {
     fn add(&mut self, values: &[ArrayRef], group_indices: &[usize], opt_filter: Option<&BooleanArray>) -> DFResult<()> {
         let (person, value, contributes) = arguments(values)?;
         hash_rows(person, &mut self.hashes)?;
+        // A person's rows mostly come one after another: they are summed here, and their
+        // group's table is looked up once for the run of them, not once per row.
+        let mut run: Option<(usize, Option<u64>, Share)> = None;
         for (row, &g) in group_indices.iter().enumerate() {
             if !included(opt_filter, row) {
                 continue;
             }
             let hash = person.is_valid(row).then(|| self.hashes[row]);
-            self.groups[g].share(hash).add(
+            let (value, contributes) = (
                 value.is_valid(row).then(|| value.value(row)),
                 contributes.is_valid(row) && contributes.value(row),
             );
+            match &mut run {
+                Some((group, person, share)) if *group == g && *person == hash => share.add(value, contributes),
+                _ => {
+                    if let Some((group, person, share)) = run.take() {
+                        self.groups[group].share(person).merge(share);
+                    }
+                    let mut share = Share::default();
+                    share.add(value, contributes);
+                    run = Some((g, hash, share));
+                }
+            }
+        }
+        if let Some((group, person, share)) = run {
+            self.groups[group].share(person).merge(share);
         }
         Ok(())
     }
