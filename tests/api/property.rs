@@ -173,3 +173,106 @@ async fn random_aggregates_never_release_small_or_unrounded_cells() {
     );
     assert!(released > cases / 3, "most random queries should be answerable");
 }
+
+/// Tables with several rows per person, each with its own grouping keys: without filters, the
+/// gateway first tells people from rows (at most 3 referrals, 18 care episodes per person
+/// here) and counts them where rows cannot settle a group.
+const TABLES: [(&str, &[&str]); 2] = [
+    (
+        "ews_referrals",
+        &[
+            "referral_source",
+            "service",
+            "outcome",
+            "date_part('year', referral_date)",
+        ],
+    ),
+    (
+        "asc_services",
+        &[
+            "service_type",
+            "primary_support_reason",
+            "date_part('year', start_date)",
+            "end_date IS NULL",
+        ],
+    ),
+];
+
+#[tokio::test]
+async fn random_counts_over_several_rows_per_person_release_exactly_the_groups_with_enough_people() {
+    let cases: usize = std::env::var("SDE_PROPERTY_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+        / 3;
+    let gw = spawn_gateway_with(|c| c.limits.user_queries_per_minute = 1_000_000).await;
+    let core = gw.core.clone();
+    let call = CallContext {
+        authenticated: Ok(Subject { user: "alice".into() }),
+        project: Some(PROJECT.into()),
+        client_tool: None,
+    };
+    let mut rng = SmallRng::seed_from_u64(11);
+    let mut withheld = 0;
+    for case in 0..cases {
+        let (table, columns) = TABLES[rng.random_range(0..TABLES.len())];
+        let n_keys = rng.random_range(0..=3);
+        let mut keys: Vec<&str> = Vec::new();
+        while keys.len() < n_keys {
+            let k = columns[rng.random_range(0..columns.len())];
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        let select_keys: String = keys.iter().map(|k| format!("{k}, ")).collect();
+        let group_by = match keys.is_empty() {
+            true => String::new(),
+            false => format!(" GROUP BY {}", keys.join(", ")),
+        };
+        let people = match rng.random_bool(0.3) {
+            true => ", COUNT(DISTINCT person_id) AS people",
+            false => "",
+        };
+        let sql = format!("SELECT {select_keys}COUNT(*) AS n{people} FROM {table}{group_by}");
+        let planned = core.plan_query(&call, &sql).await;
+        let got = match planned {
+            Ok(planned) => core.run_query(&call, &planned.handle).await.map(|r| r.batches),
+            Err(e) => Err(e),
+        }
+        .unwrap_or_else(|e| panic!("case {case}: {sql}: {e}"));
+        let raw_sql = format!(
+            "SELECT {select_keys}COUNT(*) AS n, COUNT(DISTINCT person_id) AS people FROM {table}
+             WHERE person_id NOT IN (SELECT person_id FROM opt_outs){group_by}"
+        );
+        let truth = rows_by_key(&raw(&world_data(), &raw_sql).await, keys.len());
+        let got = rows_by_key(&got, keys.len());
+        for (key, t) in &truth {
+            let (n, people) = (t[0].unwrap(), t[1].unwrap());
+            let want = (people >= 10).then(|| [n, people].map(|v| Some(round_to(v, 5))));
+            match (got.get(key), want) {
+                (Some(values), Some(want)) => {
+                    assert_eq!(
+                        values[..],
+                        want[..values.len()],
+                        "case {case}: {sql}: {key:?} with {t:?}"
+                    )
+                }
+                (None, None) => withheld += 1,
+                // Without GROUP BY the one row is always there, its cells NULL when small.
+                (Some(values), None) if keys.is_empty() => {
+                    assert!(
+                        values.iter().all(Option::is_none),
+                        "case {case}: {sql}: small total released"
+                    )
+                }
+                (got, _) => panic!("case {case}: {sql}: {key:?} with {t:?} released as {got:?}"),
+            }
+        }
+        assert!(
+            got.keys().all(|k| truth.contains_key(k)),
+            "case {case}: {sql}: released a group that does not exist"
+        );
+    }
+    eprintln!("{cases} random counts over several rows per person: {withheld} small groups withheld");
+    assert!(withheld > 0, "the random queries should meet small groups");
+}
