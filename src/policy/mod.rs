@@ -794,6 +794,8 @@ impl Checker {
 
         // Per aggregate: whether it is a count and the people who contribute to it.
         let mut cells = Vec::with_capacity(agg.aggr_expr.len());
+        // Whether a cell counts distinct people itself (so the identifiers are read anyway).
+        let mut cells_count_people = false;
         // Per SUM or AVG cell and identifier, its `sde_shares` call.
         let mut sum_shares: Vec<(usize, usize)> = Vec::new();
         for (i, e) in agg.aggr_expr.iter().enumerate() {
@@ -809,6 +811,7 @@ impl Checker {
             for arg in &params.args {
                 let counts_people =
                     is_count && params.distinct && params.args.len() == 1 && bare_identifier(arg, &schema, in_mask);
+                cells_count_people |= counts_people;
                 if !counts_people {
                     no_identifier(
                         arg,
@@ -885,7 +888,9 @@ impl Checker {
             for (j, person) in ids.iter().enumerate() {
                 let people = match (unique[j], exact, most_rows[j]) {
                     (true, _, _) => count(lit(1)),
-                    (false, false, Some(most)) if self.from_rows => {
+                    // Only where the cells do not read the identifiers anyway: then telling people
+                    // from rows saves reading them.
+                    (false, false, Some(most)) if self.from_rows && !cells_count_people => {
                         from_rows.push((j, most));
                         count(lit(1))
                     }

@@ -559,6 +559,8 @@ async fn people_are_told_from_rows_only_where_rows_can_tell() {
         // A table whose most rows per person is not known; a join that can repeat a person.
         "SELECT cost > 500 AS c, COUNT(*) AS n FROM visits GROUP BY 1",
         "SELECT e.kind, COUNT(*) AS n FROM episodes e JOIN visits v ON e.person_id = v.person_id GROUP BY 1",
+        // A cell counting people reads who they are anyway.
+        "SELECT kind, COUNT(DISTINCT person_id) AS people FROM episodes GROUP BY kind",
         // Sums need each person's share; a table with one row per person counts people as rows.
         "SELECT kind, SUM(1) AS n FROM episodes GROUP BY kind",
         "SELECT district, COUNT(*) AS n FROM patients GROUP BY district",
