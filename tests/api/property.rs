@@ -63,31 +63,53 @@ fn rows_by_key(batches: &[RecordBatch], keys: usize) -> HashMap<Vec<String>, Vec
     out
 }
 
-#[tokio::test]
-async fn random_aggregates_never_release_small_or_unrounded_cells() {
-    let cases: usize = std::env::var("SDE_PROPERTY_CASES")
+/// How many random queries a test runs: `SDE_PROPERTY_CASES`, default 300.
+fn cases() -> usize {
+    std::env::var("SDE_PROPERTY_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    // Hundreds of queries from one user in a minute: above the per-user rate limit.
+        .unwrap_or(300)
+}
+
+/// A gateway taking hundreds of queries a minute from one user (above the per-user rate limit),
+/// and that user's calls.
+async fn busy_gateway() -> (TestGateway, CallContext) {
     let gw = spawn_gateway_with(|c| c.limits.user_queries_per_minute = 1_000_000).await;
-    let core = gw.core.clone();
     let call = CallContext {
         authenticated: Ok(Subject { user: "alice".into() }),
         project: Some(PROJECT.into()),
         client_tool: None,
     };
+    (gw, call)
+}
+
+/// `n` different keys of `from`, in random order.
+fn pick<'a>(rng: &mut SmallRng, from: &[&'a str], n: usize) -> Vec<&'a str> {
+    let mut keys = Vec::new();
+    while keys.len() < n {
+        let k = from[rng.random_range(0..from.len())];
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys
+}
+
+/// `sql` through the gateway's own walk: planned and executed, then released.
+async fn through_gateway(gw: &TestGateway, call: &CallContext, sql: &str) -> Result<Vec<RecordBatch>, Error> {
+    let planned = gw.core.plan_query(call, sql).await?;
+    Ok(gw.core.run_query(call, &planned.handle).await?.batches)
+}
+
+#[tokio::test]
+async fn random_aggregates_never_release_small_or_unrounded_cells() {
+    let cases = cases();
+    let (gw, call) = busy_gateway().await;
     let mut rng = SmallRng::seed_from_u64(7);
     let (mut released, mut refused, mut cells) = (0, 0, 0);
     for case in 0..cases {
         let n_keys = rng.random_range(0..=2);
-        let mut keys: Vec<&str> = Vec::new();
-        while keys.len() < n_keys {
-            let k = KEYS[rng.random_range(0..KEYS.len())];
-            if !keys.contains(&k) {
-                keys.push(k);
-            }
-        }
+        let keys = pick(&mut rng, &KEYS, n_keys);
         let (from, person) = FROMS[rng.random_range(0..FROMS.len())];
         let filter = (rng.random_bool(0.6)).then(|| FILTERS[rng.random_range(0..FILTERS.len())]);
         let where_ = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
@@ -100,11 +122,7 @@ async fn random_aggregates_never_release_small_or_unrounded_cells() {
         let sql = format!(
             "SELECT {select_keys}COUNT(*) AS n, COUNT(DISTINCT {person}) AS people FROM {from}{where_}{group_by}"
         );
-        let outcome = match core.plan_query(&call, &sql).await {
-            Ok(planned) => core.run_query(&call, &planned.handle).await.map(|r| r.batches),
-            Err(e) => Err(e),
-        };
-        let got = match outcome {
+        let got = match through_gateway(&gw, &call, &sql).await {
             Ok(batches) => batches,
             Err(Error::Policy(e)) if e.to_string().contains("differencing") => {
                 refused += 1;
@@ -200,30 +218,14 @@ const TABLES: [(&str, &[&str]); 2] = [
 
 #[tokio::test]
 async fn random_counts_over_several_rows_per_person_release_exactly_the_groups_with_enough_people() {
-    let cases: usize = std::env::var("SDE_PROPERTY_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
-        / 3;
-    let gw = spawn_gateway_with(|c| c.limits.user_queries_per_minute = 1_000_000).await;
-    let core = gw.core.clone();
-    let call = CallContext {
-        authenticated: Ok(Subject { user: "alice".into() }),
-        project: Some(PROJECT.into()),
-        client_tool: None,
-    };
+    let cases = cases() / 3;
+    let (gw, call) = busy_gateway().await;
     let mut rng = SmallRng::seed_from_u64(11);
     let mut withheld = 0;
     for case in 0..cases {
         let (table, columns) = TABLES[rng.random_range(0..TABLES.len())];
         let n_keys = rng.random_range(0..=3);
-        let mut keys: Vec<&str> = Vec::new();
-        while keys.len() < n_keys {
-            let k = columns[rng.random_range(0..columns.len())];
-            if !keys.contains(&k) {
-                keys.push(k);
-            }
-        }
+        let keys = pick(&mut rng, columns, n_keys);
         let select_keys: String = keys.iter().map(|k| format!("{k}, ")).collect();
         let group_by = match keys.is_empty() {
             true => String::new(),
@@ -234,12 +236,9 @@ async fn random_counts_over_several_rows_per_person_release_exactly_the_groups_w
             false => "",
         };
         let sql = format!("SELECT {select_keys}COUNT(*) AS n{people} FROM {table}{group_by}");
-        let planned = core.plan_query(&call, &sql).await;
-        let got = match planned {
-            Ok(planned) => core.run_query(&call, &planned.handle).await.map(|r| r.batches),
-            Err(e) => Err(e),
-        }
-        .unwrap_or_else(|e| panic!("case {case}: {sql}: {e}"));
+        let got = through_gateway(&gw, &call, &sql)
+            .await
+            .unwrap_or_else(|e| panic!("case {case}: {sql}: {e}"));
         let raw_sql = format!(
             "SELECT {select_keys}COUNT(*) AS n, COUNT(DISTINCT person_id) AS people FROM {table}
              WHERE person_id NOT IN (SELECT person_id FROM opt_outs){group_by}"
