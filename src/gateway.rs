@@ -479,22 +479,21 @@ impl Core {
             // People told from rows first, where they can be; if the rows leave a group
             // unsettled, again counting them, with disclosure functions of its own (nothing the
             // first try withheld is counted).
-            if let Some(from_rows) = ready.first_try() {
-                let tried = self
-                    .execute_optimised(&session, Arc::clone(&runtime), from_rows.clone(), scope.as_deref())
-                    .await;
-                match tried {
-                    Err(e) if unsettled(&e) => {
-                        ready.unsettled.store(true, std::sync::atomic::Ordering::Relaxed);
-                        let ready = ready.rebound().map_err(execution_error)?;
-                        let batches = self
-                            .execute_optimised(&session, runtime, ready.optimised.clone(), scope.as_deref())
-                            .await?;
-                        return Ok((ready, batches));
+            let ready = match ready.first_try() {
+                Some(from_rows) => {
+                    let tried = self
+                        .execute_optimised(&session, Arc::clone(&runtime), from_rows.clone(), scope.as_deref())
+                        .await;
+                    match tried {
+                        Err(e) if unsettled(&e) => {
+                            ready.unsettled.store(true, std::sync::atomic::Ordering::Relaxed);
+                            ready.rebound().map_err(execution_error)?
+                        }
+                        tried => return Ok((ready, tried?)),
                     }
-                    tried => return Ok((ready, tried?)),
                 }
-            }
+                None => ready,
+            };
             let batches = self
                 .execute_optimised(&session, runtime, ready.optimised.clone(), scope.as_deref())
                 .await?;
