@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::Int64Type;
 use datafusion::catalog::TableProvider;
 use datafusion::config::TableParquetOptions;
@@ -26,9 +26,10 @@ use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::listing::ListingTable;
 use datafusion::datasource::provider_as_source;
 use datafusion::error::{DataFusionError, Result as DFResult};
-use datafusion::functions_aggregate::expr_fn::{count, max};
+use datafusion::functions::core::expr_fn::coalesce;
+use datafusion::functions_aggregate::expr_fn::{count, max, sum};
 use datafusion::logical_expr::{JoinType, LogicalPlanBuilder};
-use datafusion::prelude::{DataFrame, SessionContext, col, lit};
+use datafusion::prelude::{DataFrame, SessionContext, col, lit, when};
 
 use super::{EngineError, PERSON_ID, join_people, open_listing_as};
 use crate::ingest::version;
@@ -300,43 +301,40 @@ async fn write(dir: &Path, dataset: &str, source: &Arc<ListingTable>, opt_outs: 
         .await?;
 
     let copy = open_listing_as(dir, source.schema())?;
-    let rows = ctx
-        .read_table(Arc::clone(&copy) as _)?
+    // One pass: the rows of each person (NULL: the rows without one), then summed up.
+    let has_person = col(PERSON_ID).is_not_null();
+    let of_people = |e| when(has_person.clone(), e).end();
+    let facts = ctx
+        .read_table(copy)?
+        .aggregate(vec![col(PERSON_ID)], vec![count(lit(1)).alias("n")])?
         .aggregate(
             vec![],
             vec![
-                count(lit(1)).alias("rows"),
-                count(col(PERSON_ID)).alias("rows_with_person"),
+                coalesce(vec![sum(col("n")), lit(0i64)]).alias("rows"),
+                coalesce(vec![sum(of_people(col("n"))?), lit(0i64)]).alias("rows_with_person"),
+                count(col(PERSON_ID)).alias("people"),
+                max(of_people(col("n"))?).alias("most"),
             ],
         )?
         .collect()
         .await?;
-    let people = ctx
-        .read_table(copy)?
-        .filter(col(PERSON_ID).is_not_null())?
-        .aggregate(vec![col(PERSON_ID)], vec![count(lit(1)).alias("rows")])?
-        .aggregate(
-            vec![],
-            vec![count(lit(1)).alias("people"), max(col("rows")).alias("most")],
-        )?
-        .collect()
-        .await?;
     // A missing figure is an error, never zero: zero rows and zero people would read as one
-    // row per person. Only the most rows per person is NULL where there is nobody.
-    let value = |batches: &[RecordBatch], i: usize| {
-        batches
+    // row per person. Only the most rows per person is NULL, where there is nobody.
+    let value = |i: usize| {
+        facts
             .first()
             .and_then(|b| b.column(i).as_primitive_opt::<Int64Type>())
             .filter(|a| a.len() == 1)
             .map(|a| a.is_valid(0).then(|| a.value(0) as u64))
             .ok_or_else(|| DataFusionError::Internal(format!("served copy {dataset}: no count {i}")))
     };
-    let known =
-        |v: Option<u64>| v.ok_or_else(|| DataFusionError::Internal(format!("served copy {dataset}: a NULL count")));
+    let known = |i: usize| {
+        value(i)?.ok_or_else(|| DataFusionError::Internal(format!("served copy {dataset}: a NULL count {i}")))
+    };
     Ok(Facts {
-        rows: known(value(&rows, 0)?)?,
-        rows_with_person: known(value(&rows, 1)?)?,
-        people: known(value(&people, 0)?)?,
-        most_rows_per_person: value(&people, 1)?.unwrap_or(0),
+        rows: known(0)?,
+        rows_with_person: known(1)?,
+        people: known(2)?,
+        most_rows_per_person: value(3)?.unwrap_or(0),
     })
 }
