@@ -189,18 +189,8 @@ pub fn check_with(
 /// than one (where people might be told from rows).
 fn several_rows_per_person(plan: &LogicalPlan) -> bool {
     let mut found = false;
-    let _ = plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node
-            && let Ok(provider) = source_as_provider(&scan.source)
-            && let Some(guarded) = GuardedTable::as_guarded(provider.as_ref())
-        {
-            found |= guarded.most_rows_per_person().is_some_and(|most| most > 1);
-        }
-        Ok(if found {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
+    for_each_guarded(plan, |guarded| {
+        found |= guarded.most_rows_per_person().is_some_and(|most| most > 1)
     });
     found
 }
@@ -208,16 +198,21 @@ fn several_rows_per_person(plan: &LogicalPlan) -> bool {
 /// The granted datasets a plan reads, subqueries included.
 pub fn datasets_read(plan: &LogicalPlan) -> Vec<String> {
     let mut out = Vec::new();
+    for_each_guarded(plan, |guarded| out.push(guarded.dataset().to_owned()));
+    out
+}
+
+/// Calls `f` with each granted table a plan scans, subqueries included.
+fn for_each_guarded(plan: &LogicalPlan, mut f: impl FnMut(&GuardedTable)) {
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node
             && let Ok(provider) = source_as_provider(&scan.source)
             && let Some(guarded) = GuardedTable::as_guarded(provider.as_ref())
         {
-            out.push(guarded.dataset().to_owned());
+            f(guarded);
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    out
 }
 
 fn check_statement_kind(plan: &LogicalPlan) -> Result<(), PolicyError> {
