@@ -13,8 +13,10 @@
 //! The functions are volatile scalar UDFs built per query, never registered in a catalogue, so a
 //! researcher cannot call them; each counts what it withheld for the result's metadata.
 
+mod largest;
 mod people;
 mod shares;
+pub use largest::largest;
 pub use people::people_at_least;
 pub use shares::shares;
 
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array};
 use datafusion::arrow::compute::{cast, nullif};
-use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::logical_expr::{
@@ -235,6 +237,26 @@ impl Disclosure {
         self.call(Kind::PeopleFromRows(most.max(1)), vec![rows])
     }
 
+    /// The people contributing to a cell of such a group (see [`Disclosure::people_from_rows`]),
+    /// told from its count of `contributing` rows and of all its `rows`: where every row
+    /// contributes, so does every person, and the cell's people are the group's. Otherwise the
+    /// rows cannot tell how many people the cell's condition leaves out, and the query fails
+    /// with [`Unsettled`].
+    pub fn contributors_from_rows(&self, contributing: Expr, rows: Expr, most: u64) -> Expr {
+        self.call(Kind::ContributorsFromRows(most.max(1)), vec![contributing, rows])
+    }
+
+    /// False where the rows of a SUM or AVG cell prove that it is not dominated; otherwise the
+    /// query fails with [`Unsettled`]. `sum` is the cell's sum of values and `largest` the sum
+    /// of the `2m` largest magnitudes ([`largest`]), no person having more than `m` rows. Then
+    /// the two largest contributors' totals together are at most `largest`, and all people's
+    /// totals (as magnitudes) at least `|sum|`: where `largest` is within the N-K share of
+    /// `|sum|`, and what is left, `|sum| - largest`, is at least p% of `largest`, neither rule
+    /// can find the cell dominated, as [`Disclosure::dominated`] judges it per person.
+    pub fn not_dominated_from_rows(&self, sum: Expr, largest: Expr) -> Expr {
+        self.call(Kind::NotDominatedFromRows, vec![sum, largest])
+    }
+
     /// True, or a [`DifferencingRefused`] error where a group's filtered people (`people[j]`)
     /// fall short of its unfiltered people (`unfiltered[j]`) by fewer than the threshold.
     pub fn no_differencing(&self, people: Vec<Expr>, unfiltered: Vec<Expr>) -> Expr {
@@ -283,6 +305,9 @@ enum Kind {
     NoDifferencing,
     /// People told from rows, with the most rows one person has.
     PeopleFromRows(u64),
+    /// A cell's contributors told from rows, with the most rows one person has.
+    ContributorsFromRows(u64),
+    NotDominatedFromRows,
 }
 
 #[derive(Debug)]
@@ -334,6 +359,8 @@ impl ScalarUDFImpl for CellRule {
             Kind::ValueCell => "sde_value_cell",
             Kind::NoDifferencing => "sde_no_differencing",
             Kind::PeopleFromRows(_) => "sde_people_from_rows",
+            Kind::ContributorsFromRows(_) => "sde_contributors_from_rows",
+            Kind::NotDominatedFromRows => "sde_not_dominated_from_rows",
         }
     }
 
@@ -343,8 +370,8 @@ impl ScalarUDFImpl for CellRule {
 
     fn return_type(&self, arg_types: &[DataType]) -> DFResult<DataType> {
         Ok(match self.kind {
-            Kind::KeepGroup | Kind::NoDifferencing => DataType::Boolean,
-            Kind::CountCell | Kind::PeopleFromRows(_) => DataType::Int64,
+            Kind::KeepGroup | Kind::NoDifferencing | Kind::NotDominatedFromRows => DataType::Boolean,
+            Kind::CountCell | Kind::PeopleFromRows(_) | Kind::ContributorsFromRows(_) => DataType::Int64,
             Kind::ValueCell => arg_types
                 .first()
                 .cloned()
@@ -365,20 +392,33 @@ impl ScalarUDFImpl for CellRule {
                     .fetch_add((rows - keep.true_count()) as u64, Ordering::Relaxed);
                 Arc::new(keep)
             }
-            Kind::PeopleFromRows(most) => {
-                let rows_of = cast(&arrays[0], &DataType::Int64)?;
-                let rows_of = rows_of.as_primitive::<Int64Type>();
-                let people: Int64Array = (0..rows)
-                    .map(|i| {
-                        let people = if rows_of.is_null(i) { 0 } else { rows_of.value(i) }.max(0) as u64;
-                        let people = people.div_ceil(most) as i64;
-                        match people >= threshold {
-                            true => Ok(Some(people)),
-                            false => Err(DataFusionError::External(Box::new(Unsettled))),
-                        }
-                    })
-                    .collect::<DFResult<_>>()?;
-                Arc::new(people)
+            Kind::PeopleFromRows(most) => Arc::new(people_from_rows(&arrays[0], None, most, threshold)?),
+            Kind::ContributorsFromRows(most) => {
+                Arc::new(people_from_rows(&arrays[1], Some(&arrays[0]), most, threshold)?)
+            }
+            Kind::NotDominatedFromRows => {
+                let (sum, largest) = (
+                    cast(&arrays[0], &DataType::Float64)?,
+                    cast(&arrays[1], &DataType::Float64)?,
+                );
+                let (sum, largest) = (sum.as_primitive::<Float64Type>(), largest.as_primitive::<Float64Type>());
+                // A margin for rounding: the sums are taken in another order than per person.
+                let (nk, p) = (
+                    self.rules.dominance_percent as f64 / 100.0 * (1.0 - 1e-9),
+                    self.rules.p_percent as f64 / 100.0 * (1.0 + 1e-9),
+                );
+                for i in 0..rows {
+                    // No value at all: nobody's total, so nothing to dominate.
+                    if largest.is_null(i) {
+                        continue;
+                    }
+                    let (total, top) = (if sum.is_null(i) { 0.0 } else { sum.value(i).abs() }, largest.value(i));
+                    // Written so that a NaN never settles.
+                    if !(top <= nk * total && total - top >= p * top) {
+                        return Err(DataFusionError::External(Box::new(Unsettled)));
+                    }
+                }
+                Arc::new(BooleanArray::from(vec![false; rows]))
             }
             Kind::NoDifferencing => {
                 let (people, unfiltered) = arrays.split_at(arrays.len() / 2);
@@ -449,6 +489,37 @@ impl ScalarUDFImpl for CellRule {
         };
         Ok(ColumnarValue::Array(out))
     }
+}
+
+/// People told from a group's `rows` where no person has more than `most` of them: at least
+/// `rows / most`, rounded up. With `contributing` rows, those of a cell: the same, where every
+/// row contributes. Fails with [`Unsettled`] wherever that does not settle the threshold.
+fn people_from_rows(
+    rows: &ArrayRef,
+    contributing: Option<&ArrayRef>,
+    most: u64,
+    threshold: i64,
+) -> DFResult<Int64Array> {
+    let count = |a: &ArrayRef| -> DFResult<Vec<i64>> {
+        let a = cast(a, &DataType::Int64)?;
+        let a = a.as_primitive::<Int64Type>();
+        Ok((0..a.len())
+            .map(|i| if a.is_null(i) { 0 } else { a.value(i).max(0) })
+            .collect())
+    };
+    let rows = count(rows)?;
+    let contributing = contributing.map(count).transpose()?;
+    rows.iter()
+        .enumerate()
+        .map(|(i, &r)| {
+            let people = (r as u64).div_ceil(most) as i64;
+            let all_contribute = contributing.as_ref().is_none_or(|c| c[i] == r);
+            match all_contribute && people >= threshold {
+                true => Ok(Some(people)),
+                false => Err(DataFusionError::External(Box::new(Unsettled))),
+            }
+        })
+        .collect()
 }
 
 /// Rounds a non-negative count to the nearest multiple of `base` (halves round up).

@@ -28,7 +28,7 @@ use datafusion::datasource::source_as_provider;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::functions::core::expr_fn::get_field;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
 use datafusion::logical_expr::expr::{AggregateFunction, InSubquery};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
@@ -37,7 +37,7 @@ use datafusion::logical_expr::{
 use datafusion::logical_expr::{LogicalPlanBuilder, cast};
 use datafusion::prelude::SessionContext;
 
-use crate::disclosure::{Disclosure, Overrides, Rules, people_at_least, shares};
+use crate::disclosure::{Disclosure, Overrides, Rules, largest, people_at_least, shares};
 use crate::engine::{GuardedTable, PERSON_ID};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -769,7 +769,21 @@ impl Checker {
             matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(f)
                 if matches!(f.func.name().to_lowercase().as_str(), "sum" | "avg" | "mean"))
         });
-        let per_person_counts = has_sums && ids.len() == 1 && !unique[0] && !unfiltered.transformed;
+        // Told from rows (in the plan that may, [`Permit::from_rows`]): over a table whose people
+        // each have at most a known number of rows, without a WHERE (which needs people counted
+        // for differencing), FILTER (which leaves rows out of a cell) or cell counting people
+        // (which reads every identifier anyway), the groups' people, the cells' contributors and
+        // the dominance rules are all bounded by rows, never reading who they belong to.
+        let told = self.from_rows
+            && !unfiltered.transformed
+            && !ids.is_empty()
+            && most_rows.iter().all(|m| m.is_some_and(|m| m > 1))
+            && agg.aggr_expr.iter().all(|e| {
+                matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(AggregateFunction { params, .. })
+                    if params.filter.is_none()
+                        && !(params.distinct && params.args.iter().any(|a| bare_identifier(a, &schema, in_mask))))
+            });
+        let per_person_counts = has_sums && ids.len() == 1 && !unique[0] && !unfiltered.transformed && !told;
         let share = |k: usize, what: &str| get_field(col(format!("__sde_shares_{id}_{k}")), what);
         // The `sde_shares` calls: (identifier, the value whose per-person totals are judged
         // (NULL for a count), which rows make a person a contributor), each once.
@@ -789,10 +803,12 @@ impl Checker {
 
         // Per aggregate: whether it is a count and the people who contribute to it.
         let mut cells = Vec::with_capacity(agg.aggr_expr.len());
-        // Whether a cell counts distinct people itself (so the identifiers are read anyway).
-        let mut cells_count_people = false;
         // Per SUM or AVG cell and identifier, its `sde_shares` call.
         let mut sum_shares: Vec<(usize, usize)> = Vec::new();
+        // Told from rows: the SUM and AVG cells, and the contributors' row counts (cell, identifier).
+        let mut told_sums: Vec<usize> = Vec::new();
+        let mut told_contributors: Vec<(String, usize)> = Vec::new();
+        let most = |j: usize| most_rows[j].unwrap_or(1);
         for (i, e) in agg.aggr_expr.iter().enumerate() {
             let Expr::AggregateFunction(AggregateFunction { func, params }) = e.clone().unalias_nested().data else {
                 return Err(PolicyError::Unsupported("this aggregate expression is not supported"));
@@ -806,7 +822,6 @@ impl Checker {
             for arg in &params.args {
                 let counts_people =
                     is_count && params.distinct && params.args.len() == 1 && bare_identifier(arg, &schema, in_mask);
-                cells_count_people |= counts_people;
                 if !counts_people {
                     no_identifier(
                         arg,
@@ -847,10 +862,19 @@ impl Checker {
                     Some(c) => when(c.clone(), arg).end().map_err(df)?,
                     None => arg,
                 };
-                let contributes = condition.clone().unwrap_or(lit(true));
-                for j in 0..ids.len() {
-                    let k = share_of(j, cast(value.clone(), DataType::Float64), contributes.clone());
-                    sum_shares.push((i, k));
+                let value = cast(value, DataType::Float64);
+                if told {
+                    // The two largest totals are at most the 2m largest rows (see `largest`).
+                    let k = 2 * (0..ids.len()).map(most).max().unwrap_or(1) as usize;
+                    aggr.push(sum(value.clone()).alias(format!("__sde_sum_{id}_{i}")));
+                    aggr.push(largest(value, k).alias(format!("__sde_largest_{id}_{i}")));
+                    told_sums.push(i);
+                } else {
+                    let contributes = condition.clone().unwrap_or(lit(true));
+                    for j in 0..ids.len() {
+                        let k = share_of(j, value.clone(), contributes.clone());
+                        sum_shares.push((i, k));
+                    }
                 }
             }
             let contributors = match condition {
@@ -866,7 +890,14 @@ impl Checker {
                     let mut cols = Vec::with_capacity(ids.len());
                     for (j, person) in ids.iter().enumerate() {
                         let name = format!("__sde_contrib_{id}_{i}_{j}");
-                        aggr.push(people_where(j, person, &condition)?.alias(name.clone()));
+                        let people = match told {
+                            true => {
+                                told_contributors.push((name.clone(), j));
+                                count(when(condition.clone(), lit(1)).end().map_err(df)?)
+                            }
+                            false => people_where(j, person, &condition)?,
+                        };
+                        aggr.push(people.alias(name.clone()));
                         cols.push(col(name));
                     }
                     cols
@@ -875,22 +906,15 @@ impl Checker {
             cells.push((is_count, contributors));
         }
 
-        // With per-person counts, the group's people come from the shares.
-        // The people told from rows: (identifier, the most rows one person has).
-        let mut from_rows: Vec<(usize, u64)> = Vec::new();
+        // With per-person counts, the group's people come from the shares. Told from rows,
+        // the people column holds the group's rows until the projection below.
         if !per_person_counts {
             let threshold = self.disclosure.rules().threshold as usize;
             for (j, person) in ids.iter().enumerate() {
-                let people = match (unique[j], exact, most_rows[j]) {
-                    (true, _, _) => count(lit(1)),
-                    // Only where the cells do not read the identifiers anyway: then telling people
-                    // from rows saves reading them.
-                    (false, false, Some(most)) if self.from_rows && !cells_count_people => {
-                        from_rows.push((j, most));
-                        count(lit(1))
-                    }
-                    (false, false, _) => people_at_least(person.clone(), threshold),
-                    (false, true, _) => count_distinct(person.clone()),
+                let people = match (unique[j] || told, exact) {
+                    (true, _) => count(lit(1)),
+                    (false, false) => people_at_least(person.clone(), threshold),
+                    (false, true) => count_distinct(person.clone()),
                 };
                 aggr.push(people.alias(people_name(j)));
             }
@@ -908,23 +932,38 @@ impl Checker {
             .map(|(q, f)| Column::new(q.cloned(), f.name()))
             .collect();
         let mut plan = LogicalPlan::Aggregate(main);
-        if !from_rows.is_empty() {
+        // A SUM or AVG cell is dominated if it is, judged by the people of any identifier.
+        let mut dominated: HashMap<usize, Expr> = HashMap::new();
+        if told {
             self.told_from_rows = true;
-            let exprs = plan
+            let rows = |j: usize| col(people_name(j));
+            let mut exprs = plan
                 .schema()
                 .iter()
                 .map(|(q, f)| {
                     let column = Expr::Column(Column::new(q.cloned(), f.name()));
-                    match from_rows.iter().find(|(j, _)| *f.name() == people_name(*j)) {
-                        Some(&(_, most)) => self.disclosure.people_from_rows(column, most).alias(f.name()),
-                        None => column,
+                    let name = f.name();
+                    if let Some(j) = (0..ids.len()).find(|&j| *name == people_name(j)) {
+                        self.disclosure.people_from_rows(column, most(j)).alias(name)
+                    } else if let Some((_, j)) = told_contributors.iter().find(|(c, _)| c == name) {
+                        let contributors = self.disclosure.contributors_from_rows(column, rows(*j), most(*j));
+                        contributors.alias(name)
+                    } else {
+                        column
                     }
                 })
                 .collect::<Vec<_>>();
+            for i in told_sums {
+                let name = format!("__sde_dominated_{id}_{i}");
+                let verdict = self.disclosure.not_dominated_from_rows(
+                    col(format!("__sde_sum_{id}_{i}")),
+                    col(format!("__sde_largest_{id}_{i}")),
+                );
+                exprs.push(verdict.alias(name.clone()));
+                dominated.insert(i, col(name));
+            }
             plan = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan)).map_err(df)?);
         }
-        // A SUM or AVG cell is dominated if it is, judged by the people of any identifier.
-        let mut dominated: HashMap<usize, Expr> = HashMap::new();
         for (i, k) in sum_shares {
             let verdict = self
                 .disclosure

@@ -84,10 +84,57 @@ fn session() -> SessionContext {
     ctx.register_table(
         "episodes",
         // At most 3 rows per person, each with a person, as a served copy records.
-        Arc::new(GuardedTable::new("episodes", episodes(), opt_outs).with_most_rows_per_person(3)),
+        Arc::new(GuardedTable::new("episodes", episodes(), Arc::clone(&opt_outs)).with_most_rows_per_person(3)),
+    )
+    .unwrap();
+    ctx.register_table(
+        "stays",
+        Arc::new(GuardedTable::new("stays", stays(), opt_outs).with_most_rows_per_person(2)),
     )
     .unwrap();
     ctx
+}
+
+/// Hospital stays, at most 2 per person, each 1.5 hours:
+/// - ward A: 15 people with 2 stays costing 3 each;
+/// - ward B: 2 people with 2 stays costing 100 each (they dominate its cost), 16 people with
+///   one costing 0.5;
+/// - ward C: 12 people with 2 stays costing 3 each, lasting 1 day each except C0's (0 days: one
+///   person of the ward is not among those with days).
+fn stays() -> Arc<dyn TableProvider> {
+    let (mut ids, mut wards, mut costs, mut days) = (vec![], vec![], vec![], vec![]);
+    for (ward, people, each, cost) in [
+        ("A", 15, 2, 3.0),
+        ("B", 2, 2, 100.0),
+        ("B", 16, 1, 0.5),
+        ("C", 12, 2, 3.0),
+    ] {
+        for i in 0..people {
+            for _ in 0..each {
+                ids.push(format!("{ward}{each}-{i}"));
+                wards.push(ward);
+                costs.push(cost);
+                days.push(if ward == "C" && i == 0 { 0.0 } else { 1.0 });
+            }
+        }
+    }
+    let hours = vec![1.5; ids.len()];
+    table(
+        Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Utf8, false),
+            Field::new("ward", DataType::Utf8, false),
+            Field::new("hours", DataType::Float64, false),
+            Field::new("cost", DataType::Float64, false),
+            Field::new("days", DataType::Float64, false),
+        ])),
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(StringArray::from(wards)),
+            Arc::new(Float64Array::from(hours)),
+            Arc::new(Float64Array::from(costs)),
+            Arc::new(Float64Array::from(days)),
+        ],
+    )
 }
 
 /// Care episodes, at most 3 per person: kind X, 20 people with 2 episodes each (40 rows); kind
@@ -507,11 +554,7 @@ async fn rows_settle_a_group_only_where_they_prove_enough_people() {
     // 25 rows of Y with at most 3 per person prove only 9 people: the rows cannot settle it.
     // Counted one by one, Y has 9 people and is withheld.
     let sql = "SELECT kind, COUNT(*) AS n FROM episodes GROUP BY kind";
-    let err = execute_from_rows(sql).await.expect("a plan from rows").unwrap_err();
-    assert!(
-        matches!(err.find_root(), DataFusionError::External(e) if e.downcast_ref::<crate::disclosure::Unsettled>().is_some()),
-        "{err}"
-    );
+    assert_unsettled(sql).await;
     let exact = [
         "+------+----+",
         "| kind | n  |",
@@ -526,6 +569,11 @@ async fn rows_settle_a_group_only_where_they_prove_enough_people() {
     assert_table(&execute_from_rows(sql).await.unwrap().unwrap(), &total);
     assert_table(&run(sql).await, &total);
     // Settled from rows, the table's people are never read.
+    assert_reads_no_people(sql).await;
+}
+
+/// The plan telling people from rows scans tables but never reads `person_id`.
+async fn assert_reads_no_people(sql: &str) {
     let ctx = session();
     let permit = plan_and_check(&ctx, sql, RULES, 1 << 16).await.unwrap();
     let optimised = ctx.state().optimize(permit.from_rows().unwrap()).unwrap();
@@ -546,7 +594,68 @@ async fn rows_settle_a_group_only_where_they_prove_enough_people() {
         .unwrap();
     assert!(
         !scans.is_empty() && scans.iter().all(|s| !s.iter().any(|c| c == PERSON_ID)),
-        "{scans:?}"
+        "{sql}: {scans:?}"
+    );
+}
+
+/// The plan telling people from rows fails with [`crate::disclosure::Unsettled`].
+async fn assert_unsettled(sql: &str) {
+    let err = execute_from_rows(sql).await.expect("a plan from rows").unwrap_err();
+    assert!(
+        matches!(err.find_root(), DataFusionError::External(e) if e.downcast_ref::<crate::disclosure::Unsettled>().is_some()),
+        "{sql}: {err}"
+    );
+}
+
+#[tokio::test]
+async fn rows_settle_sums_only_where_they_prove_no_dominance_and_no_one_left_out() {
+    // Every ward's rows show 10 people or more; nobody dominates its hours, and every stay has
+    // some: settled from rows, released exactly as counting people one by one.
+    let sql = "SELECT ward, COUNT(*) AS n, SUM(hours) AS h, AVG(hours) AS a, COUNT(cost) AS c \
+               FROM stays GROUP BY ward ORDER BY ward";
+    let exact = [
+        "+------+----+------+-----+----+",
+        "| ward | n  | h    | a   | c  |",
+        "+------+----+------+-----+----+",
+        "| A    | 30 | 45.0 | 1.5 | 30 |",
+        "| B    | 20 | 30.0 | 1.5 | 20 |",
+        "| C    | 25 | 36.0 | 1.5 | 25 |",
+        "+------+----+------+-----+----+",
+    ];
+    assert_table(&run(sql).await, &exact);
+    assert_table(&execute_from_rows(sql).await.unwrap().unwrap(), &exact);
+    assert_reads_no_people(sql).await;
+    // B's two people with 200 each dominate its cost (400 of 408). Taking their 2 × 2 rows as
+    // the top two totals, the rows cannot rule that out; one person's rows alone could.
+    let sql = "SELECT ward, SUM(cost) AS s FROM stays GROUP BY ward ORDER BY ward";
+    assert_unsettled(sql).await;
+    assert_table(
+        &run(sql).await,
+        &[
+            "+------+------+",
+            "| ward | s    |",
+            "+------+------+",
+            "| A    | 90.0 |",
+            "| B    |      |",
+            "| C    | 72.0 |",
+            "+------+------+",
+        ],
+    );
+    // C0 has no days: one of C's 12 people is left out of its sum, which the difference with
+    // the ward would describe. Rows cannot tell how many people those without days are.
+    let sql = "SELECT ward, SUM(days) AS d FROM stays GROUP BY ward ORDER BY ward";
+    assert_unsettled(sql).await;
+    assert_table(
+        &run(sql).await,
+        &[
+            "+------+------+",
+            "| ward | d    |",
+            "+------+------+",
+            "| A    | 30.0 |",
+            "| B    | 20.0 |",
+            "| C    |      |",
+            "+------+------+",
+        ],
     );
 }
 
@@ -561,9 +670,9 @@ async fn people_are_told_from_rows_only_where_rows_can_tell() {
         "SELECT e.kind, COUNT(*) AS n FROM episodes e JOIN visits v ON e.person_id = v.person_id GROUP BY 1",
         // A cell counting people reads who they are anyway.
         "SELECT kind, COUNT(DISTINCT person_id) AS people FROM episodes GROUP BY kind",
-        // Sums need each person's share; a table with one row per person counts people as rows.
-        "SELECT kind, SUM(1) AS n FROM episodes GROUP BY kind",
+        // A table with one row per person counts people as rows.
         "SELECT district, COUNT(*) AS n FROM patients GROUP BY district",
+        "SELECT district, SUM(age) AS n FROM patients GROUP BY district",
     ] {
         assert!(execute_from_rows(sql).await.is_none(), "{sql}");
     }

@@ -2,7 +2,7 @@
 //! that are authorised again, catalogue limited to grants, and the audit trail of it all.
 
 use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::Int64Type;
+use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::array_value_to_string;
 use sde_gateway::disclosure::round_to;
@@ -405,6 +405,104 @@ async fn grpc_health_reports_serving_without_a_token() {
             .unwrap()
             .into_inner();
         assert_eq!(reply.status(), ServingStatus::Serving, "{service:?}");
+    }
+}
+
+/// A released group: its keys, and its mean and total unless they are withheld.
+type Released = (Vec<String>, Option<(f64, f64)>);
+
+#[tokio::test]
+async fn sums_over_several_rows_per_person_are_released_exactly_whether_rows_settle_them_or_not() {
+    let gw = spawn_gateway().await;
+    let mut client = gw.client("alice", PROJECT).await;
+    // Every care episode has a cost, so every person of a group contributes to its cells.
+    let uncosted = raw(
+        &world_data(),
+        "SELECT COUNT(*) FROM asc_services WHERE weekly_cost IS NULL OR weekly_cost = 0",
+    )
+    .await;
+    assert_eq!(uncosted[0].column(0).as_primitive::<Int64Type>().value(0), 0);
+    // The whole table (its rows prove enough people and no dominance: told from rows), and
+    // groups some of which rows cannot settle (few rows, or a few large costs).
+    for keys in [
+        "",
+        "service_type",
+        "primary_support_reason",
+        "service_type, primary_support_reason",
+    ] {
+        let (select, group) = match keys {
+            "" => (String::new(), String::new()),
+            k => (format!("{k}, "), format!(" GROUP BY {k}")),
+        };
+        let sql =
+            format!("SELECT {select}AVG(weekly_cost) AS mean_cost, SUM(weekly_cost) AS total FROM asc_services{group}");
+        // Independently: each person's total per group, on the raw files without opted-out people.
+        let k = keys.split(',').filter(|k| !k.trim().is_empty()).count();
+        let per_person = raw(
+            &world_data(),
+            &format!(
+                "SELECT {select}person_id, SUM(weekly_cost), COUNT(*) FROM asc_services
+                 WHERE person_id NOT IN (SELECT person_id FROM opt_outs) GROUP BY {select}person_id"
+            ),
+        )
+        .await;
+        let mut groups: std::collections::BTreeMap<Vec<String>, (Vec<f64>, i64)> = Default::default();
+        for b in &per_person {
+            for r in 0..b.num_rows() {
+                let key = (0..k).map(|c| array_value_to_string(b.column(c), r).unwrap()).collect();
+                let group = groups.entry(key).or_default();
+                group.0.push(b.column(k + 1).as_primitive::<Float64Type>().value(r));
+                group.1 += b.column(k + 2).as_primitive::<Int64Type>().value(r);
+            }
+        }
+        // A group with 10 people is released; its cells unless two people's totals make over
+        // 90 % of it, or what the rest contribute is under 10 % of the largest.
+        let want: Vec<Released> = groups
+            .iter()
+            .filter(|(_, (people, _))| people.len() >= 10)
+            .map(|(key, (people, rows))| {
+                let mut totals: Vec<f64> = people.iter().map(|t| t.abs()).collect();
+                totals.sort_by(|x, y| y.total_cmp(x));
+                let (all, top_two) = (totals.iter().sum::<f64>(), totals[0] + totals[1]);
+                let dominated = top_two > 0.9 * all || all - top_two < 0.1 * totals[0];
+                let sum: f64 = people.iter().sum();
+                (key.clone(), (!dominated).then_some((sum / *rows as f64, sum)))
+            })
+            .collect();
+        assert!(want.iter().any(|(_, cells)| cells.is_some()), "{sql}");
+        // Twice: the second run from the kept plan.
+        for run in 0..2 {
+            let (schema, got) = query_described(&mut client, &sql).await.unwrap();
+            let mut released: Vec<Released> = vec![];
+            for b in &got {
+                let (mean, total) = (
+                    b.column(k).as_primitive::<Float64Type>(),
+                    b.column(k + 1).as_primitive::<Float64Type>(),
+                );
+                for r in 0..b.num_rows() {
+                    let key = (0..k).map(|c| array_value_to_string(b.column(c), r).unwrap()).collect();
+                    assert_eq!(mean.is_null(r), total.is_null(r), "{sql}");
+                    released.push((key, mean.is_valid(r).then(|| (mean.value(r), total.value(r)))));
+                }
+            }
+            released.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(released.len(), want.len(), "{sql} (run {run})");
+            for ((key, got), (want_key, want)) in released.iter().zip(&want) {
+                assert_eq!(key, want_key, "{sql} (run {run})");
+                match (got, want) {
+                    (Some((m, t)), Some((wm, wt))) => {
+                        assert!(
+                            (m - wm).abs() <= 1e-9 * wm.abs() && (t - wt).abs() <= 1e-9 * wt.abs(),
+                            "{sql}: {key:?}"
+                        )
+                    }
+                    (None, None) => {}
+                    _ => panic!("{sql} (run {run}): {key:?} released {got:?}, expected {want:?}"),
+                }
+            }
+            let withheld = (groups.len() - want.len()).to_string();
+            assert_eq!(schema.metadata()["sde.groups_withheld"], withheld, "{sql} (run {run})");
+        }
     }
 }
 
