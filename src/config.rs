@@ -161,6 +161,12 @@ pub struct DataConfig {
     /// scan of every query (an anti-join per table), which is slower.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served: Option<PathBuf>,
+    /// Per dataset, the columns its served copy is sorted by (with `served`). A query filtering
+    /// on them reads only the row groups and pages whose statistics can match: choose the
+    /// columns researchers filter on most, e.g. `patients = ["district", "age"]`. Changing them
+    /// rebuilds the copy at the next start.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub served_sort_by: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -695,6 +701,13 @@ signing_key = "audit.key"
         );
         let config: GatewayConfig = toml::from_str(&text).expect("dataset overrides parse");
         assert_eq!(config.disclosure.datasets["gp_events"].threshold, Some(20));
+        // And the served copies' order.
+        let text = text.replace(
+            "# patients = [\"district\", \"age\"]",
+            "patients = [\"district\", \"age\"]",
+        );
+        let config: GatewayConfig = toml::from_str(&text).expect("served order parses");
+        assert_eq!(config.data.served_sort_by["patients"], ["district", "age"]);
         // And the telemetry examples.
         let text = text
             .replace("# otlp_endpoint", "otlp_endpoint")

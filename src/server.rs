@@ -105,7 +105,10 @@ impl Gateway {
         .await
         .map_err(crate::Error::from)?;
         if let Some(served) = &config.data.served {
-            engine = engine.serve_from(served).await.map_err(crate::Error::from)?;
+            engine = engine
+                .serve_from(served, &config.data.served_sort_by)
+                .await
+                .map_err(crate::Error::from)?;
             tokio::spawn(engine.keep_served_copies());
         }
         let audit = crate::audit::SigningKey::load(&config.audit.signing_key)

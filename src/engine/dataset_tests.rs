@@ -223,7 +223,7 @@ async fn open_served(root: &Path) -> Engine {
     Engine::open_with_versions(&root.join("data"), Some(&root.join("versions")), &BTreeMap::new())
         .await
         .unwrap()
-        .serve_from(&root.join("served"))
+        .serve_from(&root.join("served"), &BTreeMap::new())
         .await
         .unwrap()
 }
@@ -253,7 +253,7 @@ async fn served_copies_leave_out_opted_out_people_and_are_rebuilt_when_they_do_n
 
     // The copy of the latest version: five people less the one opted out, one row each.
     let copy = served.join("people").join(format!(
-        "{}-{}-v6",
+        "{}-{}-v7",
         &v2.manifest.content_hash[..16],
         &engine.snapshot()[OPT_OUTS].content_hash[..16]
     ));
@@ -299,6 +299,54 @@ async fn served_copies_leave_out_opted_out_people_and_are_rebuilt_when_they_do_n
         record["content_hash"].as_str().unwrap(),
         crate::ingest::version::content_hash(&copy).unwrap()
     );
+}
+
+#[tokio::test]
+async fn served_copies_are_sorted_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    world(root);
+    let open = |sort_by: BTreeMap<String, Vec<String>>| async move {
+        Engine::open(&root.join("data"), &BTreeMap::new())
+            .await
+            .unwrap()
+            .serve_from(&root.join("served"), &sort_by)
+            .await
+    };
+    let sorted = open(BTreeMap::from([("people".to_owned(), vec!["sex".to_owned()])]))
+        .await
+        .unwrap();
+    let copy = sorted
+        .served_dirs()
+        .into_iter()
+        .find(|d| d.starts_with(root.join("served/people")))
+        .unwrap();
+    // The rows, in the order written: F, F, M, M (the source has them mixed).
+    let mut sexes = vec![];
+    for part in crate::ingest::version::parquet_files(&copy).unwrap() {
+        let file = std::fs::File::open(part).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let sex = datafusion::arrow::compute::cast(batch.column_by_name("sex").unwrap(), &DataType::Utf8).unwrap();
+            sexes.extend(sex.as_string::<i32>().iter().map(|s| s.unwrap().to_owned()));
+        }
+    }
+    assert_eq!(sexes, ["F", "F", "M", "M"]);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(copy.join("_served.json")).unwrap()).unwrap();
+    assert_eq!(record["sort_by"], serde_json::json!(["sex"]));
+    assert_eq!(count_people(&sorted, &access(&[])).await, 4);
+    // Unsorted, it is another copy; sorted by what the dataset does not have, none is served.
+    let unsorted = open(BTreeMap::new()).await.unwrap();
+    assert!(!unsorted.served_dirs().contains(&copy));
+    let unknown = open(BTreeMap::from([("people".to_owned(), vec!["age".to_owned()])])).await;
+    assert!(matches!(unknown, Err(EngineError::UnknownColumn { .. })), "{unknown:?}");
+    let unknown = open(BTreeMap::from([("nobody".to_owned(), vec!["sex".to_owned()])])).await;
+    assert!(matches!(unknown, Err(EngineError::UnknownDataset(_))), "{unknown:?}");
 }
 
 #[tokio::test]

@@ -297,8 +297,25 @@ impl Engine {
 
     /// Serves every dataset version opened from a copy under `dir` with the people on the
     /// opt-out register already removed (see [`served`]), built now where missing, instead of
-    /// removing them beneath every scan.
-    pub async fn serve_from(mut self, dir: &Path) -> Result<Self, EngineError> {
+    /// removing them beneath every scan. `sort_by` names, per dataset, the columns its copy is
+    /// sorted by.
+    pub async fn serve_from(
+        mut self,
+        dir: &Path,
+        sort_by: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Self, EngineError> {
+        for (dataset, columns) in sort_by {
+            let table = self
+                .datasets
+                .get(dataset)
+                .ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
+            if let Some(column) = columns.iter().find(|c| table.schema().field_with_name(c).is_err()) {
+                return Err(EngineError::UnknownColumn {
+                    dataset: dataset.clone(),
+                    column: column.clone(),
+                });
+            }
+        }
         let opt_outs_hash = self.snapshot[OPT_OUTS].content_hash.clone();
         let mut tables: Vec<(String, Arc<ListingTable>, String)> = self
             .datasets
@@ -312,7 +329,13 @@ impl Engine {
             if self.served.contains_key(&(dataset.clone(), hash.clone())) {
                 continue;
             }
-            let copy = served::ensure(dir, &dataset, &table, &hash, &self.opt_outs, &opt_outs_hash).await?;
+            let source = served::Source {
+                dataset: &dataset,
+                table: &table,
+                hash: &hash,
+                sort_by: sort_by.get(&dataset).map(Vec::as_slice).unwrap_or_default(),
+            };
+            let copy = served::ensure(dir, source, &self.opt_outs, &opt_outs_hash).await?;
             self.served.insert((dataset, hash), copy);
         }
         let in_use = self.served_dirs();

@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::Int64Type;
 use datafusion::catalog::TableProvider;
+use datafusion::common::Column;
 use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::listing::ListingTable;
@@ -28,19 +29,25 @@ use datafusion::datasource::provider_as_source;
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::functions_aggregate::expr_fn::{count, max, sum};
-use datafusion::logical_expr::{JoinType, LogicalPlanBuilder};
+use datafusion::logical_expr::{Expr, JoinType, LogicalPlanBuilder};
 use datafusion::prelude::{DataFrame, SessionContext, col, lit, when};
 
 use super::{EngineError, PERSON_ID, join_people, open_listing_as};
 use crate::ingest::version;
+use sha2::{Digest, Sha256};
 
 const RECORD: &str = "_served.json";
-/// How copies are written; a copy in another format is rebuilt. Format 6: Snappy, as the ingest
+/// How copies are written; a copy in another format is rebuilt. Format 7: Snappy, as the ingest
 /// writes, except `person_id`, stored without compression (random pseudonyms barely compress,
 /// and every query that counts people reads them) but dictionary-encoded, as a person's rows
 /// repeat the pseudonym, with dictionary pages of up to [`DICTIONARY_BYTES`] (format 4 had
-/// the default 1 MiB); the record holds the most rows one person has (format 5 did not).
-const FORMAT: u32 = 6;
+/// the default 1 MiB); the record holds the most rows one person has (format 5 did not) and
+/// the columns the copy is sorted by (format 6 was never sorted).
+const FORMAT: u32 = 7;
+/// Rows per row group of a sorted copy (written as one file): several row groups, so that a
+/// scan still spreads over the cores, each covering a narrow range of the sort, so that a
+/// filter on the sort columns skips the others by their statistics.
+const SORTED_ROW_GROUP_ROWS: usize = 256 * 1024;
 /// Largest dictionary page: a row group's pseudonyms fit in it (up to 1M rows of 32-character
 /// pseudonyms, 32 MiB), so `person_id` stays dictionary-encoded throughout instead of falling
 /// back to plain strings after the first 1 MiB (DataFusion's default), and is read as indices
@@ -63,6 +70,9 @@ struct Record {
     /// Content hash of the copy's own Parquet files.
     content_hash: String,
     rows: u64,
+    /// The columns the copy is sorted by (none: the source's order).
+    #[serde(default)]
+    sort_by: Vec<String>,
     /// Rows with a `person_id`, distinct `person_id`s, and the most rows any one of them has.
     rows_with_person: u64,
     people: u64,
@@ -79,21 +89,39 @@ pub(crate) struct Served {
     pub most_rows_per_person: Option<u64>,
 }
 
-/// Opens the served copy of `source` (content hash `source_hash`) under `root`, building it
-/// first if it is missing or does not match.
+/// A dataset version to serve.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Source<'a> {
+    pub dataset: &'a str,
+    pub table: &'a Arc<ListingTable>,
+    /// Its content hash.
+    pub hash: &'a str,
+    /// The columns its copy is sorted by.
+    pub sort_by: &'a [String],
+}
+
+/// Opens the served copy of `source` under `root`, building it first if it is missing or does
+/// not match.
 pub(crate) async fn ensure(
     root: &Path,
-    dataset: &str,
-    source: &Arc<ListingTable>,
-    source_hash: &str,
+    source: Source<'_>,
     opt_outs: &Arc<ListingTable>,
     opt_outs_hash: &str,
 ) -> Result<Served, EngineError> {
-    let dir = root
-        .join(dataset)
-        .join(format!("{}-{}-v{FORMAT}", &source_hash[..16], &opt_outs_hash[..16]));
+    let Source { dataset, hash, .. } = source;
+    let mut name = format!("{}-{}-v{FORMAT}", &hash[..16], &opt_outs_hash[..16]);
+    // Copies sorted otherwise are other copies (gateways sharing the folder may differ).
+    if !source.sort_by.is_empty() {
+        let digest = Sha256::digest(source.sort_by.join("\n"));
+        name.push_str(&format!("-s{}", hex::encode(&digest[..4])));
+    }
+    let dir = root.join(dataset).join(name);
     let wanted = |r: &Record| {
-        r.format == FORMAT && r.dataset == dataset && r.source_hash == source_hash && r.opt_outs_hash == opt_outs_hash
+        r.format == FORMAT
+            && r.dataset == dataset
+            && r.source_hash == hash
+            && r.opt_outs_hash == opt_outs_hash
+            && r.sort_by == source.sort_by
     };
     let record = match check(&dir)? {
         Some(record) if wanted(&record) => record,
@@ -103,10 +131,10 @@ pub(crate) async fn ensure(
                 // If another gateway removed it already, so much the better.
                 let _ = remove(&dir);
             }
-            build(&dir, dataset, source, source_hash, opt_outs, opt_outs_hash).await?
+            build(&dir, source, opt_outs, opt_outs_hash).await?
         }
     };
-    let table = open_listing_as(&dir, source.schema()).map_err(|source| EngineError::Dataset {
+    let table = open_listing_as(&dir, source.table.schema()).map_err(|source| EngineError::Dataset {
         dataset: dataset.to_owned(),
         source,
     })?;
@@ -199,12 +227,11 @@ fn check(dir: &Path) -> Result<Option<Record>, EngineError> {
 /// process building the same copy at once loses the race harmlessly).
 async fn build(
     dir: &Path,
-    dataset: &str,
-    source: &Arc<ListingTable>,
-    source_hash: &str,
+    source: Source<'_>,
     opt_outs: &Arc<ListingTable>,
     opt_outs_hash: &str,
 ) -> Result<Record, EngineError> {
+    let dataset = source.dataset;
     let started = std::time::Instant::now();
     let parent = dir.parent().expect("a served copy has a dataset folder");
     std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -217,7 +244,7 @@ async fn build(
             rows_with_person,
             people,
             most_rows_per_person,
-        } = write(&tmp, dataset, source, opt_outs)
+        } = write(&tmp, source, opt_outs)
             .await
             .map_err(|source| EngineError::Dataset {
                 dataset: dataset.to_owned(),
@@ -226,10 +253,11 @@ async fn build(
         let record = Record {
             format: FORMAT,
             dataset: dataset.to_owned(),
-            source_hash: source_hash.to_owned(),
+            source_hash: source.hash.to_owned(),
             opt_outs_hash: opt_outs_hash.to_owned(),
             content_hash: version::content_hash(&tmp).map_err(io(&tmp))?,
             rows,
+            sort_by: source.sort_by.to_vec(),
             rows_with_person,
             people,
             most_rows_per_person,
@@ -273,20 +301,33 @@ struct Facts {
     most_rows_per_person: u64,
 }
 
-/// Writes `source` without the people of `opt_outs` as Parquet into `dir`, and counts what it
-/// wrote.
-async fn write(dir: &Path, dataset: &str, source: &Arc<ListingTable>, opt_outs: &Arc<ListingTable>) -> DFResult<Facts> {
+/// Writes `source` without the people of `opt_outs` as Parquet into `dir`, sorted as it asks,
+/// and counts what it wrote.
+async fn write(dir: &Path, source: Source<'_>, opt_outs: &Arc<ListingTable>) -> DFResult<Facts> {
+    let Source { dataset, table, .. } = source;
     let ctx = SessionContext::new();
     let opt_outs = Arc::clone(opt_outs) as _;
-    let scan = LogicalPlanBuilder::scan(dataset, provider_as_source(Arc::clone(source) as _), None)?;
+    let scan = LogicalPlanBuilder::scan(dataset, provider_as_source(Arc::clone(table) as _), None)?;
     // An anti-join keeps exactly the source's columns.
-    let plan = join_people(scan, dataset, &opt_outs, None, JoinType::LeftAnti)?.build()?;
+    let mut plan = join_people(scan, dataset, &opt_outs, None, JoinType::LeftAnti)?;
+    if !source.sort_by.is_empty() {
+        plan = plan.sort(
+            source
+                .sort_by
+                .iter()
+                .map(|c| Expr::Column(Column::from_name(c)).sort(true, false)),
+        )?;
+    }
+    let plan = plan.build()?;
     let path = format!("{}/", dir.display());
     // Snappy, as the ingest writes (cheaper to decode than DataFusion's default, zstd); the
     // pseudonyms uncompressed.
     let mut parquet = TableParquetOptions::default();
     parquet.global.compression = Some("snappy".into());
     parquet.global.dictionary_page_size_limit = DICTIONARY_BYTES;
+    if !source.sort_by.is_empty() {
+        parquet.global.max_row_group_size = SORTED_ROW_GROUP_ROWS;
+    }
     let plain = datafusion::config::ParquetColumnOptions {
         compression: Some("uncompressed".into()),
         ..Default::default()
@@ -300,7 +341,7 @@ async fn write(dir: &Path, dataset: &str, source: &Arc<ListingTable>, opt_outs: 
         )
         .await?;
 
-    let copy = open_listing_as(dir, source.schema())?;
+    let copy = open_listing_as(dir, table.schema())?;
     // One pass: the rows of each person (NULL: the rows without one), then summed up.
     let has_person = col(PERSON_ID).is_not_null();
     let of_people = |e| when(has_person.clone(), e).end();
