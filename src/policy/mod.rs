@@ -719,11 +719,29 @@ impl Checker {
     /// ```
     fn protect(&mut self, agg: Aggregate, in_mask: &Mask) -> Result<LogicalPlan, PolicyError> {
         let schema = Arc::clone(agg.input.schema());
-        let ids: Vec<Expr> = schema
+        let ids: Vec<Column> = schema
             .iter()
             .zip(in_mask)
             .filter(|(_, id)| **id == Id::Person)
-            .map(|((q, f), _)| Expr::Column(Column::new(q.cloned(), f.name())))
+            .map(|((q, f), _)| Column::new(q.cloned(), f.name()))
+            .collect();
+        // The identifiers cells count distinct people of.
+        let counted: Vec<Column> = agg
+            .aggr_expr
+            .iter()
+            .filter_map(|e| match e.clone().unalias_nested().data {
+                Expr::AggregateFunction(AggregateFunction { params, .. }) if params.distinct => {
+                    match &params.args[..] {
+                        [Expr::Column(c)] => Some(c.clone()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            })
+            .collect();
+        let ids: Vec<Expr> = one_per_person(&agg.input, ids, &counted)
+            .into_iter()
+            .map(Expr::Column)
             .collect();
         for g in &agg.group_expr {
             if matches!(g, Expr::GroupingSet(_)) {
@@ -1066,6 +1084,76 @@ impl Checker {
             )
         };
         joined.map_err(df)?.build().map_err(df)
+    }
+}
+
+/// `ids`, the identifier columns of `plan`, with those an inner join on them makes equal on
+/// every row ([`same_person`]) kept once: counting people by either gives the same figure in
+/// every group and under every condition. Of two, the one a cell counts distinct people of
+/// (`counted`) is kept, so that the cell and its group's people are one count.
+fn one_per_person(plan: &LogicalPlan, ids: Vec<Column>, counted: &[Column]) -> Vec<Column> {
+    let mut kept: Vec<Column> = Vec::new();
+    for id in ids {
+        match kept.iter_mut().find(|k| same_person(plan, k, &id)) {
+            Some(k) if counted.contains(&id) && !counted.contains(k) => *k = id,
+            Some(_) => {}
+            None => kept.push(id),
+        }
+    }
+    kept
+}
+
+/// Whether `a` and `b` hold the same value on every row of `plan` because an inner join made
+/// them equal (`ON a.person_id = b.person_id`), through projections, renames and filters. Only
+/// the join's own equalities count: they are what [`without_filters`] keeps, so the same holds
+/// in the unfiltered plan of the differencing check. Anything else (outer joins, a WHERE
+/// equality, a chain of joins) is not known.
+fn same_person(plan: &LogicalPlan, a: &Column, b: &Column) -> bool {
+    let schema = plan.schema();
+    let (Ok(ia), Ok(ib)) = (schema.index_of_column(a), schema.index_of_column(b)) else {
+        return false;
+    };
+    let column_of = |input: &LogicalPlan, index: usize| {
+        let (qualifier, field) = input.schema().qualified_field(index);
+        Column::new(qualifier.cloned(), field.name())
+    };
+    match plan {
+        LogicalPlan::Filter(f) => same_person(&f.input, a, b),
+        LogicalPlan::SubqueryAlias(s) => same_person(&s.input, &column_of(&s.input, ia), &column_of(&s.input, ib)),
+        LogicalPlan::Projection(p) => match (
+            p.expr[ia].clone().unalias_nested().data,
+            p.expr[ib].clone().unalias_nested().data,
+        ) {
+            (Expr::Column(ca), Expr::Column(cb)) => same_person(&p.input, &ca, &cb),
+            _ => false,
+        },
+        LogicalPlan::Join(j) if j.join_type == JoinType::Inner => {
+            let left = j.left.schema().fields().len();
+            match (ia < left, ib < left) {
+                (true, true) => same_person(&j.left, &column_of(&j.left, ia), &column_of(&j.left, ib)),
+                (false, false) => same_person(
+                    &j.right,
+                    &column_of(&j.right, ia - left),
+                    &column_of(&j.right, ib - left),
+                ),
+                // One on each side: equal where the join says so.
+                (a_left, _) => {
+                    let (l, r) = if a_left { (ia, ib - left) } else { (ib, ia - left) };
+                    let is = |e: &Expr, side: &LogicalPlan, index: usize| matches!(e, Expr::Column(c) if side.schema().index_of_column(c).is_ok_and(|i| i == index));
+                    let joins = |x: &Expr, y: &Expr| {
+                        (is(x, &j.left, l) && is(y, &j.right, r)) || (is(y, &j.left, l) && is(x, &j.right, r))
+                    };
+                    let on = j.on.iter().any(|(x, y)| joins(x, y));
+                    let filter = j.filter.as_ref().is_some_and(|f| {
+                        split_conjunction(f).into_iter().any(
+                            |c| matches!(c, Expr::BinaryExpr(e) if e.op == Operator::Eq && joins(&e.left, &e.right)),
+                        )
+                    });
+                    on || filter
+                }
+            }
+        }
+        _ => false,
     }
 }
 
