@@ -821,6 +821,8 @@ impl Checker {
 
         // Per aggregate: whether it is a count and the people who contribute to it.
         let mut cells = Vec::with_capacity(agg.aggr_expr.len());
+        // Whether a cell counts the group's people exactly (then so does the group, in one count).
+        let mut group_counted = false;
         // Per SUM or AVG cell and identifier, its `sde_shares` call.
         let mut sum_shares: Vec<(usize, usize)> = Vec::new();
         // Told from rows: the SUM and AVG cells, and the contributors' row counts (cell, identifier).
@@ -863,6 +865,7 @@ impl Checker {
             // COUNT(DISTINCT person_id) over one identifier: its people are the group's.
             let counts_the_group =
                 is_count && params.distinct && ids.len() == 1 && params.args.len() == 1 && params.args[0] == ids[0];
+            group_counted |= counts_the_group && params.filter.is_none();
             if let Some(arg) = params.args.first()
                 && !matches!(arg, Expr::Literal(..))
                 && !counts_the_group
@@ -931,8 +934,8 @@ impl Checker {
             for (j, person) in ids.iter().enumerate() {
                 let people = match (unique[j] || told, exact) {
                     (true, _) => count(lit(1)),
-                    (false, false) => people_at_least(person.clone(), threshold),
-                    (false, true) => count_distinct(person.clone()),
+                    (false, false) if !group_counted => people_at_least(person.clone(), threshold),
+                    (false, _) => count_distinct(person.clone()),
                 };
                 aggr.push(people.alias(people_name(j)));
             }
