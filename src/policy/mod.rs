@@ -34,7 +34,7 @@ use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
     Aggregate, Distinct, Expr, Filter, JoinType, LogicalPlan, Operator, Projection, Subquery, lit, when,
 };
-use datafusion::logical_expr::{LogicalPlanBuilder, cast};
+use datafusion::logical_expr::{ExprSchemable, LogicalPlanBuilder, cast};
 use datafusion::prelude::SessionContext;
 
 use crate::disclosure::{Disclosure, Overrides, Rules, largest, people_at_least, shares};
@@ -879,18 +879,26 @@ impl Checker {
             exact |= condition.is_some();
             if !is_count {
                 let arg = params.args.first().cloned().unwrap_or(lit(0));
+                if told {
+                    // The two largest totals are at most the 2m largest rows (see `largest`).
+                    // Without FILTER, a row that does not contribute has a zero or no value: it
+                    // adds nothing to the sum or the largest, so they are taken over the
+                    // values as they are, and the cell's own SUM is the same aggregate.
+                    let k = 2 * (0..ids.len()).map(most).max().unwrap_or(1) as usize;
+                    let value = match arg.get_type(schema.as_ref()) {
+                        Ok(DataType::Float64) => arg.clone(),
+                        _ => cast(arg.clone(), DataType::Float64),
+                    };
+                    aggr.push(sum(value.clone()).alias(format!("__sde_sum_{id}_{i}")));
+                    aggr.push(largest(value, k).alias(format!("__sde_largest_{id}_{i}")));
+                    told_sums.push(i);
+                }
                 let value = match &condition {
                     Some(c) => when(c.clone(), arg).end().map_err(df)?,
                     None => arg,
                 };
                 let value = cast(value, DataType::Float64);
-                if told {
-                    // The two largest totals are at most the 2m largest rows (see `largest`).
-                    let k = 2 * (0..ids.len()).map(most).max().unwrap_or(1) as usize;
-                    aggr.push(sum(value.clone()).alias(format!("__sde_sum_{id}_{i}")));
-                    aggr.push(largest(value, k).alias(format!("__sde_largest_{id}_{i}")));
-                    told_sums.push(i);
-                } else {
+                if !told {
                     let contributes = condition.clone().unwrap_or(lit(true));
                     for j in 0..ids.len() {
                         let k = share_of(j, value.clone(), contributes.clone());
