@@ -892,13 +892,12 @@ impl Checker {
                     aggr.push(sum(value.clone()).alias(format!("__sde_sum_{id}_{i}")));
                     aggr.push(largest(value, k).alias(format!("__sde_largest_{id}_{i}")));
                     told_sums.push(i);
-                }
-                let value = match &condition {
-                    Some(c) => when(c.clone(), arg).end().map_err(df)?,
-                    None => arg,
-                };
-                let value = cast(value, DataType::Float64);
-                if !told {
+                } else {
+                    let value = match &condition {
+                        Some(c) => when(c.clone(), arg).end().map_err(df)?,
+                        None => arg,
+                    };
+                    let value = cast(value, DataType::Float64);
                     let contributes = condition.clone().unwrap_or(lit(true));
                     for j in 0..ids.len() {
                         let k = share_of(j, value.clone(), contributes.clone());
