@@ -224,19 +224,7 @@ impl Engine {
             }
         }
         let opt_outs = opt_outs.ok_or_else(|| EngineError::NoOptOuts(dir.display().to_string()))?;
-        for (dataset, columns) in &identifiers {
-            let table = datasets
-                .get(dataset)
-                .ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
-            for column in columns {
-                if table.schema().field_with_name(column).is_err() {
-                    return Err(EngineError::UnknownColumn {
-                        dataset: dataset.clone(),
-                        column: column.clone(),
-                    });
-                }
-            }
-        }
+        check_columns(&datasets, &identifiers)?;
         let mut engine = Self {
             datasets,
             opt_outs,
@@ -304,18 +292,7 @@ impl Engine {
         dir: &Path,
         sort_by: &BTreeMap<String, Vec<String>>,
     ) -> Result<Self, EngineError> {
-        for (dataset, columns) in sort_by {
-            let table = self
-                .datasets
-                .get(dataset)
-                .ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
-            if let Some(column) = columns.iter().find(|c| table.schema().field_with_name(c).is_err()) {
-                return Err(EngineError::UnknownColumn {
-                    dataset: dataset.clone(),
-                    column: column.clone(),
-                });
-            }
-        }
+        check_columns(&self.datasets, sort_by)?;
         let opt_outs_hash = self.snapshot[OPT_OUTS].content_hash.clone();
         let mut tables: Vec<(String, Arc<ListingTable>, String)> = self
             .datasets
@@ -555,6 +532,26 @@ impl Engine {
             .create_logical_expr(sql, &schema)
             .map_err(EngineError::Cohort)
     }
+}
+
+/// Refuses a config naming, per dataset, columns (identifiers, sort columns) of a dataset that
+/// is not served or that it does not have.
+fn check_columns(
+    datasets: &BTreeMap<String, Arc<ListingTable>>,
+    columns: &BTreeMap<String, Vec<String>>,
+) -> Result<(), EngineError> {
+    for (dataset, columns) in columns {
+        let table = datasets
+            .get(dataset)
+            .ok_or_else(|| EngineError::UnknownDataset(dataset.clone()))?;
+        if let Some(column) = columns.iter().find(|c| table.schema().field_with_name(c).is_err()) {
+            return Err(EngineError::UnknownColumn {
+                dataset: dataset.clone(),
+                column: column.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Adds manifest-marked identifiers to the config's, without repeats.
