@@ -1123,13 +1123,9 @@ fn same_person(plan: &LogicalPlan, a: &Column, b: &Column) -> bool {
     let (Ok(ia), Ok(ib)) = (schema.index_of_column(a), schema.index_of_column(b)) else {
         return false;
     };
-    let column_of = |input: &LogicalPlan, index: usize| {
-        let (qualifier, field) = input.schema().qualified_field(index);
-        Column::new(qualifier.cloned(), field.name())
-    };
     match plan {
         LogicalPlan::Filter(f) => same_person(&f.input, a, b),
-        LogicalPlan::SubqueryAlias(s) => same_person(&s.input, &column_of(&s.input, ia), &column_of(&s.input, ib)),
+        LogicalPlan::SubqueryAlias(s) => same_person(&s.input, &column_at(&s.input, ia), &column_at(&s.input, ib)),
         LogicalPlan::Projection(p) => match (
             p.expr[ia].clone().unalias_nested().data,
             p.expr[ib].clone().unalias_nested().data,
@@ -1140,11 +1136,11 @@ fn same_person(plan: &LogicalPlan, a: &Column, b: &Column) -> bool {
         LogicalPlan::Join(j) if j.join_type == JoinType::Inner => {
             let left = j.left.schema().fields().len();
             match (ia < left, ib < left) {
-                (true, true) => same_person(&j.left, &column_of(&j.left, ia), &column_of(&j.left, ib)),
+                (true, true) => same_person(&j.left, &column_at(&j.left, ia), &column_at(&j.left, ib)),
                 (false, false) => same_person(
                     &j.right,
-                    &column_of(&j.right, ia - left),
-                    &column_of(&j.right, ib - left),
+                    &column_at(&j.right, ia - left),
+                    &column_at(&j.right, ib - left),
                 ),
                 // One on each side: equal where the join says so.
                 (a_left, _) => {
@@ -1167,6 +1163,11 @@ fn same_person(plan: &LogicalPlan, a: &Column, b: &Column) -> bool {
     }
 }
 
+/// The column at `index` of `plan`'s output.
+fn column_at(plan: &LogicalPlan, index: usize) -> Column {
+    Column::from(plan.schema().qualified_field(index))
+}
+
 /// Whether every row of `plan` has a different, non-NULL `column` (see [`most_rows_per_person`]).
 fn one_row_per_person(plan: &LogicalPlan, column: &Column) -> bool {
     most_rows_per_person(plan, column) == Some(1)
@@ -1178,10 +1179,6 @@ fn one_row_per_person(plan: &LogicalPlan, column: &Column) -> bool {
 /// rows but never repeat one). Anything else: not known.
 fn most_rows_per_person(plan: &LogicalPlan, column: &Column) -> Option<u64> {
     let index = plan.schema().index_of_column(column).ok()?;
-    let input_column = |input: &LogicalPlan| {
-        let (qualifier, field) = input.schema().qualified_field(index);
-        Column::new(qualifier.cloned(), field.name())
-    };
     match plan {
         LogicalPlan::TableScan(scan) if plan.schema().field(index).name() == PERSON_ID => {
             source_as_provider(&scan.source)
@@ -1191,7 +1188,7 @@ fn most_rows_per_person(plan: &LogicalPlan, column: &Column) -> Option<u64> {
                 .and_then(GuardedTable::most_rows_per_person)
         }
         LogicalPlan::Filter(f) => most_rows_per_person(&f.input, column),
-        LogicalPlan::SubqueryAlias(a) => most_rows_per_person(&a.input, &input_column(&a.input)),
+        LogicalPlan::SubqueryAlias(a) => most_rows_per_person(&a.input, &column_at(&a.input, index)),
         LogicalPlan::Projection(p) => match p.expr[index].clone().unalias_nested().data {
             Expr::Column(c) => most_rows_per_person(&p.input, &c),
             _ => None,
