@@ -768,12 +768,6 @@ impl Checker {
             })
             .collect();
         let unique: Vec<bool> = most_rows.iter().map(|m| *m == Some(1)).collect();
-        let people_where = |j: usize, person: &Expr, condition: &Expr| -> Result<Expr, PolicyError> {
-            Ok(match unique[j] {
-                true => count(when(condition.clone(), lit(1)).end().map_err(df)?),
-                false => count_distinct(when(condition.clone(), person.clone()).end().map_err(df)?),
-            })
-        };
         // Whether exact people counts per group are needed: for the differencing check (a
         // filtered input) and for cells with their own condition (people left out of the
         // group). Otherwise the rules only ask whether a group has `threshold` people.
@@ -802,6 +796,15 @@ impl Checker {
                         && !(params.distinct && params.args.iter().any(|a| bare_identifier(a, &schema, in_mask))))
             });
         let per_person_counts = has_sums && ids.len() == 1 && !unique[0] && !unfiltered.transformed && !told;
+        // People counted as rows: all of them where each row is a different person; told from
+        // rows, a count of rows the projection below judges.
+        let as_rows: Vec<bool> = unique.iter().map(|u| *u || told).collect();
+        let people_where = |j: usize, person: &Expr, condition: &Expr| -> Result<Expr, PolicyError> {
+            Ok(match as_rows[j] {
+                true => count(when(condition.clone(), lit(1)).end().map_err(df)?),
+                false => count_distinct(when(condition.clone(), person.clone()).end().map_err(df)?),
+            })
+        };
         let share = |k: usize, what: &str| get_field(col(format!("__sde_shares_{id}_{k}")), what);
         // The `sde_shares` calls: (identifier, the value whose per-person totals are judged
         // (NULL for a count), which rows make a person a contributor), each once.
@@ -918,14 +921,10 @@ impl Checker {
                     let mut cols = Vec::with_capacity(ids.len());
                     for (j, person) in ids.iter().enumerate() {
                         let name = format!("__sde_contrib_{id}_{i}_{j}");
-                        let people = match told {
-                            true => {
-                                told_contributors.push((name.clone(), j));
-                                count(when(condition.clone(), lit(1)).end().map_err(df)?)
-                            }
-                            false => people_where(j, person, &condition)?,
-                        };
-                        aggr.push(people.alias(name.clone()));
+                        if told {
+                            told_contributors.push((name.clone(), j));
+                        }
+                        aggr.push(people_where(j, person, &condition)?.alias(name.clone()));
                         cols.push(col(name));
                     }
                     cols
@@ -939,7 +938,7 @@ impl Checker {
         if !per_person_counts {
             let threshold = self.disclosure.rules().threshold as usize;
             for (j, person) in ids.iter().enumerate() {
-                let people = match (unique[j] || told, exact) {
+                let people = match (as_rows[j], exact) {
                     (true, _) => count(lit(1)),
                     (false, false) if !group_counted => people_at_least(person.clone(), threshold),
                     (false, _) => count_distinct(person.clone()),
