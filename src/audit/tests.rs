@@ -282,3 +282,46 @@ fn a_detached_append_is_durable_by_close_without_anyone_waiting() {
     assert_eq!(records[0].entry.decision, "cancelled");
     assert_eq!(records[0].entry.rows, Some(2));
 }
+
+#[test]
+fn a_detached_record_shares_the_sync_of_the_waited_for_record_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, public) = key();
+    let log = open(dir.path(), &pem, Options::default());
+    for i in 0..20 {
+        log.append_detached(entry(2 * i));
+        // As a DoGet follows its GetFlightInfo: a moment later, within the linger.
+        std::thread::sleep(Duration::from_millis(1));
+        let receipt = log.append_blocking(entry(2 * i + 1)).unwrap();
+        assert_eq!(receipt.seq, 2 * i + 1);
+        // Durable when the waiter is answered: the detached record before it too.
+        assert_eq!(log.len(), 2 * i + 2);
+    }
+    // One sync for each pair (a little slack for a writer thread descheduled past the linger;
+    // without it, each of the 40 records would have a sync of its own).
+    assert!(log.syncs() <= 25, "{} syncs for 20 pairs", log.syncs());
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(log.close()).unwrap();
+    let v = verify_dir(dir.path(), &public).unwrap();
+    let rows: Vec<Option<u64>> = v.records.iter().map(|r| r.entry.rows).collect();
+    assert_eq!(
+        rows,
+        (0..40).map(Some).collect::<Vec<_>>(),
+        "in the order they were queued"
+    );
+}
+
+#[test]
+fn a_detached_record_alone_is_synced_once_it_has_lingered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, _) = key();
+    let log = open(dir.path(), &pem, Options::default());
+    log.append_detached(entry(0));
+    // Nobody waits and nothing follows: the writer syncs it by itself (bounded wait).
+    let durable = (0..1000).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        log.len() == 1
+    });
+    assert!(durable, "synced within 10 s (it lingers {:?})", writer::LINGER);
+    assert_eq!(log.syncs(), 1);
+}
