@@ -51,12 +51,11 @@ struct Computed {
     batches: Vec<RecordBatch>,
 }
 
-/// A statement executed by GetFlightInfo, waiting for its DoGet: its result, or the refusal
-/// or failure its execution met (told only at DoGet, once recorded durably).
+/// A statement executed by GetFlightInfo, waiting for its DoGet.
 struct Pending {
     user: String,
     project: String,
-    result: Result<Computed, Error>,
+    result: Computed,
     /// The execution's audit entry (SQL, rows, result hash, rules, what was withheld): the
     /// release record repeats it.
     executed: Entry,
@@ -72,21 +71,20 @@ struct Prepared {
     created: Instant,
 }
 
-/// A statement GetFlightInfo ran: who ran it, what its FlightInfo may tell (the planned
-/// schema, described by the rules applied, nothing that depends on the data) and how its
-/// execution ended.
-struct Executed {
-    user: String,
-    project: String,
-    schema: SchemaRef,
-    result: Result<Computed, Error>,
+/// A statement about to run: a kept plan, or one just planned and checked (to optimise).
+/// One lives on the stack for the length of a call, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Statement {
+    Kept(Ready),
+    Checked(Permit),
 }
 
-/// An executed statement: the handle to fetch it with and its planned result schema.
+/// An executed statement: the handle to fetch it with, its result schema and size.
 #[derive(Debug, Clone)]
 pub struct Planned {
     pub handle: String,
     pub schema: SchemaRef,
+    pub rows: u64,
 }
 
 /// A released result and its audit receipt.
@@ -292,21 +290,13 @@ impl Core {
         started: Instant,
         outcome: Result<T, Error>,
     ) -> Result<(T, Receipt), Error> {
-        self.settle(&mut entry, started, outcome.as_ref().err());
-        let receipt = self.step_async("audit", self.audit.append(entry)).await?;
-        outcome.map(|t| (t, receipt))
-    }
-
-    /// Writes a call's outcome (`error`, if it failed) into its audit entry, its request span
-    /// and the metrics.
-    fn settle(&self, entry: &mut Entry, started: Instant, error: Option<&Error>) {
         entry.duration_ms = Some(started.elapsed().as_millis() as u64);
         entry.policy_hash = Some(self.registry.rules_hash().to_owned());
         let request = Span::current();
         request.record("call", entry.call.as_str());
-        match error {
-            None => entry.decision = "accepted".into(),
-            Some(e) => {
+        match &outcome {
+            Ok(_) => entry.decision = "accepted".into(),
+            Err(e) => {
                 entry.decision = if e.is_refusal() { "refused" } else { "failed" }.into();
                 entry.rule = Some(e.rule());
                 if e.is_refusal() {
@@ -320,8 +310,13 @@ impl Core {
         if let Some(rule) = &entry.rule {
             request.record("rule", rule.as_str());
         }
-        self.metrics
-            .request(&entry.call, &entry.decision, error.map(Error::rule).as_deref());
+        self.metrics.request(
+            &entry.call,
+            &entry.decision,
+            outcome.as_ref().err().map(|e| e.rule()).as_deref(),
+        );
+        let receipt = self.step_async("audit", self.audit.append(entry)).await?;
+        outcome.map(|t| (t, receipt))
     }
 
     /// An administrative call (AdminService): Safe People, then the rules for `action` judged
@@ -394,13 +389,6 @@ impl Core {
 
     /// GetFlightInfo: authorise, plan, check, execute and apply disclosure control. The result
     /// waits, bound to this user and project, for its DoGet; nothing is released yet.
-    ///
-    /// The FlightInfo tells nothing that depends on the data: the planned schema and the rules
-    /// applied, not the size of the result, what was withheld, or whether a check made while
-    /// the query ran (differencing) refused it; DoGet tells that. So this call's record is
-    /// queued rather than waited for: the DoGet's record follows it in the log, and the one
-    /// write that makes the DoGet's record durable makes it durable too, before anything is
-    /// released. A refusal told here (who, project, the plan checks, limits) is waited for.
     pub async fn plan_query(&self, call: &CallContext, sql: &str) -> Result<Planned, Error> {
         let started = Instant::now();
         let mut who = Who::of(call);
@@ -415,15 +403,7 @@ impl Core {
         let outcome = self.execute(call, sql, &mut who, &mut entry, &mut cancelled).await;
         who.fill(&mut entry);
         cancelled.disarm();
-        match outcome {
-            Ok(executed) => {
-                self.settle(&mut entry, started, executed.result.as_ref().err());
-                let planned = self.pend(executed, &entry);
-                self.step("audit", || self.audit.append_detached(entry));
-                Ok(planned)
-            }
-            Err(e) => Ok(self.record(entry, started, Err(e)).await?.0),
-        }
+        Ok(self.record(entry, started, outcome).await?.0)
     }
 
     /// Authorises, admits (rate, concurrency) and runs the query under its deadline.
@@ -434,7 +414,7 @@ impl Core {
         who: &mut Who,
         entry: &mut Entry,
         cancelled: &mut Cancelled,
-    ) -> Result<Executed, Error> {
+    ) -> Result<Planned, Error> {
         let (principal, access) = self.access(call, who)?;
         cancelled.note(who);
         self.limiter.check_rate(&principal.user)?;
@@ -455,15 +435,14 @@ impl Core {
 
     /// Plan, check, execute (in the query's own memory pool) and apply disclosure control. A
     /// statement the project sent before under the same grants, rules and data is not planned
-    /// and checked again: its kept plan runs ([`crate::plans`]). A refusal or failure once the
-    /// query runs is the execution's outcome, told at DoGet.
+    /// and checked again: its kept plan runs ([`crate::plans`]).
     async fn run(
         &self,
         principal: Principal,
         access: ProjectAccess,
         sql: &str,
         entry: &mut Entry,
-    ) -> Result<Executed, Error> {
+    ) -> Result<Planned, Error> {
         let runtime = self
             .limiter
             .runtime()
@@ -472,94 +451,59 @@ impl Core {
         let scope = baseline_scope(&self.engine, &access);
         let session = self.session(&access, scope.as_deref())?;
         let key = scope.as_deref().and_then(|s| Plans::key(s, &access, &rules, sql));
-        let ready = match key.as_deref().and_then(|k| self.plans.get(k)) {
+        let kept = key.as_deref().and_then(|k| self.plans.get(k));
+        let statement = match kept {
             // The steps still show in the request's span, each a lookup now.
             Some(ready) => {
                 let ready = self.step("plan", || ready.map_err(execution_error))?;
-                self.step("check", || ready)
+                self.step("check", || Statement::Kept(ready))
             }
             None => {
                 let plan = self
                     .step_async("plan", policy::plan_sql(&session, sql, self.limits.max_sql_bytes))
                     .await?;
-                self.step("check", || {
-                    let ready = self.optimise(&session, policy::check_with(plan, rules, &self.dataset_rules)?)?;
+                Statement::Checked(self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?)
+            }
+        };
+        let execute = async {
+            let ready = match statement {
+                Statement::Kept(ready) => ready,
+                Statement::Checked(permit) => {
+                    let ready = self.optimise(&session, permit)?;
                     if let Some(key) = &key {
                         self.plans.keep(key, &ready).map_err(execution_error)?;
                     }
-                    Ok::<_, Error>(ready)
-                })?
-            }
-        };
-        let permit = &ready.permit;
-        let schema: SchemaRef = Arc::new(
-            permit
-                .plan()
-                .schema()
-                .as_arrow()
-                .clone()
-                .with_metadata(permit.disclosure().described(permit.checked_columns())),
-        );
-        entry.rule = Some(serde_json::to_string(&permit.disclosure().rules()).expect("rules serialise"));
-        entry.plan_hash = Some(ready.plan_hash.clone());
-        entry.snapshot = self.snapshot_of(&access, permit.plan());
-        let executed = self
-            .step_async(
-                "execute",
-                self.execute_ready(&session, runtime, ready, scope.as_deref()),
-            )
-            .await;
-        let result = self.step("disclose", || {
-            let (ready, batches) = executed?;
-            let evaluated = self.shape(&ready.permit, batches, ready.plan_hash.clone())?;
-            self.metrics
-                .withheld(evaluated.cells_withheld, evaluated.groups_withheld);
-            entry.rows = Some(evaluated.rows);
-            entry.groups_withheld = Some(evaluated.groups_withheld);
-            entry.cells_withheld = Some(evaluated.cells_withheld);
-            entry.result_hash = Some(evaluated.result_hash);
-            Ok(Computed {
-                schema: evaluated.schema,
-                batches: evaluated.batches,
-            })
-        });
-        Ok(Executed {
-            user: principal.user,
-            project: access.project,
-            schema,
-            result,
-        })
-    }
-
-    /// Runs a ready statement. People told from rows first, where they can be; if the rows
-    /// leave a group unsettled, again counting them, with disclosure functions of its own
-    /// (nothing the first try withheld is counted). Returns the statement that ran.
-    async fn execute_ready(
-        &self,
-        session: &SessionContext,
-        runtime: Arc<RuntimeEnv>,
-        ready: Ready,
-        scope: Option<&str>,
-    ) -> Result<(Ready, Vec<RecordBatch>), Error> {
-        let ready = match ready.first_try() {
-            Some(from_rows) => {
-                let tried = self
-                    .execute_optimised(session, Arc::clone(&runtime), from_rows.clone(), scope)
-                    .await;
-                match tried {
-                    Err(e) if unsettled(&e) => {
-                        ready.unsettled.store(true, std::sync::atomic::Ordering::Relaxed);
-                        ready.rebound().map_err(execution_error)?
-                    }
-                    tried => return Ok((ready, tried?)),
+                    ready
                 }
-            }
-            None => ready,
+            };
+            // People told from rows first, where they can be; if the rows leave a group
+            // unsettled, again counting them, with disclosure functions of its own (nothing the
+            // first try withheld is counted).
+            let ready = match ready.first_try() {
+                Some(from_rows) => {
+                    let tried = self
+                        .execute_optimised(&session, Arc::clone(&runtime), from_rows.clone(), scope.as_deref())
+                        .await;
+                    match tried {
+                        Err(e) if unsettled(&e) => {
+                            ready.unsettled.store(true, std::sync::atomic::Ordering::Relaxed);
+                            ready.rebound().map_err(execution_error)?
+                        }
+                        tried => return Ok((ready, tried?)),
+                    }
+                }
+                None => ready,
+            };
+            let batches = self
+                .execute_optimised(&session, runtime, ready.optimised.clone(), scope.as_deref())
+                .await?;
+            Ok::<_, Error>((ready, batches))
         };
-        let batches = self
-            .execute_optimised(session, runtime, ready.optimised.clone(), scope)
-            .await?;
-        Ok((ready, batches))
+        let (ready, batches) = self.step_async("execute", execute).await?;
+        self.step("disclose", || {
+            let evaluated = self.shape(&ready.permit, batches, ready.plan_hash.clone())?;
+            self.keep(principal, access, &ready.permit, evaluated, entry)
+        })
     }
 
     /// The session a project's query is planned in, kept for its access (grants, cohort,
@@ -687,27 +631,48 @@ impl Core {
         })
     }
 
-    /// Keeps an executed statement's outcome for its DoGet, with its audit `entry`, which the
-    /// release record repeats.
-    fn pend(&self, executed: Executed, entry: &Entry) -> Planned {
+    /// Records what the execution produced in its audit entry and keeps the result for its DoGet.
+    fn keep(
+        &self,
+        principal: Principal,
+        access: ProjectAccess,
+        permit: &Permit,
+        evaluated: Evaluated,
+        entry: &mut Entry,
+    ) -> Result<Planned, Error> {
+        self.metrics
+            .withheld(evaluated.cells_withheld, evaluated.groups_withheld);
+        entry.rows = Some(evaluated.rows);
+        entry.groups_withheld = Some(evaluated.groups_withheld);
+        entry.cells_withheld = Some(evaluated.cells_withheld);
+        entry.rule = Some(serde_json::to_string(&permit.disclosure().rules()).expect("rules serialise"));
+        entry.result_hash = Some(evaluated.result_hash);
+        entry.plan_hash = Some(evaluated.plan_hash);
+        entry.snapshot = self.snapshot_of(&access, permit.plan());
+
         let handle = uuid::Uuid::new_v4().to_string();
         let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
         let mut pending = self.pending.lock().expect("pending lock");
         pending.retain(|_, p| p.created.elapsed() < ttl);
+        let schema = Arc::clone(&evaluated.schema);
         pending.insert(
             handle.clone(),
             Pending {
-                user: executed.user,
-                project: executed.project,
-                result: executed.result,
+                user: principal.user,
+                project: access.project,
+                result: Computed {
+                    schema: evaluated.schema,
+                    batches: evaluated.batches,
+                },
                 executed: entry.clone(),
                 created: Instant::now(),
             },
         );
-        Planned {
+        Ok(Planned {
             handle,
-            schema: executed.schema,
-        }
+            schema,
+            rows: evaluated.rows,
+        })
     }
 
     /// The content hash of every dataset behind a result: those the plan reads, the opt-out
@@ -830,7 +795,7 @@ impl Core {
                     call: std::mem::take(&mut entry.call),
                     ..p.executed
                 };
-                p.result
+                Ok(p.result)
             }
             Some(p) if p.created.elapsed() < ttl => {
                 pending.insert(handle.to_owned(), p);

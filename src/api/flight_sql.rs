@@ -74,14 +74,13 @@ fn handle_of(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// The FlightInfo of an executed statement: its ticket and planned schema (with the rules
-/// applied). Its size stays unknown (-1): it depends on the data, so only DoGet tells it.
+/// The FlightInfo of an executed statement: its ticket, schema (with disclosure metadata) and size.
 fn planned_info(descriptor: FlightDescriptor, planned: Planned) -> Result<Response<FlightInfo>, Status> {
     let ticket = TicketStatementQuery {
         statement_handle: planned.handle.into_bytes().into(),
     };
     let mut info = info_for(descriptor, ticket.as_any().encode_to_vec(), &planned.schema)?;
-    info.get_mut().total_records = -1;
+    info.get_mut().total_records = planned.rows as i64;
     Ok(info)
 }
 

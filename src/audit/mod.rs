@@ -155,8 +155,6 @@ struct State {
     /// Byte offset of each record; the last element is the end of the durable log.
     offsets: Vec<u64>,
     checkpoints: Vec<Checkpoint>,
-    /// Writes synced since the log was opened (each makes one or more records durable).
-    syncs: u64,
 }
 
 /// The append-only, checkpointed log. Clones share one writer.
@@ -214,7 +212,6 @@ impl AuditLog {
             tree: scan.tree,
             offsets: scan.offsets,
             checkpoints: ckpts.checkpoints,
-            syncs: 0,
         }));
         let mut writer = writer::Writer::new(&path, &ckpt_path, key, options, Arc::clone(&state), next_seq, last_hash)?;
         if let Some(note) = torn {
@@ -273,10 +270,9 @@ impl AuditLog {
             .await
     }
 
-    /// Queues `entry` without waiting for it to be durable, for a call that releases nothing: a
-    /// GetFlightInfo (its DoGet's record follows and shares its sync), or a call abandoned
-    /// half-way (the client went away). It is synced with the next record somebody waits for,
-    /// or within [`writer::LINGER`]. Works outside an async context too (from a `Drop`).
+    /// Queues `entry` without waiting for it to be durable: for a call abandoned half-way (the
+    /// client went away), where nobody is left to wait and nothing is released. Works outside an
+    /// async context too (from a `Drop`).
     pub fn append_detached(&self, entry: Entry) {
         let (reply, _) = tokio::sync::oneshot::channel();
         if self.tx.send(writer::Msg::Append(Box::new(entry), reply)).is_err() {
@@ -301,11 +297,6 @@ impl AuditLog {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Writes synced since the log was opened: each made one or more records durable.
-    pub fn syncs(&self) -> u64 {
-        self.state.lock().expect("audit state").syncs
     }
 
     pub fn latest_checkpoint(&self) -> Option<Checkpoint> {

@@ -2,8 +2,6 @@
 //!
 //! It blocks for the first request, then drains whatever else is queued (up to `max_batch`
 //! records), writes them with one `write` and one `fsync`, and only then answers each waiter.
-//! Records nobody waits for (a GetFlightInfo's, whose DoGet record follows) wait up to
-//! [`LINGER`] for one that somebody does, so that one sync makes both durable.
 //! A failed write or sync poisons the writer: every later append fails, so nothing is released
 //! without its record (after a failed fsync the kernel may have dropped the dirty pages, so
 //! retrying could report durability that is not there).
@@ -12,16 +10,12 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::checkpoint::{self, Checkpoint, SigningKey};
 use super::{AuditError, Entry, Options, Receipt, Record, State, io, now, record_hash};
 
 pub type Reply<T> = tokio::sync::oneshot::Sender<Result<T, AuditError>>;
-
-/// How long records nobody waits for wait for one that somebody does before they are synced
-/// alone. A record somebody waits for is never held back.
-pub const LINGER: Duration = Duration::from_millis(5);
 
 pub enum Msg {
     Append(Box<Entry>, Reply<Receipt>),
@@ -107,17 +101,6 @@ impl Writer {
                 // Stop draining at a checkpoint or close, so it covers exactly what came before.
                 if appends.len() < self.options.max_batch && others.is_empty() {
                     next = rx.try_recv().ok();
-                }
-            }
-            let lingering = Instant::now() + LINGER;
-            while others.is_empty()
-                && appends.len() < self.options.max_batch
-                && appends.iter().all(|(_, reply)| reply.is_closed())
-            {
-                match rx.recv_timeout(lingering.saturating_duration_since(Instant::now())) {
-                    Ok(Msg::Append(entry, reply)) => appends.push((*entry, reply)),
-                    Ok(other) => others.push(other),
-                    Err(_) => break,
                 }
             }
             self.commit(appends);
@@ -206,7 +189,6 @@ impl Writer {
         }
         {
             let mut state = self.state.lock().expect("audit state");
-            state.syncs += 1;
             for r in &receipts {
                 state.tree.push(checkpoint::leaf(&r.hash).expect("own hash is hex"));
             }
@@ -275,7 +257,6 @@ mod tests {
             tree: checkpoint::Tree::new(),
             offsets: vec![0],
             checkpoints: Vec::new(),
-            syncs: 0,
         }));
         let mut w = Writer::new(
             &path,

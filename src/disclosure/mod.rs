@@ -277,24 +277,15 @@ impl Disclosure {
 
     /// Describes the rules and what was withheld, for the result's schema metadata.
     pub fn report(&self, checked_columns: &[String]) -> HashMap<String, String> {
-        let mut report = self.described(checked_columns);
-        report.extend([
-            ("sde.groups_withheld".to_owned(), self.withheld.groups().to_string()),
-            ("sde.cells_suppressed".to_owned(), self.withheld.cells().to_string()),
-            ("sde.withheld_by_rule".to_owned(), self.withheld.by_rule().to_string()),
-        ]);
-        report
-    }
-
-    /// The part of [`Disclosure::report`] known before the query runs: the rules and the
-    /// columns checked, nothing that depends on the data.
-    pub fn described(&self, checked_columns: &[String]) -> HashMap<String, String> {
         HashMap::from([
             (
                 "sde.rules".to_owned(),
                 serde_json::to_string(&self.rules).expect("rules serialise"),
             ),
             ("sde.checked_columns".to_owned(), checked_columns.join(",")),
+            ("sde.groups_withheld".to_owned(), self.withheld.groups().to_string()),
+            ("sde.cells_suppressed".to_owned(), self.withheld.cells().to_string()),
+            ("sde.withheld_by_rule".to_owned(), self.withheld.by_rule().to_string()),
             (
                 "sde.withheld_rule".to_owned(),
                 format!(

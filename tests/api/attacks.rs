@@ -254,61 +254,6 @@ async fn differencing_is_refused() {
     }
 }
 
-/// GetFlightInfo answers a query the data refuses exactly as one it releases: no size, no
-/// count of what was withheld, no refusal. The refusal comes at DoGet, after its record (and the
-/// GetFlightInfo record before it) is durable.
-#[tokio::test]
-async fn only_doget_tells_what_the_data_decided_and_only_once_it_is_recorded() {
-    let gw = spawn_gateway().await;
-    let (district, age) = small_group().await;
-    let attack = format!("SELECT COUNT(*) AS n FROM patients WHERE NOT (age = {age} AND district = '{district}')");
-    let harmless = "SELECT COUNT(*) AS n FROM patients";
-    let mut alice = gw.client("alice", PROJECT).await;
-    let mut tickets = Vec::new();
-    for sql in [harmless, attack.as_str()] {
-        let info = alice
-            .execute(sql.to_owned(), None)
-            .await
-            .expect("GetFlightInfo answers");
-        assert_eq!(info.total_records, -1, "{sql}");
-        let schema = info.clone().try_decode_schema().unwrap();
-        let mut described: Vec<&str> = schema.metadata().keys().map(String::as_str).collect();
-        described.sort();
-        assert_eq!(
-            described,
-            ["sde.checked_columns", "sde.rules", "sde.withheld_rule"],
-            "{sql}"
-        );
-        tickets.push(info.endpoint[0].ticket.clone().unwrap());
-    }
-    let err = status(alice.do_get(tickets.pop().unwrap()).await.unwrap_err());
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("safe-outputs/differencing"), "{err:?}");
-    let records = sde_gateway::audit::verify(&gw.audit_log()).expect("chain verifies");
-    let summary: Vec<(&str, &str, Option<&str>)> = records
-        .iter()
-        .map(|r| {
-            (
-                r.entry.call.as_str(),
-                r.entry.decision.as_str(),
-                r.entry.rule.as_deref(),
-            )
-        })
-        .filter(|(call, ..)| call.starts_with("query."))
-        .collect();
-    let differencing = Some("safe-outputs/differencing");
-    assert_eq!(summary.len(), 3, "{summary:?}");
-    assert_eq!(summary[0].0, "query.execute");
-    assert_eq!(summary[0].1, "accepted");
-    assert_eq!(summary[1], ("query.execute", "refused", differencing));
-    assert_eq!(summary[2], ("query.release", "refused", differencing));
-    // The query the data lets through is released as before.
-    let stream = alice.do_get(tickets.pop().unwrap()).await.unwrap();
-    use futures::TryStreamExt;
-    let batches: Vec<RecordBatch> = stream.try_collect().await.unwrap();
-    assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 1);
-}
-
 #[tokio::test]
 async fn arithmetic_happens_after_disclosure_control() {
     let gw = spawn_gateway().await;

@@ -188,21 +188,17 @@ pub fn status(e: FlightError) -> Status {
     }
 }
 
-/// GetFlightInfo then DoGet; also returns the result schema DoGet sends (with the disclosure
-/// metadata), which is there even when every group was withheld.
+/// GetFlightInfo then DoGet; also returns the result schema announced by GetFlightInfo (with
+/// the disclosure metadata), which is there even when every group was withheld.
 pub async fn query_described(
     client: &mut FlightSqlServiceClient<Channel>,
     sql: &str,
 ) -> Result<(datafusion::arrow::datatypes::Schema, Vec<RecordBatch>), Status> {
     let info = client.execute(sql.to_owned(), None).await.map_err(status)?;
+    let schema = info.clone().try_decode_schema().expect("schema");
     let ticket = info.endpoint[0].ticket.clone().expect("ticket");
-    let mut stream = client.do_get(ticket).await.map_err(status)?;
-    let mut batches = Vec::new();
-    while let Some(batch) = stream.try_next().await.map_err(status)? {
-        batches.push(batch);
-    }
-    let schema = stream.schema().expect("DoGet sends a schema").as_ref().clone();
-    Ok((schema, batches))
+    let stream = client.do_get(ticket).await.map_err(status)?;
+    Ok((schema, stream.try_collect().await.map_err(status)?))
 }
 
 /// GetFlightInfo then DoGet on the returned ticket.
