@@ -189,7 +189,9 @@ pub fn status(e: FlightError) -> Status {
 }
 
 /// GetFlightInfo then DoGet; also returns the result schema announced by GetFlightInfo (with
-/// the disclosure metadata), which is there even when every group was withheld.
+/// the disclosure metadata), which is there even when every group was withheld. It is the
+/// schema researchers see: the Python ADBC driver gives its tables the FlightInfo's schema, not
+/// the DoGet stream's, so the disclosure report must be in the FlightInfo.
 pub async fn query_described(
     client: &mut FlightSqlServiceClient<Channel>,
     sql: &str,
