@@ -343,6 +343,11 @@ async fn main() {
     config.limits.user_queries_per_minute = 1_000_000;
     config.limits.max_concurrent_queries_per_user = 128;
     config.limits.max_queued_queries = 128;
+    // `GATEWAY_VS_RAW_SLOTS=N` runs N queries at once instead of the shipped default, to see
+    // what the slot count does to the load runs.
+    if let Some(n) = std::env::var("GATEWAY_VS_RAW_SLOTS").ok().and_then(|v| v.parse().ok()) {
+        config.limits.max_concurrent_queries = n;
+    }
     // The Prometheus listener, to read the per-step latency of the small query.
     config.telemetry.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     // Each run writes an audit log of its own: kept across runs, the bench's log grew by tens of
