@@ -334,20 +334,17 @@ async fn main() {
         seed: demo::DEFAULT_SEED,
         data_dir: None,
     };
-    let mut config = tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now()))
+    let config = tokio::task::spawn_blocking(move || demo::prepare(&opts, chrono::Utc::now()))
         .await
         .unwrap()
         .expect("demo world");
+    // `SDE_…` overrides apply as for `serve --demo` (`SDE_LIMITS__MAX_CONCURRENT_QUERIES=2`, say).
+    let mut config = config.with_env(std::env::vars()).expect("SDE_ overrides");
     // One benchmark user sends every query, so the per-user caps (meant to share the gateway
-    // between researchers) are lifted; the gateway-wide limits stay as shipped.
+    // between researchers) are lifted; the gateway-wide limits stay as shipped (or as overridden).
     config.limits.user_queries_per_minute = 1_000_000;
     config.limits.max_concurrent_queries_per_user = 128;
     config.limits.max_queued_queries = 128;
-    // `GATEWAY_VS_RAW_SLOTS=N` runs N queries at once instead of the shipped default, to see
-    // what the slot count does to the load runs.
-    if let Some(n) = std::env::var("GATEWAY_VS_RAW_SLOTS").ok().and_then(|v| v.parse().ok()) {
-        config.limits.max_concurrent_queries = n;
-    }
     // The Prometheus listener, to read the per-step latency of the small query.
     config.telemetry.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     // Each run writes an audit log of its own: kept across runs, the bench's log grew by tens of
