@@ -47,14 +47,14 @@ impl std::fmt::Debug for Baselines {
 
 impl Baselines {
     /// Replaces each differencing baseline in the optimised `plan` by its result for `scope`,
-    /// computing (and keeping) those not yet known.
+    /// computing (and keeping) those not yet known; transformed if any was replaced.
     pub async fn substitute(
         &self,
         state: &SessionState,
         task: &Arc<TaskContext>,
         plan: LogicalPlan,
         scope: &str,
-    ) -> DFResult<LogicalPlan> {
+    ) -> DFResult<Transformed<LogicalPlan>> {
         let mut wanted: Vec<LogicalPlan> = Vec::new();
         plan.apply(|node| {
             if let LogicalPlan::SubqueryAlias(a) = node
@@ -67,7 +67,7 @@ impl Baselines {
             Ok(TreeNodeRecursion::Continue)
         })?;
         if wanted.is_empty() {
-            return Ok(plan);
+            return Ok(Transformed::no(plan));
         }
         // Each baseline's plan and its result, found again below by the plan itself.
         let mut tables: Vec<(LogicalPlan, Arc<MemTable>)> = Vec::with_capacity(wanted.len());
@@ -104,7 +104,6 @@ impl Baselines {
             }
             other => Ok(Transformed::no(other)),
         })
-        .map(|t| t.data)
     }
 
     /// Baselines kept now.

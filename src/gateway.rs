@@ -22,15 +22,15 @@ use crate::engine::{Engine, EngineError};
 use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
 use crate::limits::{LimitError, Limits};
-use crate::plans::{Plans, Ready};
+use crate::plans::{Physical, Plans, Ready, Variant};
 use crate::policy::{self, Permit};
 use crate::recent::{self, Recent};
 use crate::registry::rules::Action;
 use crate::registry::{Principal, ProjectAccess, Refusal, Registry, RegistryError};
 use crate::telemetry::Metrics;
+use datafusion::common::tree_node::Transformed;
 use datafusion::execution::TaskContext;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 
 /// Project sessions kept at most (each a catalogue of a few table providers).
@@ -75,7 +75,7 @@ struct Prepared {
 /// One lives on the stack for the length of a call, so its size does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Statement {
-    Kept(Ready),
+    Kept(Arc<Ready>),
     Checked(Permit),
 }
 
@@ -455,7 +455,7 @@ impl Core {
         let statement = match kept {
             // The steps still show in the request's span, each a lookup now.
             Some(ready) => {
-                let ready = self.step("plan", || ready.map_err(execution_error))?;
+                self.step("plan", || ());
                 self.step("check", || Statement::Kept(ready))
             }
             None => {
@@ -469,7 +469,7 @@ impl Core {
             let ready = match statement {
                 Statement::Kept(ready) => ready,
                 Statement::Checked(permit) => {
-                    let ready = self.optimise(&session, permit)?;
+                    let ready = Arc::new(self.optimise(&session, permit)?);
                     if let Some(key) = &key {
                         self.plans.keep(key, &ready).map_err(execution_error)?;
                     }
@@ -479,37 +479,40 @@ impl Core {
             // People told from rows first, where they can be; if the rows leave a group
             // unsettled, again counting them, with disclosure functions of its own (nothing the
             // first try withheld is counted).
-            let ready = match ready.first_try() {
-                Some(from_rows) => {
-                    let tried = self
-                        .execute_optimised(&session, Arc::clone(&runtime), from_rows.clone(), scope.as_deref())
-                        .await;
-                    match tried {
-                        Err(e) if unsettled(&e) => {
-                            ready.unsettled.store(true, std::sync::atomic::Ordering::Relaxed);
-                            ready.rebound().map_err(execution_error)?
-                        }
-                        tried => return Ok((ready, tried?)),
-                    }
+            if ready.first_try().is_some() {
+                let tried = self
+                    .run_plan(
+                        &session,
+                        Arc::clone(&runtime),
+                        &ready,
+                        Variant::FromRows,
+                        scope.as_deref(),
+                    )
+                    .await;
+                match tried {
+                    Err(e) if unsettled(&e) => ready.unsettled.store(true, std::sync::atomic::Ordering::Relaxed),
+                    tried => return Ok((ready, tried?)),
                 }
-                None => ready,
-            };
-            let batches = self
-                .execute_optimised(&session, runtime, ready.optimised.clone(), scope.as_deref())
+            }
+            let ran = self
+                .run_plan(&session, runtime, &ready, Variant::Counted, scope.as_deref())
                 .await?;
-            Ok::<_, Error>((ready, batches))
+            Ok::<_, Error>((ready, ran))
         };
-        let (ready, batches) = self.step_async("execute", execute).await?;
-        self.step("disclose", || {
-            let evaluated = self.shape(&ready.permit, batches, ready.plan_hash.clone())?;
-            self.keep(principal, access, &ready.permit, evaluated, entry)
-        })
+        let (ready, (physical, batches)) = self.step_async("execute", execute).await?;
+        let planned = self.step("disclose", || {
+            let evaluated = self.shape(&physical.permit, batches, ready.plan_hash.clone())?;
+            self.keep(principal, access, &physical.permit, evaluated, entry)
+        })?;
+        // Only now, its tally read, may another run take the plan.
+        self.plans.give_back(&ready, physical);
+        Ok(planned)
     }
 
     /// The session a project's query is planned in, kept for its access (grants, cohort,
     /// pinned versions), data snapshot (`scope`, which names every dataset version it reads)
     /// and the partitions the query runs on now. Its runtime holds only the shared caches:
-    /// each query executes under a runtime of its own ([`Core::execute_optimised`]).
+    /// each query executes under a runtime of its own ([`Core::run_plan`]).
     fn session(&self, access: &ProjectAccess, scope: Option<&str>) -> Result<SessionContext, Error> {
         let partitions = self.limiter.partitions();
         let key = scope.map(|scope| recent::key(&[scope, &format!("{access:?}"), &partitions.to_string()]));
@@ -543,49 +546,63 @@ impl Core {
             from_rows,
             unsettled: Arc::default(),
             plan_hash,
+            physical: Arc::default(),
         })
     }
 
-    /// Executes an optimised, permitted plan (interruptible, so a deadline or a departed client
-    /// stops it). With a `baselines` scope, differencing baselines already computed in that
-    /// scope are reused ([`crate::baselines`]); replays compute everything afresh.
-    async fn execute_optimised(
+    /// Runs `ready`'s `variant` (interruptible, so a deadline or a departed client stops it):
+    /// a physical plan kept from an earlier run if one is free, else one planned now with
+    /// disclosure functions of its own. With a `baselines` scope, differencing baselines
+    /// already computed in that scope are reused ([`crate::baselines`]); replays compute
+    /// everything afresh. Returns the plan (with the permit that reports what it withheld) to
+    /// be given back once the result is shaped.
+    async fn run_plan(
         &self,
         session: &SessionContext,
         runtime: Arc<RuntimeEnv>,
-        optimised: LogicalPlan,
+        ready: &Ready,
+        variant: Variant,
         baselines: Option<&str>,
-    ) -> Result<Vec<RecordBatch>, Error> {
+    ) -> Result<(Physical, Vec<RecordBatch>), Error> {
         let state = session.state();
         let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
-        let optimised = match baselines {
-            Some(scope) => self
-                .baselines
-                .substitute(&state, &task, optimised, scope)
-                .await
-                .map_err(execution_error)?,
-            None => optimised,
+        let partitions = state.config().target_partitions();
+        let physical = match self.plans.take(ready, variant, partitions).map_err(execution_error)? {
+            Some(kept) => kept,
+            None => {
+                let (permit, optimised) = ready.rebound_plan(variant).map_err(execution_error)?;
+                let optimised = match baselines {
+                    Some(scope) => self
+                        .baselines
+                        .substitute(&state, &task, optimised, scope)
+                        .await
+                        .map_err(execution_error)?,
+                    None => Transformed::no(optimised),
+                };
+                // Already optimised: planned physically as it is.
+                let plan = state
+                    .query_planner()
+                    .create_physical_plan(&optimised.data, &state)
+                    .await
+                    .map_err(execution_error)?;
+                let plan = crate::limits::interruptible(plan).map_err(execution_error)?;
+                Physical::new(plan, permit, variant, partitions, !optimised.transformed).map_err(execution_error)?
+            }
         };
-        // Already optimised: planned physically as it is.
-        let plan = state
-            .query_planner()
-            .create_physical_plan(&optimised, &state)
+        let batches = datafusion::physical_plan::collect(Arc::clone(&physical.plan), task)
             .await
             .map_err(execution_error)?;
-        let plan = crate::limits::interruptible(plan).map_err(execution_error)?;
-        datafusion::physical_plan::collect(plan, task)
-            .await
-            .map_err(execution_error)
+        Ok((physical, batches))
     }
 
     /// Executes a permitted plan and makes it a result: the size limits, a schema describing the
     /// disclosure control applied, the result hash. Used by replays, which plan afresh.
     pub(crate) async fn evaluate(&self, session: &SessionContext, permit: &Permit) -> Result<Evaluated, Error> {
         let ready = self.optimise(session, permit.clone())?;
-        let batches = self
-            .execute_optimised(session, session.runtime_env(), ready.optimised, None)
+        let (physical, batches) = self
+            .run_plan(session, session.runtime_env(), &ready, Variant::Counted, None)
             .await?;
-        self.shape(permit, batches, ready.plan_hash)
+        self.shape(&physical.permit, batches, ready.plan_hash)
     }
 
     /// Caps the result's size, describes what disclosure control withheld and hashes the result.

@@ -10,20 +10,122 @@
 //! kept (`now()` is folded into a plan when it is optimised), and only statements of at most
 //! [`MAX_SQL_BYTES`]. Each run of a kept plan gets disclosure functions of its own
 //! ([`Permit::rebound`]), so what one run withholds is never counted in another's report.
+//!
+//! A kept statement's physical plans are kept too ([`Physical`]): planning a statement
+//! physically (its scans, the optimiser's passes) took as long as running a small query. Each
+//! is used by one run at a time, with its own disclosure functions whose tally is reset
+//! before each run, and its operators' state reset by DataFusion ([`reset_plan_states`]). Only
+//! plans made of operators that reset completely are kept, none with a dynamic filter (whose
+//! state a reset would not reach), none holding a differencing baseline's result (kept, and
+//! bounded, by [`crate::baselines`]), and each for [`MAX_RUNS`] runs at most.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::disclosure::{Disclosure, Rules};
 use crate::policy::Permit;
 use crate::recent::{self, Recent};
 use crate::registry::ProjectAccess;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_expr::expressions::DynamicFilterPhysicalExpr;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::execution_plan::reset_plan_states;
 
 /// Plans kept at most (a plan is a few kilobytes).
 const MAX_ENTRIES: usize = 1024;
 /// Longest statement whose plan is kept.
 pub const MAX_SQL_BYTES: usize = 16 << 10;
+/// Physical plans kept per statement: one for each of the queries that can run at once
+/// (`limits.max_concurrent_queries` as shipped); a run finding none free plans afresh.
+const MAX_PHYSICAL: usize = 8;
+/// Runs of one physical plan. DataFusion's Parquet scan adds its metrics for each file it opens
+/// to the plan, a few kilobytes a run, so a plan is replaced after this many.
+pub const MAX_RUNS: u32 = 64;
+/// Operators that [`reset_plan_states`] leaves with nothing of an earlier run: fresh metrics
+/// and streams, a scan's work queue made again. Any other operator keeps its plan from being
+/// run twice.
+const RESETTABLE: [&str; 10] = [
+    "AggregateExec",
+    "CoalesceBatchesExec",
+    "CoalescePartitionsExec",
+    "CooperativeExec",
+    "DataSourceExec",
+    "FilterExec",
+    "ProjectionExec",
+    "RepartitionExec",
+    "SortExec",
+    "SortPreservingMergeExec",
+];
+
+/// Which of a statement's plans: people told from rows ([`Permit::from_rows`]) or counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    FromRows,
+    Counted,
+}
+
+/// A physical plan of a kept statement and the permit whose disclosure functions it calls (so
+/// whose tally reports what a run withheld), used by one run at a time.
+#[derive(Debug)]
+pub struct Physical {
+    pub plan: Arc<dyn ExecutionPlan>,
+    pub permit: Permit,
+    variant: Variant,
+    partitions: usize,
+    runs: u32,
+    /// Whether the plan may run again (see [`reusable`]).
+    reusable: bool,
+}
+
+impl Physical {
+    /// A plan just made for `variant` on `partitions` partitions, calling `permit`'s
+    /// disclosure functions. `reusable` is false where the plan holds a differencing
+    /// baseline's result.
+    pub fn new(
+        plan: Arc<dyn ExecutionPlan>,
+        permit: Permit,
+        variant: Variant,
+        partitions: usize,
+        reusable: bool,
+    ) -> datafusion::error::Result<Self> {
+        let reusable = reusable && self::reusable(&plan)?;
+        Ok(Self {
+            plan,
+            permit,
+            variant,
+            partitions,
+            runs: 1,
+            reusable,
+        })
+    }
+}
+
+/// Whether `plan` can run again after [`reset_plan_states`]: every operator in [`RESETTABLE`],
+/// no dynamic filter in any of their expressions.
+pub fn reusable(plan: &Arc<dyn ExecutionPlan>) -> datafusion::error::Result<bool> {
+    let mut reusable = true;
+    plan.apply(|node| {
+        let mut dynamic = false;
+        node.apply_expressions(&mut |e| {
+            e.apply(|e| {
+                dynamic = e.is::<DynamicFilterPhysicalExpr>();
+                Ok(if dynamic {
+                    TreeNodeRecursion::Stop
+                } else {
+                    TreeNodeRecursion::Continue
+                })
+            })
+        })?;
+        reusable = !dynamic && RESETTABLE.contains(&node.name());
+        Ok(if reusable {
+            TreeNodeRecursion::Continue
+        } else {
+            TreeNodeRecursion::Stop
+        })
+    })?;
+    Ok(reusable)
+}
 
 /// A permitted plan, optimised, and the hash of its optimised form (for the audit record).
 #[derive(Debug, Clone)]
@@ -36,6 +138,8 @@ pub struct Ready {
     /// this flag through the kept plan) go straight to `optimised`.
     pub unsettled: Arc<AtomicBool>,
     pub plan_hash: String,
+    /// Physical plans of this statement not running now (shared by its copies).
+    pub physical: Arc<Mutex<Vec<Physical>>>,
 }
 
 impl Ready {
@@ -52,7 +156,20 @@ impl Ready {
             from_rows,
             unsettled: Arc::clone(&self.unsettled),
             plan_hash: self.plan_hash.clone(),
+            physical: Arc::clone(&self.physical),
         })
+    }
+
+    /// The plan of `variant` (optimised), with disclosure functions of its own.
+    pub fn rebound_plan(&self, variant: Variant) -> datafusion::error::Result<(Permit, LogicalPlan)> {
+        let rebound = self.rebound()?;
+        let plan = match variant {
+            Variant::Counted => rebound.optimised,
+            Variant::FromRows => rebound.from_rows.ok_or_else(|| {
+                datafusion::error::DataFusionError::Internal("no plan telling people from rows".into())
+            })?,
+        };
+        Ok((rebound.permit, plan))
     }
 
     /// The plan to try first, if any: people told from rows, unless that failed before.
@@ -65,12 +182,15 @@ impl Ready {
 
 pub struct Plans {
     entries: Recent<Arc<Ready>>,
+    /// Runs that used a kept physical plan.
+    reused: AtomicU64,
 }
 
 impl Default for Plans {
     fn default() -> Self {
         Self {
             entries: Recent::new(MAX_ENTRIES),
+            reused: AtomicU64::new(0),
         }
     }
 }
@@ -95,15 +215,56 @@ impl Plans {
         ]))
     }
 
-    /// A kept plan, with disclosure functions of its own.
-    pub fn get(&self, key: &str) -> Option<datafusion::error::Result<Ready>> {
-        self.entries.get(key).map(|ready| ready.rebound())
+    /// A kept plan (to be run through [`Plans::take`] or [`Ready::rebound_plan`]).
+    pub fn get(&self, key: &str) -> Option<Arc<Ready>> {
+        self.entries.get(key)
+    }
+
+    /// A physical plan of `ready`'s `variant` on `partitions` partitions kept from an earlier
+    /// run, ready to run again: its operators' state and its disclosure tally reset.
+    pub fn take(
+        &self,
+        ready: &Ready,
+        variant: Variant,
+        partitions: usize,
+    ) -> datafusion::error::Result<Option<Physical>> {
+        let found = {
+            let mut free = ready.physical.lock().expect("physical plans lock");
+            free.iter()
+                .position(|p| p.variant == variant && p.partitions == partitions)
+                .map(|i| free.swap_remove(i))
+        };
+        let Some(mut physical) = found else {
+            return Ok(None);
+        };
+        physical.plan = reset_plan_states(physical.plan)?;
+        physical.permit.disclosure().reset();
+        physical.runs += 1;
+        self.reused.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(physical))
+    }
+
+    /// Keeps `physical` for `ready`'s later runs, once its run is over and its tally read,
+    /// if it can run again.
+    pub fn give_back(&self, ready: &Ready, physical: Physical) {
+        if !physical.reusable || physical.runs >= MAX_RUNS {
+            return;
+        }
+        let mut free = ready.physical.lock().expect("physical plans lock");
+        if free.len() < MAX_PHYSICAL {
+            free.push(physical);
+        }
+    }
+
+    /// Runs that used a kept physical plan so far.
+    pub fn reused(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
     }
 
     /// Keeps `ready` under `key` if its plan calls only immutable functions.
-    pub fn keep(&self, key: &str, ready: &Ready) -> datafusion::error::Result<()> {
+    pub fn keep(&self, key: &str, ready: &Arc<Ready>) -> datafusion::error::Result<()> {
         if crate::baselines::only_immutable(ready.permit.plan(), Disclosure::is_cell_rule)? {
-            self.entries.put(key, Arc::new(ready.clone()));
+            self.entries.put(key, Arc::clone(ready));
         }
         Ok(())
     }
@@ -115,5 +276,80 @@ impl Plans {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::SessionContext;
+
+    async fn physical(sql: &str) -> Arc<dyn ExecutionPlan> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int64, false),
+            Field::new("b", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from((0..100).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from((0..100).map(|i| i % 7).collect::<Vec<_>>())),
+            ],
+        )
+        .unwrap();
+        let ctx = SessionContext::new();
+        for t in ["t", "u"] {
+            let table = MemTable::try_new(Arc::clone(&schema), vec![vec![batch.clone()]]).unwrap();
+            ctx.register_table(t, Arc::new(table)).unwrap();
+        }
+        ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_plans_whose_every_operator_resets_run_again() {
+        let aggregate = physical("SELECT b, COUNT(*) FROM t WHERE a > 3 GROUP BY b").await;
+        assert!(reusable(&aggregate).unwrap());
+        // A join keeps its build side, and its dynamic filter reaches into the probe's scan.
+        let join = physical("SELECT t.b, COUNT(*) FROM t JOIN u ON t.a = u.a GROUP BY t.b").await;
+        assert!(!reusable(&join).unwrap());
+        // The top rows: a sort with a dynamic filter, which a reset would not reach where
+        // it was pushed.
+        let top = physical("SELECT b, COUNT(*) AS n FROM t GROUP BY b ORDER BY n DESC LIMIT 2").await;
+        assert!(!reusable(&top).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_physical_plan_is_kept_for_a_limited_number_of_runs() {
+        let sql = "SELECT b, COUNT(*) FROM t GROUP BY b";
+        let plan = physical(sql).await;
+        let logical = datafusion::logical_expr::LogicalPlanBuilder::empty(false)
+            .build()
+            .unwrap();
+        let permit = crate::policy::check_with(logical, Rules::DEFAULT, &Default::default()).unwrap();
+        let ready = Ready {
+            permit: permit.clone(),
+            optimised: permit.plan().clone(),
+            from_rows: None,
+            unsettled: Arc::default(),
+            plan_hash: String::new(),
+            physical: Arc::default(),
+        };
+        let plans = Plans::default();
+        let first = Physical::new(plan, permit, Variant::Counted, 2, true).unwrap();
+        plans.give_back(&ready, first);
+        // Another variant or partition count plans afresh.
+        assert!(plans.take(&ready, Variant::FromRows, 2).unwrap().is_none());
+        assert!(plans.take(&ready, Variant::Counted, 1).unwrap().is_none());
+        let mut runs = 1;
+        while let Some(again) = plans.take(&ready, Variant::Counted, 2).unwrap() {
+            runs += 1;
+            plans.give_back(&ready, again);
+        }
+        assert_eq!(runs, MAX_RUNS);
+        assert_eq!(plans.reused(), u64::from(MAX_RUNS - 1));
     }
 }

@@ -113,6 +113,18 @@ impl Withheld {
             .map(|c| c.load(Ordering::Relaxed))
             .sum()
     }
+    /// Back to nothing withheld, for another run of the same functions.
+    fn reset(&self) {
+        for c in [
+            &self.groups,
+            &self.cells_threshold,
+            &self.cells_difference,
+            &self.cells_dominance,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Withheld groups and cells by the rule that withheld them.
     pub fn by_rule(&self) -> serde_json::Value {
         serde_json::json!({
@@ -169,6 +181,12 @@ impl Disclosure {
 
     pub fn withheld(&self) -> Arc<Withheld> {
         Arc::clone(&self.withheld)
+    }
+
+    /// Zeroes the tally, for another run of the same plan: only by the run that has the plan
+    /// to itself ([`crate::plans::Plans::take`]).
+    pub fn reset(&self) {
+        self.withheld.reset();
     }
 
     fn call(&self, kind: Kind, args: Vec<Expr>) -> Expr {
