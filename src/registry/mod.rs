@@ -188,9 +188,9 @@ impl Registry {
     /// connection (`total_changes()`).
     fn version(&self) -> Result<(i64, i64), RegistryError> {
         self.with_conn(|c| {
-            let committed = c.query_row("PRAGMA data_version", [], |r| r.get(0))?;
-            let changed = c.query_row("SELECT total_changes()", [], |r| r.get(0))?;
-            Ok((committed, changed))
+            // Asked at every data call: the statement is prepared once.
+            let committed = c.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+            Ok((committed, c.total_changes() as i64))
         })
     }
 
