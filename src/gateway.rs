@@ -564,12 +564,13 @@ impl Core {
         variant: Variant,
         baselines: Option<&str>,
     ) -> Result<(Physical, Vec<RecordBatch>), Error> {
-        let state = session.state();
-        let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
-        let partitions = state.config().target_partitions();
+        // Read in place: a kept plan needs no copy of the session's state.
+        let task = Arc::new(TaskContext::from(&*session.state_ref().read()).with_runtime(runtime));
+        let partitions = task.session_config().target_partitions();
         let physical = match self.plans.take(ready, variant, partitions).map_err(execution_error)? {
             Some(kept) => kept,
             None => {
+                let state = session.state();
                 let (permit, optimised) = ready.rebound_plan(variant).map_err(execution_error)?;
                 let optimised = match baselines {
                     Some(scope) => self
