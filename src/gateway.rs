@@ -546,7 +546,7 @@ impl Core {
             from_rows,
             unsettled: Arc::default(),
             plan_hash,
-            physical: Arc::default(),
+            physical: self.plans.pool(),
         })
     }
 

@@ -19,7 +19,7 @@
 //! state a reset would not reach), none holding a differencing baseline's result (kept, and
 //! bounded, by [`crate::baselines`]), and each for [`MAX_RUNS`] runs at most.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::disclosure::{Disclosure, Rules};
@@ -39,9 +39,14 @@ pub const MAX_SQL_BYTES: usize = 16 << 10;
 /// Physical plans kept per statement: one for each of the queries that can run at once
 /// (`limits.max_concurrent_queries` as shipped); a run finding none free plans afresh.
 const MAX_PHYSICAL: usize = 8;
-/// Runs of one physical plan. DataFusion's Parquet scan adds its metrics for each file it opens
-/// to the plan, a few kilobytes a run, so a plan is replaced after this many.
+/// Physical plans kept, not running, across all statements.
+const MAX_IDLE: usize = 64;
+/// Runs of one physical plan at most.
 pub const MAX_RUNS: u32 = 64;
+/// Metrics one physical plan may gather before it is replaced: DataFusion's Parquet scan adds
+/// its metrics (about 50 for each file it opens) to the plan at every run, so a plan reading
+/// many files runs fewer times. With [`MAX_IDLE`], kept plans hold a few tens of MiB at most.
+const MAX_METRICS: usize = 4096;
 /// Operators that [`reset_plan_states`] leaves with nothing of an earlier run: fresh metrics
 /// and streams, a scan's work queue made again. Any other operator keeps its plan from being
 /// run twice.
@@ -74,8 +79,9 @@ pub struct Physical {
     variant: Variant,
     partitions: usize,
     runs: u32,
-    /// Whether the plan may run again (see [`reusable`]).
-    reusable: bool,
+    /// Runs it may serve: [`MAX_RUNS`], fewer where a run adds many metrics (counted after
+    /// its first run); 0 where it may not run again (see [`reusable`]).
+    max_runs: Option<u32>,
 }
 
 impl Physical {
@@ -89,15 +95,47 @@ impl Physical {
         partitions: usize,
         reusable: bool,
     ) -> datafusion::error::Result<Self> {
-        let reusable = reusable && self::reusable(&plan)?;
+        let max_runs = if reusable && self::reusable(&plan)? {
+            None
+        } else {
+            Some(0)
+        };
         Ok(Self {
             plan,
             permit,
             variant,
             partitions,
             runs: 1,
-            reusable,
+            max_runs,
         })
+    }
+
+    /// Whether it may serve another run; after its first, how many its metrics allow.
+    fn may_run_again(&mut self) -> bool {
+        let max_runs = *self.max_runs.get_or_insert_with(|| {
+            let mut metrics = 0;
+            let _ = self.plan.apply(|node| {
+                metrics += node.metrics().map_or(0, |m| m.iter().count());
+                Ok(TreeNodeRecursion::Continue)
+            });
+            (MAX_METRICS / metrics.max(1)).min(MAX_RUNS as usize) as u32
+        });
+        self.runs < max_runs
+    }
+}
+
+/// The physical plans of one statement not running now. Those of every statement count
+/// against [`MAX_IDLE`].
+#[derive(Debug)]
+pub struct Pool {
+    free: Mutex<Vec<Physical>>,
+    idle: Arc<AtomicUsize>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let kept = self.free.get_mut().map_or(0, |free| free.len());
+        self.idle.fetch_sub(kept, Ordering::Relaxed);
     }
 }
 
@@ -139,7 +177,7 @@ pub struct Ready {
     pub unsettled: Arc<AtomicBool>,
     pub plan_hash: String,
     /// Physical plans of this statement not running now (shared by its copies).
-    pub physical: Arc<Mutex<Vec<Physical>>>,
+    pub physical: Arc<Pool>,
 }
 
 impl Ready {
@@ -184,6 +222,8 @@ pub struct Plans {
     entries: Recent<Arc<Ready>>,
     /// Runs that used a kept physical plan.
     reused: AtomicU64,
+    /// Physical plans kept, not running, across all statements.
+    idle: Arc<AtomicUsize>,
 }
 
 impl Default for Plans {
@@ -191,6 +231,7 @@ impl Default for Plans {
         Self {
             entries: Recent::new(MAX_ENTRIES),
             reused: AtomicU64::new(0),
+            idle: Arc::default(),
         }
     }
 }
@@ -220,6 +261,14 @@ impl Plans {
         self.entries.get(key)
     }
 
+    /// Where a new statement's physical plans will be kept.
+    pub fn pool(&self) -> Arc<Pool> {
+        Arc::new(Pool {
+            free: Mutex::default(),
+            idle: Arc::clone(&self.idle),
+        })
+    }
+
     /// A physical plan of `ready`'s `variant` on `partitions` partitions kept from an earlier
     /// run, ready to run again: its operators' state and its disclosure tally reset.
     pub fn take(
@@ -229,7 +278,7 @@ impl Plans {
         partitions: usize,
     ) -> datafusion::error::Result<Option<Physical>> {
         let found = {
-            let mut free = ready.physical.lock().expect("physical plans lock");
+            let mut free = ready.physical.free.lock().expect("physical plans lock");
             free.iter()
                 .position(|p| p.variant == variant && p.partitions == partitions)
                 .map(|i| free.swap_remove(i))
@@ -237,6 +286,7 @@ impl Plans {
         let Some(mut physical) = found else {
             return Ok(None);
         };
+        self.idle.fetch_sub(1, Ordering::Relaxed);
         physical.plan = reset_plan_states(physical.plan)?;
         physical.permit.disclosure().reset();
         physical.runs += 1;
@@ -246,14 +296,21 @@ impl Plans {
 
     /// Keeps `physical` for `ready`'s later runs, once its run is over and its tally read,
     /// if it can run again.
-    pub fn give_back(&self, ready: &Ready, physical: Physical) {
-        if !physical.reusable || physical.runs >= MAX_RUNS {
+    pub fn give_back(&self, ready: &Ready, mut physical: Physical) {
+        if !physical.may_run_again() {
             return;
         }
-        let mut free = ready.physical.lock().expect("physical plans lock");
-        if free.len() < MAX_PHYSICAL {
+        let mut free = ready.physical.free.lock().expect("physical plans lock");
+        if free.len() < MAX_PHYSICAL && self.idle.fetch_add(1, Ordering::Relaxed) < MAX_IDLE {
             free.push(physical);
+        } else if free.len() < MAX_PHYSICAL {
+            self.idle.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Physical plans kept now, not running.
+    pub fn idle(&self) -> usize {
+        self.idle.load(Ordering::Relaxed)
     }
 
     /// Runs that used a kept physical plan so far.
@@ -322,34 +379,100 @@ mod tests {
         assert!(!reusable(&top).unwrap());
     }
 
-    #[tokio::test]
-    async fn a_physical_plan_is_kept_for_a_limited_number_of_runs() {
-        let sql = "SELECT b, COUNT(*) FROM t GROUP BY b";
-        let plan = physical(sql).await;
+    /// Takes and gives back `ready`'s plan until it is retired; the runs it served.
+    fn runs_served(plans: &Plans, ready: &Ready, plan: Arc<dyn ExecutionPlan>) -> u32 {
+        let first = Physical::new(plan, ready.permit.clone(), Variant::Counted, 2, true).unwrap();
+        plans.give_back(ready, first);
+        let mut runs = 1;
+        while let Some(again) = plans.take(ready, Variant::Counted, 2).unwrap() {
+            runs += 1;
+            plans.give_back(ready, again);
+        }
+        runs
+    }
+
+    fn ready(plans: &Plans) -> Ready {
         let logical = datafusion::logical_expr::LogicalPlanBuilder::empty(false)
             .build()
             .unwrap();
         let permit = crate::policy::check_with(logical, Rules::DEFAULT, &Default::default()).unwrap();
-        let ready = Ready {
-            permit: permit.clone(),
+        Ready {
             optimised: permit.plan().clone(),
+            permit,
             from_rows: None,
             unsettled: Arc::default(),
             plan_hash: String::new(),
-            physical: Arc::default(),
-        };
+            physical: plans.pool(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_physical_plan_is_kept_for_a_limited_number_of_runs() {
         let plans = Plans::default();
-        let first = Physical::new(plan, permit, Variant::Counted, 2, true).unwrap();
-        plans.give_back(&ready, first);
+        let ready = ready(&plans);
+        let plan = physical("SELECT b, COUNT(*) FROM t GROUP BY b").await;
+        plans.give_back(
+            &ready,
+            Physical::new(Arc::clone(&plan), ready.permit.clone(), Variant::Counted, 2, true).unwrap(),
+        );
+        assert_eq!(plans.idle(), 1);
         // Another variant or partition count plans afresh.
         assert!(plans.take(&ready, Variant::FromRows, 2).unwrap().is_none());
         assert!(plans.take(&ready, Variant::Counted, 1).unwrap().is_none());
-        let mut runs = 1;
-        while let Some(again) = plans.take(&ready, Variant::Counted, 2).unwrap() {
-            runs += 1;
-            plans.give_back(&ready, again);
+        let kept = plans.take(&ready, Variant::Counted, 2).unwrap().unwrap();
+        assert_eq!(plans.idle(), 0);
+        drop(kept);
+        assert_eq!(runs_served(&plans, &ready, plan), MAX_RUNS);
+        // A plan holding a baseline's result is not kept.
+        let baseline = physical("SELECT b, COUNT(*) FROM t GROUP BY b").await;
+        plans.give_back(
+            &ready,
+            Physical::new(baseline, ready.permit.clone(), Variant::Counted, 2, false).unwrap(),
+        );
+        assert_eq!(plans.idle(), 0);
+        // Forgetting the statement forgets its kept plans.
+        plans.give_back(
+            &ready,
+            Physical::new(
+                physical("SELECT a, COUNT(*) FROM t GROUP BY a").await,
+                ready.permit.clone(),
+                Variant::Counted,
+                2,
+                true,
+            )
+            .unwrap(),
+        );
+        assert_eq!(plans.idle(), 1);
+        drop(ready);
+        assert_eq!(plans.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_plan_scanning_many_files_is_replaced_sooner() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = SessionContext::new();
+        for f in 0..8 {
+            let sql = format!(
+                "COPY (SELECT i % 7 AS b FROM generate_series(1, 1000) AS s(i)) TO '{}/f{f}.parquet'",
+                dir.path().display()
+            );
+            ctx.sql(&sql).await.unwrap().collect().await.unwrap();
         }
-        assert_eq!(runs, MAX_RUNS);
-        assert_eq!(plans.reused(), u64::from(MAX_RUNS - 1));
+        ctx.register_parquet("p", dir.path().to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
+        let plan = ctx
+            .sql("SELECT b, COUNT(*) FROM p GROUP BY b")
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx())
+            .await
+            .unwrap();
+        let plans = Plans::default();
+        let runs = runs_served(&plans, &ready(&plans), plan);
+        assert!((1..MAX_RUNS).contains(&runs), "{runs}");
     }
 }
