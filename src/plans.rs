@@ -17,7 +17,8 @@
 //! before each run, and its operators' state reset by DataFusion ([`reset_plan_states`]). Only
 //! plans made of operators that reset completely are kept, none with a dynamic filter (whose
 //! state a reset would not reach), none holding a differencing baseline's result (kept, and
-//! bounded, by [`crate::baselines`]), and each for [`MAX_RUNS`] runs at most.
+//! bounded, by [`crate::baselines`]); each for [`MAX_RUNS`] runs at most, fewer where its
+//! scans gather many metrics ([`MAX_METRICS`]), and [`MAX_IDLE`] across all statements.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,13 +41,13 @@ pub const MAX_SQL_BYTES: usize = 16 << 10;
 /// (`limits.max_concurrent_queries` as shipped); a run finding none free plans afresh.
 const MAX_PHYSICAL: usize = 8;
 /// Physical plans kept, not running, across all statements.
-const MAX_IDLE: usize = 64;
+pub const MAX_IDLE: usize = 64;
 /// Runs of one physical plan at most.
 pub const MAX_RUNS: u32 = 64;
 /// Metrics one physical plan may gather before it is replaced: DataFusion's Parquet scan adds
 /// its metrics (about 50 for each file it opens) to the plan at every run, so a plan reading
 /// many files runs fewer times. With [`MAX_IDLE`], kept plans hold a few tens of MiB at most.
-const MAX_METRICS: usize = 4096;
+pub const MAX_METRICS: usize = 4096;
 /// Operators that [`reset_plan_states`] leaves with nothing of an earlier run: fresh metrics
 /// and streams, a scan's work queue made again. Any other operator keeps its plan from being
 /// run twice.
@@ -139,7 +140,7 @@ impl Drop for Pool {
     }
 }
 
-/// Whether `plan` can run again after [`reset_plan_states`]: every operator in [`RESETTABLE`],
+/// Whether `plan` can run again after [`reset_plan_states`]: every operator one that resets,
 /// no dynamic filter in any of their expressions.
 pub fn reusable(plan: &Arc<dyn ExecutionPlan>) -> datafusion::error::Result<bool> {
     let mut reusable = true;
@@ -147,7 +148,7 @@ pub fn reusable(plan: &Arc<dyn ExecutionPlan>) -> datafusion::error::Result<bool
         let mut dynamic = false;
         node.apply_expressions(&mut |e| {
             e.apply(|e| {
-                dynamic = e.is::<DynamicFilterPhysicalExpr>();
+                dynamic |= e.is::<DynamicFilterPhysicalExpr>();
                 Ok(if dynamic {
                     TreeNodeRecursion::Stop
                 } else {
