@@ -140,8 +140,8 @@ impl Drop for Pool {
     }
 }
 
-/// Whether `plan` can run again after [`reset_plan_states`]: every operator one that resets,
-/// no dynamic filter in any of their expressions.
+/// Whether `plan` can run again after [`reset_plan_states`]: every operator one that the reset
+/// leaves with nothing of an earlier run, no dynamic filter in any of their expressions.
 pub fn reusable(plan: &Arc<dyn ExecutionPlan>) -> datafusion::error::Result<bool> {
     let mut reusable = true;
     plan.apply(|node| {
