@@ -302,9 +302,13 @@ impl Plans {
             return;
         }
         let mut free = ready.physical.free.lock().expect("physical plans lock");
-        if free.len() < MAX_PHYSICAL && self.idle.fetch_add(1, Ordering::Relaxed) < MAX_IDLE {
+        if free.len() >= MAX_PHYSICAL {
+            return;
+        }
+        // Counted before it is kept, so that concurrent returns never keep more than MAX_IDLE.
+        if self.idle.fetch_add(1, Ordering::Relaxed) < MAX_IDLE {
             free.push(physical);
-        } else if free.len() < MAX_PHYSICAL {
+        } else {
             self.idle.fetch_sub(1, Ordering::Relaxed);
         }
     }
