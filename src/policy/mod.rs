@@ -23,6 +23,7 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::NullEquality;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::utils::expr::COUNT_STAR_EXPANSION;
 use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::DataFusionError;
@@ -933,11 +934,24 @@ impl Checker {
             cells.push((is_count, contributors));
         }
 
+        // Where people are counted as rows, a COUNT(*) of the query's own is that count: the
+        // people column is then a copy of it (below), not a second count of the same rows.
+        let rows_counted = agg
+            .aggr_expr
+            .iter()
+            .position(|e| e.clone().unalias_nested().data == count(lit(COUNT_STAR_EXPANSION)));
+        let mut people_as_counted: Vec<(usize, usize)> = Vec::new();
         // With per-person counts, the group's people come from the shares. Told from rows,
         // the people column holds the group's rows until the projection below.
         if !per_person_counts {
             let threshold = self.disclosure.rules().threshold as usize;
             for (j, person) in ids.iter().enumerate() {
+                if as_rows[j]
+                    && let Some(k) = rows_counted
+                {
+                    people_as_counted.push((j, k));
+                    continue;
+                }
                 let people = match (as_rows[j], exact) {
                     (true, _) => count(lit(1)),
                     (false, false) if !group_counted => people_at_least(person.clone(), threshold),
@@ -959,6 +973,15 @@ impl Checker {
             .map(|(q, f)| Column::new(q.cloned(), f.name()))
             .collect();
         let mut plan = LogicalPlan::Aggregate(main);
+        if !people_as_counted.is_empty() {
+            let schema = Arc::clone(plan.schema());
+            let mut exprs: Vec<Expr> = schema.columns().into_iter().map(Expr::Column).collect();
+            for (j, k) in people_as_counted {
+                let (q, f) = schema.qualified_field(n_group + k);
+                exprs.push(Expr::Column(Column::new(q.cloned(), f.name())).alias(people_name(j)));
+            }
+            plan = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan)).map_err(df)?);
+        }
         // A SUM or AVG cell is dominated if it is, judged by the people of any identifier.
         let mut dominated: HashMap<usize, Expr> = HashMap::new();
         if told {
