@@ -537,25 +537,25 @@ async fn rows_are_counted_as_people_only_where_each_row_is_a_different_person() 
     );
 }
 
-/// The aggregates of `plan` (once optimised) that count its rows: COUNT of a constant.
-fn counts(ctx: &SessionContext, plan: &LogicalPlan) -> Vec<String> {
-    let mut counts = vec![];
+/// The aggregates of `plan`, once optimised, that `keep` keeps (as text).
+fn aggregates(ctx: &SessionContext, plan: &LogicalPlan, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut kept = vec![];
     ctx.state()
         .optimize(plan)
         .unwrap()
         .apply(|node| {
             if let LogicalPlan::Aggregate(a) = node {
-                counts.extend(
-                    a.aggr_expr
-                        .iter()
-                        .map(|e| e.to_string())
-                        .filter(|e| e.starts_with("count(Int")),
-                );
+                kept.extend(a.aggr_expr.iter().map(|e| e.to_string()).filter(|e| keep(e)));
             }
             Ok(TreeNodeRecursion::Continue)
         })
         .unwrap();
-    counts
+    kept
+}
+
+/// The aggregates of `plan` that count its rows: COUNT of a constant.
+fn counts(ctx: &SessionContext, plan: &LogicalPlan) -> Vec<String> {
+    aggregates(ctx, plan, |e| e.starts_with("count(Int"))
 }
 
 #[tokio::test]
@@ -666,21 +666,9 @@ async fn identifiers_are_one_person_only_where_an_inner_join_makes_them_equal() 
     let sql = "SELECT e.kind, COUNT(DISTINCT s.person_id) AS people FROM episodes e JOIN stays s \
                ON e.person_id = s.person_id GROUP BY 1";
     let permit = plan_and_check(&ctx, sql, RULES, 1 << 16).await.unwrap();
-    let optimised = ctx.state().optimize(permit.plan()).unwrap();
-    let mut distinct_counts = vec![];
-    optimised
-        .apply(|node| {
-            if let LogicalPlan::Aggregate(a) = node {
-                distinct_counts.extend(
-                    a.aggr_expr
-                        .iter()
-                        .map(|e| e.to_string())
-                        .filter(|e| e.contains("DISTINCT") || e.contains("sde_people_at_least")),
-                );
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })
-        .unwrap();
+    let distinct_counts = aggregates(&ctx, permit.plan(), |e| {
+        e.contains("DISTINCT") || e.contains("sde_people_at_least")
+    });
     assert_eq!(distinct_counts.len(), 1, "{distinct_counts:?}");
     assert!(distinct_counts[0].contains("s.person_id"), "{distinct_counts:?}");
 }
