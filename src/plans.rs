@@ -182,33 +182,16 @@ pub struct Ready {
 }
 
 impl Ready {
-    /// The same plan with disclosure functions of its own.
-    pub fn rebound(&self) -> datafusion::error::Result<Ready> {
-        let (permit, optimised) = self.permit.rebound(&self.optimised)?;
-        let from_rows = match &self.from_rows {
-            Some(plan) => Some(permit.disclosure().rebind(plan.clone())?),
-            None => None,
-        };
-        Ok(Ready {
-            permit,
-            optimised,
-            from_rows,
-            unsettled: Arc::clone(&self.unsettled),
-            plan_hash: self.plan_hash.clone(),
-            physical: Arc::clone(&self.physical),
-        })
-    }
-
-    /// The plan of `variant` (optimised), with disclosure functions of its own.
+    /// The plan of `variant` (optimised), with disclosure functions of its own (only that
+    /// plan is rebound: a run plans one variant).
     pub fn rebound_plan(&self, variant: Variant) -> datafusion::error::Result<(Permit, LogicalPlan)> {
-        let rebound = self.rebound()?;
         let plan = match variant {
-            Variant::Counted => rebound.optimised,
-            Variant::FromRows => rebound.from_rows.ok_or_else(|| {
+            Variant::Counted => &self.optimised,
+            Variant::FromRows => self.from_rows.as_ref().ok_or_else(|| {
                 datafusion::error::DataFusionError::Internal("no plan telling people from rows".into())
             })?,
         };
-        Ok((rebound.permit, plan))
+        self.permit.rebound(plan)
     }
 
     /// The plan to try first, if any: people told from rows, unless that failed before.

@@ -113,8 +113,9 @@ impl Permit {
         &self.disclosure
     }
 
-    /// This permit and its `optimised` plan with disclosure functions of their own, so that
-    /// what one run withholds is not counted in another's report (a kept plan run again).
+    /// This permit and `optimised` (one of its plans, optimised) with disclosure functions of
+    /// their own, so that what one run withholds is not counted in another's report (a kept
+    /// plan run again).
     pub fn rebound(&self, optimised: &LogicalPlan) -> datafusion::error::Result<(Permit, LogicalPlan)> {
         let disclosure = Disclosure::new(self.disclosure.rules());
         let plan = disclosure.rebind(self.plan.clone())?;
