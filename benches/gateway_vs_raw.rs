@@ -264,6 +264,31 @@ async fn concurrent_raw(raw: &SessionContext, clients: usize, duration: Duration
     .await
 }
 
+/// Plain DataFusion's small query on the Parquet files and on the same rows held decoded in
+/// memory (a `MemTable`), taking turns, 3 000 runs each way twice: how much of the small
+/// query is reading Parquet.
+async fn parquet_vs_memory(raw: &SessionContext) {
+    let frame = raw.table("ews_referrals").await.unwrap();
+    let schema = std::sync::Arc::new(frame.schema().as_arrow().clone());
+    let table = datafusion::datasource::MemTable::try_new(schema, vec![frame.collect().await.unwrap()]).unwrap();
+    let memory = SessionContext::new();
+    memory
+        .register_table("ews_referrals", std::sync::Arc::new(table))
+        .unwrap();
+    for (way, ctx) in [
+        ("parquet", raw),
+        ("memory", &memory),
+        ("parquet", raw),
+        ("memory", &memory),
+    ] {
+        let t = common::time(3000, || async {
+            ctx.sql(SMALL).await.unwrap().collect().await.unwrap();
+        })
+        .await;
+        eprintln!("{way}: median {:.3} ms, p95 {:.3} ms", t.median, t.p95);
+    }
+}
+
 /// The floors under any query through the gateway, medians in milliseconds: a bare gRPC call
 /// over TLS (the health check), and a small append made durable on the disk the world is on.
 async fn floors(dir: &Path, addr: std::net::SocketAddr) -> (f64, f64) {
@@ -403,7 +428,7 @@ async fn main() {
     };
     // For profiling (`perf record`): only the gateway's walk of one query, for 20 s; or, with
     // `flight N` (`raw N`), the small query from N concurrent Flight SQL clients (plain
-    // DataFusion tasks) for 20 s.
+    // DataFusion tasks) for 20 s; or `parquet-vs-memory`.
     if let Ok(name) = std::env::var("GATEWAY_VS_RAW_PROFILE") {
         let (way, clients) = name.split_once(' ').unwrap_or((&name, ""));
         if let ("flight" | "raw", Ok(clients)) = (way, clients.parse::<usize>()) {
@@ -414,9 +439,13 @@ async fn main() {
                 concurrent_raw(&raw, clients, duration).await
             };
             eprintln!(
-                "{clients} clients: {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors",
+                "{clients} clients: {:.0} queries/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
                 load.per_second, load.p50, load.p99, load.errors
             );
+            return;
+        }
+        if name == "parquet-vs-memory" {
+            parquet_vs_memory(&raw).await;
             return;
         }
         let (_, sql) = QUERIES
