@@ -292,7 +292,6 @@ async fn parquet_vs_memory(raw: &SessionContext) {
 /// The floors under any query through the gateway, medians in milliseconds: a bare gRPC call
 /// over TLS (the health check), and a small append made durable on the disk the world is on.
 async fn floors(dir: &Path, addr: std::net::SocketAddr) -> (f64, f64) {
-    use std::io::Write;
     let channel =
         sde_gateway::api::client::tls_channel(&format!("https://{addr}"), &dir.join("tls/ca.pem"), "localhost", None)
             .await
@@ -303,9 +302,22 @@ async fn floors(dir: &Path, addr: std::net::SocketAddr) -> (f64, f64) {
     for _ in 0..2000 {
         calls.push(timed(async { health.check(check.clone()).await.unwrap() }).await);
     }
+    (timing(calls).median, sync_floor(dir, false))
+}
+
+/// Median of 2 000 600-byte writes each made durable with `fdatasync`, in a file in `dir`:
+/// appended (the file grows, so its size is synced too), or, `overwrite`, over space already
+/// written and synced (as a preallocated log would).
+fn sync_floor(dir: &Path, overwrite: bool) -> f64 {
+    use std::io::{Seek, Write};
     let path = dir.join("fdatasync-floor");
     let mut file = std::fs::File::create(&path).unwrap();
     let line = [b'x'; 600];
+    if overwrite {
+        file.write_all(&vec![0; 2000 * line.len()]).unwrap();
+        file.sync_all().unwrap();
+        file.rewind().unwrap();
+    }
     let mut syncs = Vec::new();
     for _ in 0..2000 {
         let t = Instant::now();
@@ -313,7 +325,7 @@ async fn floors(dir: &Path, addr: std::net::SocketAddr) -> (f64, f64) {
         syncs.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     std::fs::remove_file(&path).unwrap();
-    (timing(calls).median, timing(syncs).median)
+    timing(syncs).median
 }
 
 /// Per step, the sum (seconds) and count of the step-latency histogram, from the Prometheus
@@ -428,7 +440,7 @@ async fn main() {
     };
     // For profiling (`perf record`): only the gateway's walk of one query, for 20 s; or, with
     // `flight N` (`raw N`), the small query from N concurrent Flight SQL clients (plain
-    // DataFusion tasks) for 20 s; or `parquet-vs-memory`.
+    // DataFusion tasks) for 20 s; or `parquet-vs-memory`, or `sync-floors`.
     if let Ok(name) = std::env::var("GATEWAY_VS_RAW_PROFILE") {
         let (way, clients) = name.split_once(' ').unwrap_or((&name, ""));
         if let ("flight" | "raw", Ok(clients)) = (way, clients.parse::<usize>()) {
@@ -446,6 +458,13 @@ async fn main() {
         }
         if name == "parquet-vs-memory" {
             parquet_vs_memory(&raw).await;
+            return;
+        }
+        if name == "sync-floors" {
+            for _ in 0..2 {
+                let (append, overwrite) = (sync_floor(&dir, false), sync_floor(&dir, true));
+                eprintln!("fdatasync after a 600-byte append {append:.3} ms, after an overwrite {overwrite:.3} ms");
+            }
             return;
         }
         let (_, sql) = QUERIES
