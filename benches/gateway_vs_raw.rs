@@ -1,10 +1,12 @@
 //! The gateway against the raw engine, on the same Parquet files in one run (issue 7).
 //!
-//! For each query of a fixed set, three ways:
+//! For each query of a fixed set, four ways:
 //! 1. `flight`: end to end through the gateway — Flight SQL over TLS with a signed token, Safe
 //!    People and Safe Projects, the plan checks, Safe Outputs and the audit log;
 //! 2. `raw`: plain DataFusion in this process on the raw files, the same SQL;
-//! 3. `core`: the gateway's own walk in this process, without the network.
+//! 3. `core`: the gateway's own walk in this process, without the network;
+//! 4. `tmpfs log`: as `flight`, to a second gateway whose audit log is on a tmpfs, so that the
+//!    cost of the disk's durable writes shows apart from the rest.
 //!
 //! Then the small query at 1, 8 and 32 concurrent Flight SQL clients (throughput, p50, p99,
 //! errors), 64 concurrent heavy queries (completed, refused, errors), and the peak memory of the
