@@ -661,7 +661,7 @@ async fn main() {
     report.push_str(&format!(
         "\n64 concurrent heavy queries (`{HEAVY}`): {ok} completed, {} refused or failed in {elapsed:.1} s{}.\n\
          Gateway memory pool ({} MiB, {} MiB per query, {} queries at once): peak reservation sampled every 5 ms {:.0} MiB.\n\
-         Peak resident memory of the whole process (gateway, raw engine and clients): {rss_before:.0} MiB before the \
+         Peak resident memory of the whole process (both gateways, raw engine and clients): {rss_before:.0} MiB before the \
          heavy queries, {:.0} MiB after.\n",
         64 - ok,
         if refused.is_empty() {
