@@ -156,7 +156,7 @@ async fn core_query(core: &Core, call: &CallContext, sql: &str) -> Result<(), St
 /// is still written, hash-chained and synced, but the sync costs next to nothing. Flight SQL
 /// through it against through the first splits the cost of the disk's durable writes from the
 /// rest of the gateway's. `None` where there is no `/dev/shm`.
-async fn tmpfs_gateway(config: &GatewayConfig) -> Option<(std::net::SocketAddr, PathBuf)> {
+async fn tmpfs_gateway(config: &GatewayConfig) -> Option<TmpfsGateway> {
     let shm = Path::new("/dev/shm");
     if !shm.is_dir() {
         return None;
@@ -171,7 +171,20 @@ async fn tmpfs_gateway(config: &GatewayConfig) -> Option<(std::net::SocketAddr, 
         .expect("the gateway with its log on a tmpfs");
     let addr = gateway.local_addr();
     tokio::spawn(gateway.run(std::future::pending()));
-    Some((addr, audit))
+    Some(TmpfsGateway { addr, audit })
+}
+
+/// The gateway of [`tmpfs_gateway`]: its address, and its audit log's folder, removed (memory
+/// freed) when this is dropped.
+struct TmpfsGateway {
+    addr: std::net::SocketAddr,
+    audit: PathBuf,
+}
+
+impl Drop for TmpfsGateway {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.audit);
+    }
 }
 
 /// The machine, for the report: CPU model, cores and memory.
@@ -473,10 +486,8 @@ async fn main() {
             let load = match way {
                 "flight" => concurrent(&dir, addr, clients, duration).await,
                 "tmpfs" => {
-                    let (addr, audit) = tmpfs_gateway(&config).await.expect("a tmpfs at /dev/shm");
-                    let load = concurrent(&dir, addr, clients, duration).await;
-                    let _ = std::fs::remove_dir_all(audit);
-                    load
+                    let tmpfs = tmpfs_gateway(&config).await.expect("a tmpfs at /dev/shm");
+                    concurrent(&dir, tmpfs.addr, clients, duration).await
                 }
                 _ => concurrent_raw(&raw, clients, duration).await,
             };
@@ -513,7 +524,7 @@ async fn main() {
     let mut client = flight_client(&dir, addr).await;
     let tmpfs = tmpfs_gateway(&config).await;
     let mut tmpfs_client = match &tmpfs {
-        Some((addr, _)) => Some(flight_client(&dir, *addr).await),
+        Some(tmpfs) => Some(flight_client(&dir, tmpfs.addr).await),
         None => None,
     };
 
@@ -579,13 +590,13 @@ async fn main() {
     }
 
     report.push_str(&match &tmpfs {
-        Some((_, audit)) => format!(
+        Some(tmpfs) => format!(
             "\n*tmpfs log*: the same Flight SQL calls to a second gateway on the same world whose audit \
              log is on a tmpfs (`/dev/shm`): every record is still written, hash-chained and synced before \
              anything is released, but there the append and `fdatasync` of the floors below take {:.3} ms. \
              Its difference from *flight* is what this disk's durable writes cost; its difference from \
              *raw* is everything else the gateway adds.\n",
-            sync_floor(audit, false)
+            sync_floor(&tmpfs.audit, false)
         ),
         None => "\n*tmpfs log*: not measured (no tmpfs at `/dev/shm`).\n".to_owned(),
     });
@@ -677,7 +688,4 @@ async fn main() {
     ));
     println!("{report}");
     write_report(&report);
-    if let Some((_, audit)) = tmpfs {
-        let _ = std::fs::remove_dir_all(audit);
-    }
 }
