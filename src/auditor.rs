@@ -202,9 +202,11 @@ impl Core {
             .record(seq)?
             .ok_or_else(|| refuse(format!("audit/replay-unknown: there is no record {seq} in the log")))?;
         let e = record.entry;
-        if e.call != "query.release" || e.decision != "accepted" {
+        // An execution record describes its result as fully as the release that repeats it (and
+        // is the durable one should a power cut take the release's record).
+        if !matches!(e.call.as_str(), "query.release" | "query.execute") || e.decision != "accepted" {
             return Err(refuse(format!(
-                "audit/replay-not-a-release: record {seq} is {} ({}), not a released query; replay a query.release record",
+                "audit/replay-not-a-release: record {seq} is {} ({}), not an executed or released query; replay a query.execute or query.release record",
                 e.call, e.decision
             )));
         }

@@ -186,6 +186,12 @@ pub struct AuditConfig {
     /// Most records written with one fsync (group commit); 1 syncs every record on its own.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Handing over a result (DoGet) releases nothing its durable execution record (SQL, caller,
+    /// project, result hash, rows, what was withheld) does not already describe, so its delivery
+    /// record is written before the rows leave and synced with the next fsync, at most this many
+    /// milliseconds later. 0 syncs it before the rows leave (one more fsync a query).
+    #[serde(default = "default_delivery_sync_ms")]
+    pub delivery_sync_ms: u64,
 }
 
 fn default_checkpoint_records() -> u64 {
@@ -196,6 +202,12 @@ fn default_checkpoint_seconds() -> u64 {
 }
 fn default_max_batch() -> usize {
     512
+}
+/// Longest `audit.delivery_sync_ms` allowed: a delivery record is durable within a second.
+pub const MAX_DELIVERY_SYNC_MS: u64 = 1000;
+
+fn default_delivery_sync_ms() -> u64 {
+    5
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -383,6 +395,12 @@ impl GatewayConfig {
             return invalid(
                 "audit.max_batch",
                 "audit.max_batch, checkpoint_records and checkpoint_seconds must be at least 1".into(),
+            );
+        }
+        if self.audit.delivery_sync_ms > MAX_DELIVERY_SYNC_MS {
+            return invalid(
+                "audit.delivery_sync_ms",
+                format!("must be at most {MAX_DELIVERY_SYNC_MS} (a delivery record is durable within that)"),
             );
         }
         let d = &self.disclosure;

@@ -1,8 +1,10 @@
 //! The walk of one call, independent of transport: authenticate → authorise → plan and check →
 //! execute → disclosure control → audit → release. `api/` adapts it to Flight SQL.
 //!
-//! Every call, accepted or refused, leaves an audit record, and a result is released only after
-//! its record is durable.
+//! Every call, accepted or refused, leaves an audit record, and nothing derived from the data
+//! leaves before a durable record describes it: a query's execution record (SQL, caller, project,
+//! result hash, rows, what was withheld) is synced before its FlightInfo goes out. The DoGet that
+//! hands the rows over writes its own record first and has it synced with the next fsync.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +15,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, Span};
 
-use crate::audit::{AuditLog, Entry, Receipt};
+use crate::audit::{AuditLog, Durability, Entry, Receipt};
 use crate::clock::SharedClock;
 use crate::config::LimitsConfig;
 use crate::disclosure::Overrides;
@@ -283,12 +285,24 @@ impl Core {
         })
     }
 
-    /// Records the outcome of a call; a call whose record cannot be written fails.
+    /// Records the outcome of a call, durably; a call whose record cannot be made durable fails.
     pub(crate) async fn record<T>(
+        &self,
+        entry: Entry,
+        started: Instant,
+        outcome: Result<T, Error>,
+    ) -> Result<(T, Receipt), Error> {
+        self.record_as(entry, started, outcome, Durability::Now).await
+    }
+
+    /// Records the outcome of a call; an accepted one as `durability` says, anything else
+    /// durably. A call whose record cannot be written fails.
+    async fn record_as<T>(
         &self,
         mut entry: Entry,
         started: Instant,
         outcome: Result<T, Error>,
+        durability: Durability,
     ) -> Result<(T, Receipt), Error> {
         entry.duration_ms = Some(started.elapsed().as_millis() as u64);
         entry.policy_hash = Some(self.registry.rules_hash().to_owned());
@@ -315,7 +329,10 @@ impl Core {
             &entry.decision,
             outcome.as_ref().err().map(|e| e.rule()).as_deref(),
         );
-        let receipt = self.step_async("audit", self.audit.append(entry)).await?;
+        let durability = if outcome.is_ok() { durability } else { Durability::Now };
+        let receipt = self
+            .step_async("audit", self.audit.append_as(entry, durability))
+            .await?;
         outcome.map(|t| (t, receipt))
     }
 
@@ -783,8 +800,11 @@ impl Core {
         }
     }
 
-    /// DoGet: authorise again, check the ticket belongs to this user and project, record the
-    /// release durably, and only then hand the result over.
+    /// DoGet: authorise again, check the ticket belongs to this user and project, write the
+    /// release record, and only then hand the result over. Everything the rows are (the SQL,
+    /// caller, project, result hash, rows, what was withheld) is in the execution record, made
+    /// durable before the FlightInfo went out; this record, repeating it and saying the ticket
+    /// was used, is synced with the next fsync (`audit.delivery_sync_ms` at most).
     pub async fn run_query(&self, call: &CallContext, handle: &str) -> Result<Released, Error> {
         let started = Instant::now();
         let mut who = Who::of(call);
@@ -794,7 +814,7 @@ impl Core {
         };
         let outcome = self.take(call, handle, &mut who, &mut entry);
         who.fill(&mut entry);
-        let (result, receipt) = self.record(entry, started, outcome).await?;
+        let (result, receipt) = self.record_as(entry, started, outcome, Durability::Deferred).await?;
         Ok(Released {
             schema: result.schema,
             batches: result.batches,

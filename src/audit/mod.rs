@@ -1,6 +1,8 @@
-//! The audit log: an append-only file of JSON lines, written and synced to disk *before* the
-//! result it describes is released. If a record cannot be made durable, the caller releases
-//! nothing.
+//! The audit log: an append-only file of JSON lines. A record is synced to disk before what it
+//! describes is released; if it cannot be made durable, the caller releases nothing. The one
+//! record that may wait for the next fsync ([`Durability::Deferred`]) is a result's hand-over,
+//! which the durable record of its execution already describes: it is written before the rows
+//! leave and synced within `deferred_sync`.
 //!
 //! Tamper evidence comes in two layers. Each record holds its SHA-256 hash and the hash of the
 //! one before (a hash chain), so `verify` names the first record whose content, order or link is
@@ -120,6 +122,18 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// When an appended record must be durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced before the caller hears back (sharing the fsync with every record waiting then).
+    Now,
+    /// Written before the caller hears back (so it outlives a crash of the gateway, though not a
+    /// power cut), and synced by the next fsync, at most [`Options::deferred_sync`] later, and
+    /// before any checkpoint signs it. For a record whose call releases nothing that an earlier
+    /// durable record does not already describe: the hand-over of a result recorded at execution.
+    Deferred,
+}
+
 /// How the log is written.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -127,6 +141,8 @@ pub struct Options {
     pub checkpoint_interval: Duration,
     /// Most records per fsync; 1 disables group commit.
     pub max_batch: usize,
+    /// Longest a [`Durability::Deferred`] record waits for its fsync; zero syncs it at once.
+    pub deferred_sync: Duration,
 }
 
 impl Default for Options {
@@ -135,6 +151,7 @@ impl Default for Options {
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(60),
             max_batch: 512,
+            deferred_sync: Duration::from_millis(5),
         }
     }
 }
@@ -145,6 +162,7 @@ impl From<&crate::config::AuditConfig> for Options {
             checkpoint_records: c.checkpoint_records,
             checkpoint_interval: Duration::from_secs(c.checkpoint_seconds),
             max_batch: c.max_batch,
+            deferred_sync: Duration::from_millis(c.delivery_sync_ms),
         }
     }
 }
@@ -152,9 +170,11 @@ impl From<&crate::config::AuditConfig> for Options {
 /// What readers share with the writer: the tree, where each record starts, the checkpoints.
 struct State {
     tree: Tree,
-    /// Byte offset of each record; the last element is the end of the durable log.
+    /// Byte offset of each record; the last element is the end of the written log.
     offsets: Vec<u64>,
     checkpoints: Vec<Checkpoint>,
+    /// How many records are durable (the rest are deferred ones awaiting their fsync).
+    durable: u64,
 }
 
 /// The append-only, checkpointed log. Clones share one writer.
@@ -209,6 +229,7 @@ impl AuditLog {
             .map(|r| (r.seq + 1, r.hash.clone()))
             .unwrap_or((0, GENESIS.to_owned()));
         let state = Arc::new(Mutex::new(State {
+            durable: scan.tree.len(),
             tree: scan.tree,
             offsets: scan.offsets,
             checkpoints: ckpts.checkpoints,
@@ -260,13 +281,18 @@ impl AuditLog {
 
     /// Appends `entry`; returns only once the record is durable. Not for async contexts.
     pub fn append_blocking(&self, entry: Entry) -> Result<Receipt, AuditError> {
-        self.request(|reply| writer::Msg::Append(Box::new(entry), reply))
+        self.request(|reply| writer::Msg::Append(Box::new(entry), Durability::Now, reply))
     }
 
     /// Appends `entry`; completes only once the record is durable (sharing an fsync with every
     /// other record waiting at the time).
     pub async fn append(&self, entry: Entry) -> Result<Receipt, AuditError> {
-        self.request_async(|reply| writer::Msg::Append(Box::new(entry), reply))
+        self.append_as(entry, Durability::Now).await
+    }
+
+    /// Appends `entry`; completes once the record is written, or durable, as `durability` says.
+    pub async fn append_as(&self, entry: Entry, durability: Durability) -> Result<Receipt, AuditError> {
+        self.request_async(|reply| writer::Msg::Append(Box::new(entry), durability, reply))
             .await
     }
 
@@ -275,7 +301,11 @@ impl AuditLog {
     /// async context too (from a `Drop`).
     pub fn append_detached(&self, entry: Entry) {
         let (reply, _) = tokio::sync::oneshot::channel();
-        if self.tx.send(writer::Msg::Append(Box::new(entry), reply)).is_err() {
+        if self
+            .tx
+            .send(writer::Msg::Append(Box::new(entry), Durability::Now, reply))
+            .is_err()
+        {
             tracing::error!("an abandoned call could not be recorded: the audit writer has stopped");
         }
     }
@@ -290,9 +320,14 @@ impl AuditLog {
         self.request_async(writer::Msg::Close).await
     }
 
-    /// Number of durable records.
+    /// Number of records written (deferred ones may not be durable yet).
     pub fn len(&self) -> u64 {
         self.state.lock().expect("audit state").tree.len()
+    }
+
+    /// Number of durable records: [`Self::len`] less the deferred ones awaiting their fsync.
+    pub fn durable_len(&self) -> u64 {
+        self.state.lock().expect("audit state").durable
     }
 
     pub fn is_empty(&self) -> bool {

@@ -282,3 +282,70 @@ fn a_detached_append_is_durable_by_close_without_anyone_waiting() {
     assert_eq!(records[0].entry.decision, "cancelled");
     assert_eq!(records[0].entry.rows, Some(2));
 }
+
+/// Appends `entry` as `durability` from a plain thread.
+fn append_as(log: &AuditLog, entry: Entry, durability: Durability) -> Receipt {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(log.append_as(entry, durability))
+        .unwrap()
+}
+
+#[test]
+fn a_deferred_record_is_written_at_once_and_durable_within_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, _) = key();
+    let options = Options {
+        deferred_sync: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let log = open(dir.path(), &pem, options);
+    let receipt = append_as(&log, entry(0), Durability::Deferred);
+    // Answered once written: it is in the file (a crash of the gateway keeps it), not yet synced.
+    assert_eq!((log.len(), log.durable_len()), (1, 0));
+    assert_eq!(lines(dir.path(), LOG_FILE).len(), 1);
+    assert_eq!(log.record(receipt.seq).unwrap().unwrap().hash, receipt.hash);
+    // The writer syncs it by itself once the limit has passed; wait (bounded) for it.
+    let synced = (0..1000).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        log.durable_len() == 1
+    });
+    assert!(synced, "durable within 10 s");
+}
+
+#[test]
+fn the_next_fsync_or_checkpoint_makes_deferred_records_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, public) = key();
+    let options = Options {
+        deferred_sync: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let log = open(dir.path(), &pem, options);
+    append_as(&log, entry(0), Durability::Deferred);
+    append_as(&log, entry(1), Durability::Deferred);
+    assert_eq!((log.len(), log.durable_len()), (2, 0));
+    // A durable record's fsync covers every deferred record before it.
+    log.append_blocking(entry(2)).unwrap();
+    assert_eq!(log.durable_len(), 3);
+    // A checkpoint signs only durable records: it syncs first.
+    append_as(&log, entry(3), Durability::Deferred);
+    assert_eq!(log.durable_len(), 3);
+    let c = log.checkpoint_blocking().unwrap().expect("a new checkpoint");
+    assert_eq!((c.size, log.durable_len()), (4, 4));
+    assert!(c.signed_by(&public));
+    // Zero wait: a deferred record is synced before it is answered.
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(log.close()).unwrap();
+    let log = open(
+        dir.path(),
+        &pem,
+        Options {
+            deferred_sync: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    append_as(&log, entry(4), Durability::Deferred);
+    assert_eq!((log.len(), log.durable_len()), (5, 5));
+}

@@ -2,9 +2,11 @@
 //!
 //! It blocks for the first request, then drains whatever else is queued (up to `max_batch`
 //! records), writes them with one `write` and one `fsync`, and only then answers each waiter.
-//! A failed write or sync poisons the writer: every later append fails, so nothing is released
-//! without its record (after a failed fsync the kernel may have dropped the dirty pages, so
-//! retrying could report durability that is not there).
+//! A batch of only [`Durability::Deferred`] records is answered once written; the next batch's
+//! fsync, a timer (`deferred_sync`) or the next checkpoint, whichever comes first, makes it
+//! durable. A failed write or sync poisons the writer: every later append fails, so nothing is
+//! released without its record (after a failed fsync the kernel may have dropped the dirty pages,
+//! so retrying could report durability that is not there).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -13,12 +15,12 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use super::checkpoint::{self, Checkpoint, SigningKey};
-use super::{AuditError, Entry, Options, Receipt, Record, State, io, now, record_hash};
+use super::{AuditError, Durability, Entry, Options, Receipt, Record, State, io, now, record_hash};
 
 pub type Reply<T> = tokio::sync::oneshot::Sender<Result<T, AuditError>>;
 
 pub enum Msg {
-    Append(Box<Entry>, Reply<Receipt>),
+    Append(Box<Entry>, Durability, Reply<Receipt>),
     Checkpoint(Reply<Option<Checkpoint>>),
     Close(Reply<Option<Checkpoint>>),
 }
@@ -36,6 +38,8 @@ pub struct Writer {
     end: u64,
     /// When the oldest record not covered by a checkpoint was written.
     uncovered_since: Option<Instant>,
+    /// When the oldest deferred record not yet synced was written.
+    unsynced_since: Option<Instant>,
     failed: Option<String>,
 }
 
@@ -70,21 +74,27 @@ impl Writer {
             last_hash,
             end,
             uncovered_since: None,
+            unsynced_since: None,
             failed: None,
         })
     }
 
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
         loop {
-            let first = match self.uncovered_since {
-                Some(since) => {
-                    let wait = self.options.checkpoint_interval.saturating_sub(since.elapsed());
-                    match rx.recv_timeout(wait) {
-                        Ok(m) => Some(m),
-                        Err(mpsc::RecvTimeoutError::Timeout) => None,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    }
-                }
+            // Wake for whichever is due first: a deferred sync or a timed checkpoint.
+            let wake = [
+                self.unsynced_since.map(|t| t + self.options.deferred_sync),
+                self.uncovered_since.map(|t| t + self.options.checkpoint_interval),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let first = match wake {
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(m) => Some(m),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
                 None => match rx.recv() {
                     Ok(m) => Some(m),
                     Err(_) => break,
@@ -95,7 +105,7 @@ impl Writer {
             let mut next = first;
             while let Some(m) = next.take() {
                 match m {
-                    Msg::Append(entry, reply) => appends.push((*entry, reply)),
+                    Msg::Append(entry, durability, reply) => appends.push((*entry, durability, reply)),
                     other => others.push(other),
                 }
                 // Stop draining at a checkpoint or close, so it covers exactly what came before.
@@ -134,6 +144,12 @@ impl Writer {
                     .is_some_and(|t| t.elapsed() >= self.options.checkpoint_interval);
             if due && let Err(e) = self.checkpoint() {
                 tracing::error!(error = %e, "cannot write an audit checkpoint");
+            } else if self
+                .unsynced_since
+                .is_some_and(|t| t.elapsed() >= self.options.deferred_sync)
+            {
+                // Poisons the writer on failure (and says so); nothing more is released.
+                let _ = self.sync_deferred();
             }
         }
         // Every handle is gone: sign what is there.
@@ -142,22 +158,23 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, batch: Vec<(Entry, Reply<Receipt>)>) {
+    fn commit(&mut self, batch: Vec<(Entry, Durability, Reply<Receipt>)>) {
         if batch.is_empty() {
             return;
         }
         if let Some(reason) = &self.failed {
-            for (_, reply) in batch {
+            for (_, _, reply) in batch {
                 let _ = reply.send(Err(AuditError::Unavailable(reason.clone())));
             }
             return;
         }
+        let defer = !self.options.deferred_sync.is_zero() && batch.iter().all(|(_, d, _)| *d == Durability::Deferred);
         let mut buf = Vec::new();
         let mut ends = Vec::with_capacity(batch.len());
         let mut receipts = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         let (mut seq, mut prev) = (self.next_seq, self.last_hash.clone());
-        for (entry, reply) in batch {
+        for (entry, _, reply) in batch {
             let time = now();
             let hash = record_hash(seq, &time, &prev, &entry);
             let record = Record {
@@ -178,14 +195,22 @@ impl Writer {
             prev = hash;
             seq += 1;
         }
-        if let Err(e) = self.file.write_all(&buf).and_then(|()| self.file.sync_data()) {
-            let reason = format!("writing {} failed: {e}", self.path.display());
-            tracing::error!(%reason, "audit log unavailable: nothing more will be released");
-            self.failed = Some(reason.clone());
+        let written = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| if defer { Ok(()) } else { self.file.sync_data() });
+        if let Err(e) = written {
+            let reason = self.fail(&e);
             for reply in replies {
                 let _ = reply.send(Err(AuditError::Unavailable(reason.clone())));
             }
             return;
+        }
+        if defer {
+            self.unsynced_since.get_or_insert_with(Instant::now);
+        } else {
+            // This fsync also made every deferred record before it durable.
+            self.unsynced_since = None;
         }
         {
             let mut state = self.state.lock().expect("audit state");
@@ -193,6 +218,9 @@ impl Writer {
                 state.tree.push(checkpoint::leaf(&r.hash).expect("own hash is hex"));
             }
             state.offsets.extend(ends);
+            if !defer {
+                state.durable = state.tree.len();
+            }
         }
         self.end += buf.len() as u64;
         self.next_seq = seq;
@@ -203,16 +231,47 @@ impl Writer {
         }
     }
 
+    /// Poisons the writer after a failed write or sync; returns the reason every later append is
+    /// given.
+    fn fail(&mut self, e: &std::io::Error) -> String {
+        let reason = format!("writing {} failed: {e}", self.path.display());
+        tracing::error!(%reason, "audit log unavailable: nothing more will be released");
+        self.failed = Some(reason.clone());
+        reason
+    }
+
+    /// Makes the deferred records durable. After a failed sync their durability is unknown, so
+    /// it stays pending for good: no checkpoint will sign them.
+    fn sync_deferred(&mut self) -> Result<(), AuditError> {
+        if self.unsynced_since.is_none() {
+            return Ok(());
+        }
+        if let Some(reason) = &self.failed {
+            return Err(AuditError::Unavailable(reason.clone()));
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.unsynced_since = None;
+                let mut state = self.state.lock().expect("audit state");
+                state.durable = state.tree.len();
+                Ok(())
+            }
+            Err(e) => Err(AuditError::Unavailable(self.fail(&e))),
+        }
+    }
+
     /// Appends one record on the calling thread (before the writer thread starts).
     pub fn append_now(&mut self, entry: Entry) -> Result<Receipt, AuditError> {
         let (reply, mut rx) = tokio::sync::oneshot::channel();
-        self.commit(vec![(entry, reply)]);
+        self.commit(vec![(entry, Durability::Now, reply)]);
         rx.try_recv()
             .map_err(|_| AuditError::Unavailable("the audit writer did not answer".into()))?
     }
 
-    /// Signs and syncs a checkpoint over every durable record, unless one already covers them.
+    /// Signs and syncs a checkpoint over every record (syncing deferred ones first), unless one
+    /// already covers them.
     pub fn checkpoint(&mut self) -> Result<Option<Checkpoint>, AuditError> {
+        self.sync_deferred()?;
         let (size, root) = {
             let state = self.state.lock().expect("audit state");
             let size = state.tree.len();
@@ -248,19 +307,18 @@ mod tests {
     use super::*;
     use crate::audit::GENESIS;
 
-    #[test]
-    fn a_failed_write_fails_every_waiter_and_poisons_the_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
+    /// A writer on a fresh log in `dir`, and the state it shares.
+    fn writer(dir: &Path) -> (Writer, Arc<Mutex<State>>) {
         let key = SigningKey::from_pem(&SigningKey::generate_pem()).unwrap();
         let state = Arc::new(Mutex::new(State {
             tree: checkpoint::Tree::new(),
             offsets: vec![0],
             checkpoints: Vec::new(),
+            durable: 0,
         }));
-        let mut w = Writer::new(
-            &path,
-            &dir.path().join("checkpoints.log"),
+        let w = Writer::new(
+            &dir.join("audit.log"),
+            &dir.join("checkpoints.log"),
             key,
             Options::default(),
             Arc::clone(&state),
@@ -268,16 +326,39 @@ mod tests {
             GENESIS.into(),
         )
         .unwrap();
-        // A descriptor the kernel refuses to write through stands in for a failing disk.
-        w.file = File::open(&path).unwrap();
-        let entry = || Entry {
+        (w, state)
+    }
+
+    fn entry() -> Entry {
+        Entry {
             call: "query.release".into(),
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn a_failed_write_fails_every_waiter_and_poisons_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (mut w, state) = writer(dir.path());
+        // A descriptor the kernel refuses to write through stands in for a failing disk.
+        w.file = File::open(&path).unwrap();
         assert!(matches!(w.append_now(entry()), Err(AuditError::Unavailable(_))));
         w.file = OpenOptions::new().append(true).open(&path).unwrap();
         let err = w.append_now(entry()).unwrap_err();
         assert!(err.to_string().contains("writing"), "stays failed: {err}");
         assert_eq!(state.lock().unwrap().tree.len(), 0);
+    }
+
+    #[test]
+    fn a_deferred_record_that_cannot_be_written_is_refused_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, state) = writer(dir.path());
+        w.file = File::open(dir.path().join("audit.log")).unwrap();
+        let (reply, mut rx) = tokio::sync::oneshot::channel();
+        w.commit(vec![(entry(), Durability::Deferred, reply)]);
+        assert!(matches!(rx.try_recv().unwrap(), Err(AuditError::Unavailable(_))));
+        assert_eq!(state.lock().unwrap().tree.len(), 0);
+        assert!(w.checkpoint().unwrap().is_none(), "nothing to sign");
     }
 }

@@ -192,6 +192,7 @@ fn demo_audit(dir: &Path) -> Result<AuditConfig, DemoError> {
         checkpoint_records: 1000,
         checkpoint_seconds: 60,
         max_batch: 512,
+        delivery_sync_ms: 5,
     })
 }
 

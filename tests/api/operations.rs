@@ -277,6 +277,7 @@ async fn config_errors_name_the_key_and_stop_before_serving() {
         ),
         ("SDE_TELEMETRY__METRICS_LISTEN", "not-an-address", "metrics_listen"),
         ("SDE_LIMITS__SHUTDOWN_GRACE_SECONDS", "soon", "shutdown_grace_seconds"),
+        ("SDE_AUDIT__DELIVERY_SYNC_MS", "60000", "audit.delivery_sync_ms"),
     ];
     for (var, value, key) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_sde-gateway"))
