@@ -104,7 +104,8 @@ pub enum AuditCommand {
         #[command(flatten)]
         filter: crate::api::audit_client::ShowFilter,
     },
-    /// Re-run a released query on a running gateway and check it gives the recorded result.
+    /// Re-run a released (or executed) query on a running gateway and check it gives the recorded
+    /// result.
     Replay {
         /// Sequence number of the query.release record.
         #[arg(long)]
