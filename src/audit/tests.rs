@@ -292,15 +292,21 @@ fn append_as(log: &AuditLog, entry: Entry, durability: Durability) -> Receipt {
         .unwrap()
 }
 
+/// A log in `dir` whose deferred records wait up to `wait` for their fsync.
+fn deferring(dir: &Path, pem: &str, wait: Duration) -> AuditLog {
+    let options = Options {
+        deferred_sync: wait,
+        ..Default::default()
+    };
+    open(dir, pem, options)
+}
+
 #[test]
 fn a_deferred_record_is_written_at_once_and_durable_within_its_limit() {
     let dir = tempfile::tempdir().unwrap();
     let (pem, _) = key();
-    let options = Options {
-        deferred_sync: Duration::from_millis(20),
-        ..Default::default()
-    };
-    let log = open(dir.path(), &pem, options);
+    // Long enough that the checks below run before the timer, even on a loaded machine.
+    let log = deferring(dir.path(), &pem, Duration::from_secs(1));
     let receipt = append_as(&log, entry(0), Durability::Deferred);
     // Answered once written: it is in the file (a crash of the gateway keeps it), not yet synced.
     assert_eq!((log.len(), log.durable_len()), (1, 0));
@@ -318,11 +324,7 @@ fn a_deferred_record_is_written_at_once_and_durable_within_its_limit() {
 fn the_next_fsync_or_checkpoint_makes_deferred_records_durable() {
     let dir = tempfile::tempdir().unwrap();
     let (pem, public) = key();
-    let options = Options {
-        deferred_sync: Duration::from_secs(3600),
-        ..Default::default()
-    };
-    let log = open(dir.path(), &pem, options);
+    let log = deferring(dir.path(), &pem, Duration::from_secs(3600));
     append_as(&log, entry(0), Durability::Deferred);
     append_as(&log, entry(1), Durability::Deferred);
     assert_eq!((log.len(), log.durable_len()), (2, 0));
@@ -338,14 +340,7 @@ fn the_next_fsync_or_checkpoint_makes_deferred_records_durable() {
     // Zero wait: a deferred record is synced before it is answered.
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(log.close()).unwrap();
-    let log = open(
-        dir.path(),
-        &pem,
-        Options {
-            deferred_sync: Duration::ZERO,
-            ..Default::default()
-        },
-    );
+    let log = deferring(dir.path(), &pem, Duration::ZERO);
     append_as(&log, entry(4), Durability::Deferred);
     assert_eq!((log.len(), log.durable_len()), (5, 5));
 }
