@@ -144,6 +144,8 @@ impl Writer {
                     .is_some_and(|t| t.elapsed() >= self.options.checkpoint_interval);
             if due && let Err(e) = self.checkpoint() {
                 tracing::error!(error = %e, "cannot write an audit checkpoint");
+                // Try again an interval later, not at once.
+                self.uncovered_since = Some(Instant::now());
             } else if self
                 .unsynced_since
                 .is_some_and(|t| t.elapsed() >= self.options.deferred_sync)
@@ -240,24 +242,29 @@ impl Writer {
         reason
     }
 
-    /// Makes the deferred records durable. After a failed sync their durability is unknown, so
-    /// it stays pending for good: no checkpoint will sign them.
+    /// Makes the deferred records durable. A failed sync poisons the writer and is not retried:
+    /// the records it leaves unsure are never counted durable, and no checkpoint signs them.
     fn sync_deferred(&mut self) -> Result<(), AuditError> {
-        if self.unsynced_since.is_none() {
-            return Ok(());
-        }
-        if let Some(reason) = &self.failed {
-            return Err(AuditError::Unavailable(reason.clone()));
-        }
-        match self.file.sync_data() {
-            Ok(()) => {
-                self.unsynced_since = None;
-                let mut state = self.state.lock().expect("audit state");
-                state.durable = state.tree.len();
-                Ok(())
+        if self.unsynced_since.take().is_some() && self.failed.is_none() {
+            match self.file.sync_data() {
+                Ok(()) => {
+                    let mut state = self.state.lock().expect("audit state");
+                    state.durable = state.tree.len();
+                }
+                Err(e) => {
+                    self.fail(&e);
+                }
             }
-            Err(e) => Err(AuditError::Unavailable(self.fail(&e))),
         }
+        let state = self.state.lock().expect("audit state");
+        if state.durable < state.tree.len() {
+            let reason = self.failed.clone().unwrap_or_default();
+            return Err(AuditError::Unavailable(format!(
+                "records {}.. may not be durable: {reason}",
+                state.durable
+            )));
+        }
+        Ok(())
     }
 
     /// Appends one record on the calling thread (before the writer thread starts).
@@ -360,5 +367,26 @@ mod tests {
         assert!(matches!(rx.try_recv().unwrap(), Err(AuditError::Unavailable(_))));
         assert_eq!(state.lock().unwrap().tree.len(), 0);
         assert!(w.checkpoint().unwrap().is_none(), "nothing to sign");
+    }
+
+    #[test]
+    fn no_checkpoint_signs_a_deferred_record_the_writer_failed_to_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, state) = writer(dir.path());
+        let (reply, mut rx) = tokio::sync::oneshot::channel();
+        w.commit(vec![(entry(), Durability::Deferred, reply)]);
+        assert!(rx.try_recv().unwrap().is_ok(), "answered once written");
+        // The disk fails before the deferred record is synced: the writer is poisoned, the
+        // record was never made durable, and no checkpoint may vouch for it.
+        w.file = File::open(dir.path().join("audit.log")).unwrap();
+        assert!(w.append_now(entry()).is_err());
+        let (written, durable) = {
+            let state = state.lock().unwrap();
+            (state.tree.len(), state.durable)
+        };
+        assert_eq!((written, durable), (1, 0));
+        let err = w.checkpoint().unwrap_err();
+        assert!(err.to_string().contains("may not be durable"), "{err}");
+        assert!(state.lock().unwrap().checkpoints.is_empty());
     }
 }
