@@ -107,7 +107,7 @@ pub enum AuditCommand {
     /// Re-run a released (or executed) query on a running gateway and check it gives the recorded
     /// result.
     Replay {
-        /// Sequence number of the query.release record.
+        /// Sequence number of the query.release (or accepted query.execute) record.
         #[arg(long)]
         seq: u64,
         #[command(flatten)]
