@@ -24,12 +24,14 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::Result as DFResult;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryLimit, MemoryPool, MemoryReservation};
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::LimitsConfig;
+use crate::engine::LocalStore;
 
 /// A refusal by a load limit. Each names its rule and the config key behind it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -200,6 +202,20 @@ impl Drop for UserSlot {
     }
 }
 
+/// The runtime every query's own is made from: no spilling to disk, and the local file system
+/// read through [`LocalStore`].
+fn shared_runtime() -> Arc<RuntimeEnv> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+        .build_arc()
+        .expect("a runtime without disk builds");
+    runtime.register_object_store(
+        ObjectStoreUrl::local_filesystem().as_ref(),
+        Arc::new(LocalStore::default()),
+    );
+    runtime
+}
+
 impl Limits {
     pub fn new(config: &LimitsConfig) -> Self {
         Self {
@@ -213,10 +229,7 @@ impl Limits {
             calls: Arc::new(AtomicI64::new(0)),
             cut_off: tokio::sync::watch::channel(false).0,
             cores: std::thread::available_parallelism().map_or(1, usize::from),
-            shared: RuntimeEnvBuilder::new()
-                .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
-                .build_arc()
-                .expect("a runtime without disk builds"),
+            shared: shared_runtime(),
         }
     }
 
@@ -407,6 +420,13 @@ mod tests {
         let mut config = LimitsConfig::default();
         adjust(&mut config);
         Limits::new(&config)
+    }
+
+    #[test]
+    fn queries_read_local_files_through_the_gateways_store() {
+        let runtime = limits(|_| {}).runtime().unwrap();
+        let store = runtime.object_store(ObjectStoreUrl::local_filesystem()).unwrap();
+        assert!(store.to_string().starts_with("LocalStore"), "{store}");
     }
 
     #[test]

@@ -35,6 +35,9 @@ use crate::ingest::{scan, version};
 use crate::registry::ProjectAccess;
 
 mod served;
+mod store;
+
+pub use store::LocalStore;
 
 /// The privacy unit: the pseudonymised person identifier present in every dataset.
 pub const PERSON_ID: &str = "person_id";
