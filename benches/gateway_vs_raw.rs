@@ -20,9 +20,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use arrow_flight::sql::client::FlightSqlServiceClient;
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use sde_gateway::demo::{self, DemoOptions};
+use sde_gateway::engine::LocalStore;
 use sde_gateway::gateway::{CallContext, Core};
 use sde_gateway::identity::Subject;
 use sde_gateway::registry::admin;
@@ -284,6 +286,25 @@ where
     }
 }
 
+/// Plain DataFusion on the served datasets under `data`; with `local_store`, reading the files
+/// through the gateway's [`LocalStore`] rather than `object_store`'s `LocalFileSystem`.
+async fn raw_context(data: &Path, local_store: bool) -> SessionContext {
+    let raw = SessionContext::new();
+    if local_store {
+        raw.runtime_env().register_object_store(
+            ObjectStoreUrl::local_filesystem().as_ref(),
+            std::sync::Arc::new(LocalStore::default()),
+        );
+    }
+    for dataset in ["patients", "gp_events", "asc_services", "ews_referrals"] {
+        let path = data.join(dataset);
+        raw.register_parquet(dataset, path.to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
+    }
+    raw
+}
+
 /// `clients` Flight SQL clients each sending the small query for `duration`.
 async fn concurrent(dir: &Path, addr: std::net::SocketAddr, clients: usize, duration: Duration) -> Load {
     let mut connected = Vec::new();
@@ -472,13 +493,7 @@ async fn main() {
     let metrics_addr = gateway.metrics_addr().expect("metrics listener");
     tokio::spawn(gateway.run(std::future::pending()));
 
-    let raw = SessionContext::new();
-    for dataset in ["patients", "gp_events", "asc_services", "ews_referrals"] {
-        let path = config.data.dir.join(dataset);
-        raw.register_parquet(dataset, path.to_str().unwrap(), Default::default())
-            .await
-            .unwrap();
-    }
+    let raw = raw_context(&config.data.dir, false).await;
     let call = CallContext {
         authenticated: Ok(Subject { user: USER.into() }),
         project: Some(PROJECT.into()),
@@ -487,10 +502,11 @@ async fn main() {
     // For profiling (`perf record`): only the gateway's walk of one query, for 20 s; or, with
     // `flight N` (`raw N`), the small query from N concurrent Flight SQL clients (plain
     // DataFusion tasks) for 20 s, or `tmpfs N` through the gateway whose audit log is on a
-    // tmpfs; or `parquet-vs-memory`, or `sync-floors`.
+    // tmpfs, or `raw-store N` as `raw N` but reading the files through the gateway's
+    // `LocalStore`; or `parquet-vs-memory`, or `sync-floors`.
     if let Ok(name) = std::env::var("GATEWAY_VS_RAW_PROFILE") {
         let (way, clients) = name.split_once(' ').unwrap_or((&name, ""));
-        if let ("flight" | "tmpfs" | "raw", Ok(clients)) = (way, clients.parse::<usize>()) {
+        if let ("flight" | "tmpfs" | "raw" | "raw-store", Ok(clients)) = (way, clients.parse::<usize>()) {
             let duration = Duration::from_secs(20);
             let load = match way {
                 "flight" => concurrent(&dir, addr, clients, duration).await,
@@ -498,6 +514,7 @@ async fn main() {
                     let tmpfs = tmpfs_gateway(&config).await.expect("a tmpfs at /dev/shm");
                     concurrent(&dir, tmpfs.addr, clients, duration).await
                 }
+                "raw-store" => concurrent_raw(&raw_context(&config.data.dir, true).await, clients, duration).await,
                 _ => concurrent_raw(&raw, clients, duration).await,
             };
             eprintln!(
