@@ -250,7 +250,7 @@ impl Core {
         let session = self.engine.session(&access)?;
         // The recorded rules already include every tightening that applied at the time.
         let permit =
-            policy::plan_and_check_with(&session, sql, rules, &BTreeMap::new(), self.limits.max_sql_bytes).await?;
+            policy::plan_and_check_with(&session, sql, rules, &BTreeMap::new(), &policy::StatementLimits::from(&self.limits)).await?;
         let evaluated = self.evaluate(&session, &permit).await?;
         let confirmed = &evaluated.result_hash == recorded;
         entry.result_hash = Some(evaluated.result_hash.clone());

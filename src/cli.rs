@@ -88,7 +88,10 @@ pub enum Command {
 pub enum AuditCommand {
     /// Verify a whole audit log offline: every record's hash, its link to the one before and
     /// its sequence number, and every signed checkpoint (signature, Merkle root, truncation).
-    /// Exits non-zero naming the first bad record or checkpoint.
+    /// Exits 0 when every record is intact and signed; 2 when every record is intact but some
+    /// after the last checkpoint are not yet signed (an unsigned tail: the gateway is running,
+    /// or stopped abnormally and signs them at its next start); 1 naming the first bad record
+    /// or checkpoint.
     Verify {
         /// The audit folder (holding audit.log and checkpoints.log).
         #[arg(long)]
@@ -116,6 +119,9 @@ pub enum AuditCommand {
 }
 
 /// Runs a parsed command line to completion.
+/// `audit verify`'s exit status for an intact log with an unsigned tail (damage exits 1).
+pub const UNSIGNED_TAIL_EXIT: i32 = 2;
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
@@ -165,6 +171,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 v.checkpoints.len(),
                 v.unsigned
             );
+            if v.unsigned > 0 {
+                // Intact but not all signed: a gateway that is running, or one that stopped
+                // abnormally (it signs the tail when it next starts). Not tampering (exit 1).
+                eprintln!(
+                    "{} records after the last signed checkpoint (unsigned tail): intact in the hash chain, not yet signed",
+                    v.unsigned
+                );
+                std::process::exit(UNSIGNED_TAIL_EXIT);
+            }
         }
         Command::Health { addr, ca, domain } => health(addr, &ca, &domain).await?,
         Command::Ingest { spec } => {

@@ -252,6 +252,22 @@ impl Default for DisclosureConfig {
 pub struct LimitsConfig {
     /// Longest SQL text accepted, in bytes.
     pub max_sql_bytes: usize,
+    /// Deepest expression nesting a statement may have (each AND, OR, ||, arithmetic operator,
+    /// function call or parenthesis in a chain adds a level).
+    pub max_expression_depth: usize,
+    /// Most expression nodes in a statement (the plain literals of an IN list are not counted).
+    pub max_expression_nodes: usize,
+    /// Most items in all of a statement's IN (…) lists together.
+    pub max_in_list_items: usize,
+    /// Most WHEN branches in one CASE.
+    pub max_case_branches: usize,
+    /// Most joins in a statement (every JOIN and every extra table in a FROM list).
+    pub max_joins: usize,
+    /// Deepest nesting of subqueries (CTEs, derived tables, IN/EXISTS/scalar subqueries).
+    pub max_subquery_depth: usize,
+    /// Longest value, in bytes, a literal may be or a growing function (`repeat`, `lpad`,
+    /// `concat`, `||`, …) may make; a longer result is NULL.
+    pub max_value_bytes: usize,
     /// Most rows a single result may hold.
     pub max_result_rows: usize,
     /// How long a planned statement waits for its DoGet before it is forgotten.
@@ -281,7 +297,14 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
-            max_sql_bytes: 64 * 1024,
+            max_sql_bytes: 1024 * 1024,
+            max_expression_depth: 100,
+            max_expression_nodes: 10_000,
+            max_in_list_items: 100_000,
+            max_case_branches: 500,
+            max_joins: 16,
+            max_subquery_depth: 8,
+            max_value_bytes: 8 * 1024,
             max_result_rows: 100_000,
             statement_ttl_seconds: 300,
             max_result_bytes: 64 * 1024 * 1024,
@@ -453,6 +476,26 @@ impl GatewayConfig {
         }
         if self.limits.max_sql_bytes == 0 {
             return invalid("limits.max_sql_bytes", "must be greater than 0".into());
+        }
+        if self.limits.max_sql_bytes > 16 * 1024 * 1024 {
+            return invalid("limits.max_sql_bytes", "must be at most 16777216 (16 MiB)".into());
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_expression_depth", l.max_expression_depth),
+            ("limits.max_expression_nodes", l.max_expression_nodes),
+            ("limits.max_case_branches", l.max_case_branches),
+            ("limits.max_value_bytes", l.max_value_bytes),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0".into());
+            }
+        }
+        if l.max_expression_depth > 1000 {
+            return invalid(
+                "limits.max_expression_depth",
+                "must be at most 1000: the engine's walks are sized for that".into(),
+            );
         }
         if self.limits.max_result_rows == 0 {
             return invalid("limits.max_result_rows", "must be greater than 0".into());

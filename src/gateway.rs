@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
 use crate::limits::{LimitError, Limits};
 use crate::plans::{Physical, Plans, Ready, Variant};
-use crate::policy::{self, Permit};
+use crate::policy::{self, Permit, StatementLimits};
 use crate::recent::{self, Recent};
 use crate::registry::rules::Action;
 use crate::registry::{Principal, ProjectAccess, Refusal, Registry, RegistryError};
@@ -435,6 +435,14 @@ impl Core {
         let (principal, access) = self.access(call, who)?;
         cancelled.note(who);
         self.limiter.check_rate(&principal.user)?;
+        // On record before anything runs: if the process dies during this query (killed for
+        // memory, say), the log still shows what was running, and who sent it.
+        let mut received = who.entry("query.received");
+        received.sql = entry.sql.clone();
+        received.decision = "received".into();
+        received.policy_hash = Some(self.registry.rules_hash().to_owned());
+        self.step_async("audit", self.audit.append_as(received, Durability::Deferred))
+            .await?;
         let deadline = self.limiter.query_timeout();
         let run = async {
             let _slot = self.limiter.admit(&principal.user).await?;
@@ -477,7 +485,7 @@ impl Core {
             }
             None => {
                 let plan = self
-                    .step_async("plan", policy::plan_sql(&session, sql, self.limits.max_sql_bytes))
+                    .step_async("plan", policy::plan_sql(&session, sql, &StatementLimits::from(&self.limits)))
                     .await?;
                 Statement::Checked(self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?)
             }
@@ -732,7 +740,7 @@ impl Core {
     /// disclosure rules.
     async fn check(&self, session: &SessionContext, access: &ProjectAccess, sql: &str) -> Result<Permit, Error> {
         let rules = self.rules.tightened(&access.disclosure);
-        Ok(policy::plan_and_check_with(session, sql, rules, &self.dataset_rules, self.limits.max_sql_bytes).await?)
+        Ok(policy::plan_and_check_with(session, sql, rules, &self.dataset_rules, &StatementLimits::from(&self.limits)).await?)
     }
 
     /// CreatePreparedStatement: authorise, plan and check (so a refused query is refused here),
@@ -855,7 +863,13 @@ fn baseline_scope(engine: &Engine, access: &ProjectAccess) -> Option<String> {
 /// An execution error as the caller sees it: disclosure control can refuse while the query
 /// runs (differencing); anything else is the engine's.
 fn execution_error(e: datafusion::error::DataFusionError) -> Error {
+    use datafusion::arrow::error::ArrowError;
+    use datafusion::error::DataFusionError as DF;
     match e.find_root() {
+        DF::ArrowError(inner, _) if matches!(**inner, ArrowError::ArithmeticOverflow(_)) => {
+            Error::Limit(LimitError::Overflow)
+        }
+        DF::Execution(message) if message.starts_with("safe-settings/overflow") => Error::Limit(LimitError::Overflow),
         datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
             Some(refused) => Error::Policy(refused.clone().into()),
             None => Error::Engine(EngineError::Execution(e)),

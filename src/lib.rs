@@ -37,6 +37,10 @@ pub mod registry;
 pub mod server;
 pub mod telemetry;
 
+/// Stack of each of the gateway binary's worker threads (tokio's default is 2 MiB). The query
+/// path does not depend on it (see [`policy::statement`]); it is a margin.
+pub const WORKER_STACK_BYTES: usize = 16 * 1024 * 1024;
+
 pub use config::GatewayConfig;
 pub use error::Error;
 pub use server::Gateway;

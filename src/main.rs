@@ -2,8 +2,16 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    sde_gateway::telemetry::init_logging();
-    sde_gateway::cli::run(sde_gateway::cli::Cli::parse()).await
+fn main() -> anyhow::Result<()> {
+    let cli = sde_gateway::cli::Cli::parse();
+    // Worker threads with room to spare: DataFusion's deep walks grow their stacks on the heap,
+    // and the statement limits bound everything else, but a margin costs only address space.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(sde_gateway::WORKER_STACK_BYTES)
+        .build()?
+        .block_on(async {
+            sde_gateway::telemetry::init_logging();
+            sde_gateway::cli::run(cli).await
+        })
 }

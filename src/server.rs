@@ -103,7 +103,8 @@ impl Gateway {
             &config.data.identifiers,
         )
         .await
-        .map_err(crate::Error::from)?;
+        .map_err(crate::Error::from)?
+        .with_max_value_bytes(config.limits.max_value_bytes);
         if let Some(served) = &config.data.served {
             engine = engine
                 .serve_from(served, &config.data.served_sort_by)

@@ -74,6 +74,7 @@ pub fn status(error: Error) -> Status {
         Error::TooManyRows(_) => (Code::ResourceExhausted, error.to_string()),
         Error::Limit(LimitError::Deadline(_)) => (Code::DeadlineExceeded, error.to_string()),
         Error::Limit(LimitError::ShuttingDown) => (Code::Unavailable, error.to_string()),
+        Error::Limit(LimitError::Overflow) => (Code::InvalidArgument, error.to_string()),
         Error::Limit(
             LimitError::QueueFull { .. }
             | LimitError::QueueTimeout { .. }

@@ -34,6 +34,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use crate::ingest::{scan, version};
 use crate::registry::ProjectAccess;
 
+pub mod capped;
+mod checked_sum;
 mod served;
 mod store;
 
@@ -184,6 +186,8 @@ pub struct Engine {
     folders: BTreeMap<(String, String), std::path::PathBuf>,
     /// Copies without opted-out people, by (dataset, content hash of the version copied).
     served: BTreeMap<(String, String), served::Served>,
+    /// The cap on values growing functions make (`limits.max_value_bytes`, see [`capped`]).
+    max_value_bytes: usize,
 }
 
 impl Engine {
@@ -236,6 +240,7 @@ impl Engine {
             versions: BTreeMap::new(),
             folders,
             served: BTreeMap::new(),
+            max_value_bytes: crate::config::LimitsConfig::default().max_value_bytes,
         };
         if let Some(versions) = versions {
             engine.open_versions(&ctx, versions).await?;
@@ -439,6 +444,12 @@ impl Engine {
         self.datasets.keys().map(String::as_str)
     }
 
+    /// Sets the cap on values growing functions make (`limits.max_value_bytes`).
+    pub fn with_max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
     /// A session for one project: only granted tables and columns, each guarded.
     pub fn session(&self, access: &ProjectAccess) -> Result<SessionContext, EngineError> {
         let partitions = SessionConfig::new().target_partitions();
@@ -459,6 +470,8 @@ impl Engine {
             .with_create_default_catalog_and_schema(true)
             .with_information_schema(false);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
+        capped::register(&ctx, self.max_value_bytes);
+        checked_sum::register(&ctx);
         let cohort = match &access.cohort {
             Some(sql) => Some(self.cohort_expr(&ctx, sql)?),
             None => None,

@@ -41,6 +41,9 @@ use datafusion::prelude::SessionContext;
 use crate::disclosure::{Disclosure, Overrides, Rules, largest, people_at_least, shares};
 use crate::engine::{GuardedTable, PERSON_ID};
 
+pub mod statement;
+pub use statement::StatementLimits;
+
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PolicyError {
     #[error("safe-outputs/single-query: only a single read-only SELECT query is accepted, not {0}")]
@@ -63,6 +66,18 @@ pub enum PolicyError {
     TooLong(usize, usize),
     #[error("invalid query: {0}")]
     Sql(String),
+    #[error("safe-settings/complexity: the query's {what} is {value}, more than the limit of {max} (limits.{key}); {advice}")]
+    Complexity {
+        what: &'static str,
+        value: usize,
+        max: usize,
+        key: &'static str,
+        advice: &'static str,
+    },
+    #[error(
+        "safe-settings/functions: {function} is not allowed: {reason}; the functions a query may call are listed in docs/disclosure.md"
+    )]
+    FunctionNotAllowed { function: String, reason: &'static str },
 }
 
 impl PolicyError {
@@ -141,9 +156,9 @@ pub async fn plan_and_check(
     ctx: &SessionContext,
     sql: &str,
     rules: Rules,
-    max_sql_bytes: usize,
+    limits: &StatementLimits,
 ) -> Result<Permit, PolicyError> {
-    plan_and_check_with(ctx, sql, rules, &Default::default(), max_sql_bytes).await
+    plan_and_check_with(ctx, sql, rules, &Default::default(), limits).await
 }
 
 /// As [`plan_and_check`], tightening `rules` with the overrides of every dataset the query reads.
@@ -152,18 +167,17 @@ pub async fn plan_and_check_with(
     sql: &str,
     rules: Rules,
     dataset_rules: &BTreeMap<String, Overrides>,
-    max_sql_bytes: usize,
+    limits: &StatementLimits,
 ) -> Result<Permit, PolicyError> {
-    let plan = plan_sql(ctx, sql, max_sql_bytes).await?;
+    let plan = plan_sql(ctx, sql, limits).await?;
     check_with(plan, rules, dataset_rules)
 }
 
 /// The first half of [`plan_and_check_with`]: SQL to an (unchecked) logical plan.
-pub async fn plan_sql(ctx: &SessionContext, sql: &str, max_sql_bytes: usize) -> Result<LogicalPlan, PolicyError> {
-    if sql.len() > max_sql_bytes {
-        return Err(PolicyError::TooLong(sql.len(), max_sql_bytes));
-    }
-    ctx.state().create_logical_plan(sql).await.map_err(PolicyError::from_df)
+pub async fn plan_sql(ctx: &SessionContext, sql: &str, limits: &StatementLimits) -> Result<LogicalPlan, PolicyError> {
+    let state = ctx.state();
+    let statement = statement::admit(&state, sql, limits)?;
+    state.statement_to_plan(statement).await.map_err(PolicyError::from_df)
 }
 
 /// The second half of [`plan_and_check_with`]: the checks and rewrites, under the strictest

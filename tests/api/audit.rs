@@ -34,7 +34,7 @@ async fn audit_verify_passes_an_intact_log_and_names_the_first_edited_record() {
     };
     let ok = verify();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("intact: 3 records"));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("intact: 4 records"));
 
     // Rewrite history: make dave's refusal look accepted.
     let log = gw.audit_log();
@@ -43,7 +43,7 @@ async fn audit_verify_passes_an_intact_log_and_names_the_first_edited_record() {
     let bad = verify();
     assert!(!bad.status.success());
     assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("record 2"),
+        String::from_utf8_lossy(&bad.stderr).contains("record 3"),
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );

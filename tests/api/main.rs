@@ -5,9 +5,11 @@
 mod admin;
 mod attacks;
 mod audit;
+mod corpus;
 mod crash;
 mod flight_sql;
 mod helpers;
+mod hostile;
 mod identity;
 mod matrix;
 mod operations;

@@ -1,0 +1,259 @@
+//! `SUM` that never wraps. DataFusion's `SUM` over integers adds with wrapping arithmetic, so a
+//! total past the BIGINT range comes back as a wrong number. This `sum` replaces it in every
+//! project's session: over integers it adds with checked arithmetic and fails the query with
+//! `safe-settings/overflow` when the total leaves the range; over floats and decimals, and for
+//! `SUM(DISTINCT …)`, it is DataFusion's own. Arithmetic in expressions (`+`, `-`, `*`, `/` on
+//! integers) is already checked by Arrow's kernels and fails the same way.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, UInt64Array};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, FieldRef, Int64Type, UInt64Type};
+use datafusion::common::{DataFusionError, Result, ScalarValue};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::utils::AggregateOrderSensitivity;
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, Documentation, EmitTo, GroupsAccumulator, ReversedUDAF, SetMonotonicity,
+    Signature,
+};
+use datafusion::prelude::SessionContext;
+use datafusion_functions_aggregate_common::aggregate::groups_accumulator::prim_op::PrimitiveGroupsAccumulator;
+
+/// The refusal, as the error the query fails with.
+pub const OVERFLOW: &str =
+    "safe-settings/overflow: a SUM left the BIGINT range; cast its argument to DOUBLE or DECIMAL to add larger values";
+
+fn overflow() -> DataFusionError {
+    DataFusionError::Execution(OVERFLOW.into())
+}
+
+/// Registers the checked `sum` in `ctx` in place of DataFusion's.
+pub fn register(ctx: &SessionContext) {
+    if let Some(inner) = ctx.state().aggregate_functions().get("sum") {
+        ctx.register_udaf(AggregateUDF::new_from_impl(CheckedSum(Arc::clone(inner))));
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct CheckedSum(Arc<AggregateUDF>);
+
+fn integer(t: &DataType) -> bool {
+    matches!(t, DataType::Int64 | DataType::UInt64)
+}
+
+impl AggregateUDFImpl for CheckedSum {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn aliases(&self) -> &[String] {
+        self.0.aliases()
+    }
+    fn signature(&self) -> &Signature {
+        self.0.signature()
+    }
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.0.return_type(arg_types)
+    }
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        self.0.coerce_types(arg_types)
+    }
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        self.0.state_fields(args)
+    }
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        let t = args.return_field.data_type().clone();
+        if args.is_distinct || !integer(&t) {
+            return self.0.accumulator(args);
+        }
+        Ok(Box::new(Checked { sum: 0, seen: false, unsigned: t == DataType::UInt64 }))
+    }
+    fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
+        self.0.groups_accumulator_supported(args)
+    }
+    fn create_groups_accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn GroupsAccumulator>> {
+        let t = args.return_field.data_type().clone();
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&overflowed);
+        let inner: Box<dyn GroupsAccumulator> = match t {
+            DataType::Int64 => Box::new(PrimitiveGroupsAccumulator::<Int64Type, _>::new(&t, move |x, y| {
+                match x.checked_add(y) {
+                    Some(v) => *x = v,
+                    None => flag.store(true, Ordering::Relaxed),
+                }
+            })),
+            DataType::UInt64 => Box::new(PrimitiveGroupsAccumulator::<UInt64Type, _>::new(&t, move |x, y| {
+                match x.checked_add(y) {
+                    Some(v) => *x = v,
+                    None => flag.store(true, Ordering::Relaxed),
+                }
+            })),
+            _ => return self.0.create_groups_accumulator(args),
+        };
+        Ok(Box::new(CheckedGroups { inner, overflowed }))
+    }
+    fn reverse_expr(&self) -> ReversedUDAF {
+        ReversedUDAF::Identical
+    }
+    fn order_sensitivity(&self) -> AggregateOrderSensitivity {
+        self.0.inner().order_sensitivity()
+    }
+    fn default_value(&self, data_type: &DataType) -> Result<ScalarValue> {
+        self.0.default_value(data_type)
+    }
+    fn set_monotonicity(&self, data_type: &DataType) -> SetMonotonicity {
+        self.0.inner().set_monotonicity(data_type)
+    }
+    fn documentation(&self) -> Option<&Documentation> {
+        self.0.documentation()
+    }
+}
+
+/// The ungrouped checked sum (its state is the sum so far, of the return type).
+#[derive(Debug)]
+struct Checked {
+    sum: i128,
+    seen: bool,
+    unsigned: bool,
+}
+
+impl Checked {
+    fn add(&mut self, values: &ArrayRef) -> Result<()> {
+        let limit = |s: i128, unsigned: bool| if unsigned { (0..=u64::MAX as i128).contains(&s) } else { (i64::MIN as i128..=i64::MAX as i128).contains(&s) };
+        if self.unsigned {
+            let values = cast(values, &DataType::UInt64)?;
+            let values = values.as_any().downcast_ref::<UInt64Array>().expect("cast to UInt64");
+            for v in values.iter().flatten() {
+                self.sum += v as i128;
+                self.seen = true;
+                if !limit(self.sum, true) {
+                    return Err(overflow());
+                }
+            }
+        } else {
+            let values = cast(values, &DataType::Int64)?;
+            let values = values.as_any().downcast_ref::<Int64Array>().expect("cast to Int64");
+            for v in values.iter().flatten() {
+                self.sum += v as i128;
+                self.seen = true;
+                if !limit(self.sum, false) {
+                    return Err(overflow());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn value(&self) -> ScalarValue {
+        match (self.unsigned, self.seen) {
+            (true, true) => ScalarValue::UInt64(Some(self.sum as u64)),
+            (true, false) => ScalarValue::UInt64(None),
+            (false, true) => ScalarValue::Int64(Some(self.sum as i64)),
+            (false, false) => ScalarValue::Int64(None),
+        }
+    }
+}
+
+impl Accumulator for Checked {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.add(&values[0])
+    }
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.add(&states[0])
+    }
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.value()])
+    }
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(self.value())
+    }
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self)
+    }
+}
+
+/// DataFusion's grouped sum with checked additions: an overflow in any group fails the query.
+struct CheckedGroups {
+    inner: Box<dyn GroupsAccumulator>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl CheckedGroups {
+    fn check(&self) -> Result<()> {
+        match self.overflowed.load(Ordering::Relaxed) {
+            true => Err(overflow()),
+            false => Ok(()),
+        }
+    }
+}
+
+impl GroupsAccumulator for CheckedGroups {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.inner.update_batch(values, group_indices, opt_filter, total_num_groups)?;
+        self.check()
+    }
+    fn merge_batch(&mut self, values: &[ArrayRef], group_indices: &[usize], total_num_groups: usize) -> Result<()> {
+        self.inner.merge_batch(values, group_indices, total_num_groups)?;
+        self.check()
+    }
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        self.check()?;
+        self.inner.evaluate(emit_to)
+    }
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        self.check()?;
+        self.inner.state(emit_to)
+    }
+    fn convert_to_state(&self, values: &[ArrayRef], opt_filter: Option<&BooleanArray>) -> Result<Vec<ArrayRef>> {
+        self.inner.convert_to_state(values, opt_filter)
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::record_batch::RecordBatch;
+
+    use super::*;
+
+    async fn sum(sql: &str) -> std::result::Result<String, String> {
+        let ctx = SessionContext::new();
+        register(&ctx);
+        let v = Int64Array::from(vec![i64::MAX - 1, 1, 1, -5]);
+        let g = Int64Array::from(vec![1, 1, 2, 2]);
+        let batch = RecordBatch::try_from_iter([("v", Arc::new(v) as ArrayRef), ("g", Arc::new(g) as ArrayRef)]).unwrap();
+        ctx.register_batch("t", batch).unwrap();
+        match ctx.sql(sql).await.unwrap().collect().await {
+            Ok(b) => Ok(datafusion::arrow::util::pretty::pretty_format_batches(&b).unwrap().to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_integer_sum_past_the_range_fails_instead_of_wrapping() {
+        for sql in [
+            "SELECT SUM(v) FROM t",
+            "SELECT g, SUM(v) FROM t GROUP BY g",
+            "SELECT SUM(v) FROM t WHERE v > 0",
+        ] {
+            let err = sum(sql).await.unwrap_err();
+            assert!(err.contains("safe-settings/overflow"), "{sql}: {err}");
+        }
+        // In range, the same answers as before; floats are DataFusion's own.
+        assert!(sum("SELECT SUM(v) FROM t WHERE v < 2").await.unwrap().contains("-3"));
+        assert!(sum("SELECT g, SUM(v) FROM t WHERE g = 2 GROUP BY g").await.unwrap().contains("-4"));
+        assert!(sum("SELECT SUM(CAST(v AS DOUBLE)) FROM t").await.is_ok());
+        // Expression arithmetic is checked by Arrow's kernels.
+        assert!(sum("SELECT SUM(v * 2) FROM t").await.unwrap_err().to_lowercase().contains("overflow"));
+    }
+}

@@ -1,0 +1,314 @@
+//! Safe Settings, the statement gate: the researcher's SQL is parsed and bounded here, before
+//! DataFusion plans anything.
+//!
+//! What this module guarantees for a statement it admits:
+//! - it is at most `limits.max_sql_bytes` long and parses as one statement;
+//! - its complexity is within the `limits.*` bounds ([`StatementLimits`]): expression depth,
+//!   expression nodes (the plain literals of an `IN (…)` list are not counted, so code lists of
+//!   tens of thousands of codes stay cheap), CASE branches, joins, subquery nesting, and the
+//!   length of each string literal;
+//! - every function it calls is on the gateway's allowlist ([`functions`]): scalar functions
+//!   by name; aggregate and window functions are judged by the structural checks in
+//!   [`crate::policy`]; no table functions at all (`range`, `generate_series`, `unnest`, …).
+//!
+//! The parse and the walk run on a stack of their own ([`stack_bytes`]), sized for the deepest
+//! tree `max_sql_bytes` of SQL can build (a flat chain `1+1+1…` parses into a tree as deep as it
+//! is long), and the walk stops descending at the depth limit. A refused statement is dropped
+//! on that stack too. Everything downstream (DataFusion's planner, optimizer and executor,
+//! our own plan walks) then only ever sees trees the limits admit.
+//!
+//! Refusals name the rule (`safe-settings/complexity`, `safe-settings/functions`), the limit,
+//! the statement's value and the config key. They depend on the SQL alone, never on data.
+
+use std::ops::ControlFlow;
+
+use datafusion::execution::SessionState;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{self, Expr, Query, TableFactor, Visit, Visitor};
+
+use super::PolicyError;
+use crate::config::LimitsConfig;
+
+pub mod functions;
+
+/// The bounds a statement must stay within; each is a `limits.*` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatementLimits {
+    pub max_sql_bytes: usize,
+    pub max_expression_depth: usize,
+    pub max_expression_nodes: usize,
+    pub max_in_list_items: usize,
+    pub max_case_branches: usize,
+    pub max_joins: usize,
+    pub max_subquery_depth: usize,
+    pub max_value_bytes: usize,
+}
+
+impl From<&LimitsConfig> for StatementLimits {
+    fn from(c: &LimitsConfig) -> Self {
+        Self {
+            max_sql_bytes: c.max_sql_bytes,
+            max_expression_depth: c.max_expression_depth,
+            max_expression_nodes: c.max_expression_nodes,
+            max_in_list_items: c.max_in_list_items,
+            max_case_branches: c.max_case_branches,
+            max_joins: c.max_joins,
+            max_subquery_depth: c.max_subquery_depth,
+            max_value_bytes: c.max_value_bytes,
+        }
+    }
+}
+
+impl Default for StatementLimits {
+    fn default() -> Self {
+        Self::from(&LimitsConfig::default())
+    }
+}
+
+/// Stack bytes per byte of SQL text: a byte of SQL adds at most half a level to the tree
+/// (`+1` is two bytes), and dropping or walking one level takes well under 256 bytes of stack
+/// even in a debug build (measured by the test at the limit).
+const STACK_PER_SQL_BYTE: usize = 256;
+
+/// The stack the parse and the walk run on for `max_sql_bytes` of SQL (at least 8 MiB).
+pub fn stack_bytes(max_sql_bytes: usize) -> usize {
+    max_sql_bytes.saturating_mul(STACK_PER_SQL_BYTE).max(8 << 20)
+}
+
+/// Parses `sql` in `state`'s dialect and admits it, or refuses it with the rule it breaks.
+pub fn admit(state: &SessionState, sql: &str, limits: &StatementLimits) -> Result<DFStatement, PolicyError> {
+    if sql.len() > limits.max_sql_bytes {
+        return Err(PolicyError::TooLong(sql.len(), limits.max_sql_bytes));
+    }
+    stacker::grow(stack_bytes(limits.max_sql_bytes), || {
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state
+            .sql_to_statement(sql, &dialect)
+            .map_err(PolicyError::from_df)?;
+        // A refused statement is dropped here, on this stack: its tree may be deep.
+        gate(state, &statement, limits)?;
+        Ok(statement)
+    })
+}
+
+/// The complexity bounds and the function allowlist, on a parsed statement.
+pub fn gate(state: &SessionState, statement: &DFStatement, limits: &StatementLimits) -> Result<(), PolicyError> {
+    let DFStatement::Statement(inner) = statement else {
+        // CREATE EXTERNAL TABLE, COPY, EXPLAIN …: refused by the statement-kind check.
+        return Ok(());
+    };
+    let mut walk = Walk {
+        state,
+        limits,
+        depth: 0,
+        nodes: 0,
+        in_list_items: 0,
+        joins: 0,
+        queries: 0,
+    };
+    match inner.visit(&mut walk) {
+        ControlFlow::Break(refusal) => Err(refusal),
+        ControlFlow::Continue(()) => Ok(()),
+    }
+}
+
+/// A refusal naming a limit, the statement's value and the key.
+fn complexity(what: &'static str, value: usize, max: usize, key: &'static str, advice: &'static str) -> PolicyError {
+    PolicyError::Complexity {
+        what,
+        value,
+        max,
+        key,
+        advice,
+    }
+}
+
+struct Walk<'a> {
+    state: &'a SessionState,
+    limits: &'a StatementLimits,
+    depth: usize,
+    nodes: usize,
+    in_list_items: usize,
+    joins: usize,
+    queries: usize,
+}
+
+impl Walk<'_> {
+    fn function(&self, f: &ast::Function) -> Result<(), PolicyError> {
+        let name = match f.name.0.as_slice() {
+            [part] => part.to_string(),
+            _ => f.name.to_string(),
+        };
+        functions::scalar_allowed(self.state, &name)
+    }
+}
+
+impl Visitor for Walk<'_> {
+    type Break = PolicyError;
+
+    fn pre_visit_query(&mut self, _query: &Query) -> ControlFlow<PolicyError> {
+        self.queries += 1;
+        let l = self.limits;
+        if self.queries > l.max_subquery_depth + 1 {
+            return ControlFlow::Break(complexity(
+                "subquery nesting",
+                self.queries - 1,
+                l.max_subquery_depth,
+                "max_subquery_depth",
+                "flatten the subqueries into joins or a CTE",
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _query: &Query) -> ControlFlow<PolicyError> {
+        self.queries -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<PolicyError> {
+        let joined = match factor {
+            TableFactor::Table { args: Some(_), name, .. } => {
+                return ControlFlow::Break(functions::table_function(&name.to_string()));
+            }
+            TableFactor::TableFunction { .. } | TableFactor::Function { .. } | TableFactor::UNNEST { .. } => {
+                return ControlFlow::Break(functions::table_function(&factor.to_string()));
+            }
+            TableFactor::NestedJoin { table_with_joins, .. } => table_with_joins.joins.len(),
+            _ => 0,
+        };
+        self.joins += joined;
+        self.check_joins()
+    }
+
+    fn pre_visit_select(&mut self, select: &ast::Select) -> ControlFlow<PolicyError> {
+        self.joins += select.from.iter().map(|t| t.joins.len()).sum::<usize>() + select.from.len().saturating_sub(1);
+        self.check_joins()
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<PolicyError> {
+        let l = self.limits;
+        self.depth += 1;
+        self.nodes += 1;
+        if self.depth > l.max_expression_depth {
+            return ControlFlow::Break(complexity(
+                "expression depth",
+                self.depth,
+                l.max_expression_depth,
+                "max_expression_depth",
+                "a long chain of AND, OR, || or arithmetic nests one level per term: use IN (…) for lists of values, or split the query",
+            ));
+        }
+        match expr {
+            Expr::InList { list, .. } => {
+                // The list's plain literals are counted as list items, not as expression nodes.
+                let literals = list.iter().filter(|e| matches!(e, Expr::Value(_))).count();
+                self.nodes -= literals.min(self.nodes);
+                self.in_list_items += list.len();
+                if self.in_list_items > l.max_in_list_items {
+                    return ControlFlow::Break(complexity(
+                        "IN-list items",
+                        self.in_list_items,
+                        l.max_in_list_items,
+                        "max_in_list_items",
+                        "put the code list in fewer, shorter lists or ask for it to be loaded as a reference dataset",
+                    ));
+                }
+            }
+            Expr::Case { conditions, .. } if conditions.len() > l.max_case_branches => {
+                return ControlFlow::Break(complexity(
+                    "CASE branches",
+                    conditions.len(),
+                    l.max_case_branches,
+                    "max_case_branches",
+                    "map values with fewer branches, or with IN (…) lists in each branch",
+                ));
+            }
+            Expr::Function(f) => {
+                if let Err(refused) = self.function(f) {
+                    return ControlFlow::Break(refused);
+                }
+            }
+            Expr::Array(_) | Expr::Map(_) | Expr::Dictionary(_) | Expr::Struct { .. } | Expr::Lambda(_) => {
+                return ControlFlow::Break(functions::collection());
+            }
+            _ => {}
+        }
+        if self.nodes > l.max_expression_nodes {
+            return ControlFlow::Break(complexity(
+                "expression nodes",
+                self.nodes,
+                l.max_expression_nodes,
+                "max_expression_nodes",
+                "simplify the expressions, or split the query",
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, _expr: &Expr) -> ControlFlow<PolicyError> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_value(&mut self, value: &ast::ValueWithSpan) -> ControlFlow<PolicyError> {
+        let l = self.limits;
+        let bytes = literal_bytes(&value.value);
+        if bytes > l.max_value_bytes {
+            return ControlFlow::Break(complexity(
+                "bytes in one literal",
+                bytes,
+                l.max_value_bytes,
+                "max_value_bytes",
+                "use shorter literals",
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl Walk<'_> {
+    fn check_joins(&self) -> ControlFlow<PolicyError> {
+        let l = self.limits;
+        if self.joins > l.max_joins {
+            return ControlFlow::Break(complexity(
+                "joins",
+                self.joins,
+                l.max_joins,
+                "max_joins",
+                "join fewer tables in one query",
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The length of a literal's text, or 0 for one that is not text.
+fn literal_bytes(value: &ast::Value) -> usize {
+    use ast::Value::*;
+    match value {
+        SingleQuotedString(s)
+        | DoubleQuotedString(s)
+        | EscapedStringLiteral(s)
+        | UnicodeStringLiteral(s)
+        | NationalStringLiteral(s)
+        | HexStringLiteral(s)
+        | SingleQuotedByteStringLiteral(s)
+        | DoubleQuotedByteStringLiteral(s)
+        | TripleSingleQuotedString(s)
+        | TripleDoubleQuotedString(s)
+        | TripleSingleQuotedByteStringLiteral(s)
+        | TripleDoubleQuotedByteStringLiteral(s)
+        | SingleQuotedRawStringLiteral(s)
+        | DoubleQuotedRawStringLiteral(s)
+        | TripleSingleQuotedRawStringLiteral(s)
+        | TripleDoubleQuotedRawStringLiteral(s) => s.len(),
+        DollarQuotedString(d) => d.value.len(),
+        Number(n, _) => n.len(),
+        Boolean(_) | Null | Placeholder(_) => 0,
+        other => other.to_string().len(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

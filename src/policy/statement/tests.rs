@@ -1,0 +1,136 @@
+use datafusion::prelude::SessionContext;
+
+use super::*;
+
+fn admit_on(sql: &str, limits: &StatementLimits) -> Result<(), String> {
+    let state = SessionContext::new().state();
+    admit(&state, sql, limits).map(drop).map_err(|e| e.to_string())
+}
+
+fn refused(sql: &str, rule: &str, key: &str) {
+    let err = admit_on(sql, &StatementLimits::default()).expect_err(sql.get(..80).unwrap_or(sql));
+    assert!(err.starts_with(rule), "{err}");
+    assert!(err.contains(key), "{err}");
+}
+
+fn chain(op: &str, n: usize) -> String {
+    let terms: Vec<String> = (0..n).map(|i| format!("age <> {i}")).collect();
+    format!("SELECT COUNT(*) FROM patients WHERE {}", terms.join(op))
+}
+
+#[test]
+fn chains_past_the_depth_limit_are_refused_naming_the_key() {
+    let l = StatementLimits::default();
+    // Ten times the limit, of every kind of chain.
+    refused(&chain(" AND ", 10 * l.max_expression_depth), "safe-settings/complexity", "limits.max_expression_depth");
+    refused(&chain(" OR ", 10 * l.max_expression_depth), "safe-settings/complexity", "limits.max_expression_depth");
+    for op in ["||", "+", "*", "-", "/", "%", "=", "<", "AND", "OR"] {
+        let terms = vec!["'a'"; 10 * l.max_expression_depth].join(&format!(" {op} "));
+        refused(&format!("SELECT COUNT(*) FROM t WHERE {terms} IS NULL"), "safe-settings/complexity", "max_expression_depth");
+    }
+    let nested = format!("{}age{}", "abs(".repeat(10 * l.max_expression_depth), ")".repeat(10 * l.max_expression_depth));
+    assert!(admit_on(&format!("SELECT SUM({nested}) FROM t"), &l).is_err());
+}
+
+#[test]
+fn a_statement_at_the_limits_is_admitted() {
+    let l = StatementLimits::default();
+    // A chain one short of the depth limit (the WHERE's own expression is one level).
+    assert!(admit_on(&chain(" AND ", l.max_expression_depth / 2), &l).is_ok());
+    let branches: Vec<String> = (0..l.max_case_branches).map(|i| format!("WHEN age = {i} THEN {i}")).collect();
+    let sql = format!("SELECT SUM(CASE {} END) FROM patients", branches.join(" "));
+    assert!(admit_on(&sql, &l).is_ok());
+}
+
+#[test]
+fn the_longest_deepest_statement_is_walked_and_dropped_on_its_own_stack() {
+    // A chain as deep as max_sql_bytes of SQL can make: refused, and neither the parse, the walk
+    // nor dropping the tree overflows the calling thread's stack, which here is small.
+    let limits = StatementLimits::default();
+    let body = "1+".repeat((limits.max_sql_bytes - 64) / 2);
+    let sql = format!("SELECT SUM({body}1) FROM t");
+    assert!(sql.len() <= limits.max_sql_bytes);
+    let result = std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(move || admit_on(&sql, &limits))
+        .unwrap()
+        .join()
+        .expect("no overflow");
+    let err = result.unwrap_err();
+    assert!(err.contains("limits.max_expression_depth"), "{err}");
+}
+
+#[test]
+fn flat_code_lists_stay_cheap() {
+    let codes: Vec<String> = (0..10_000).map(|i| format!("'{:09}'", 100_000_000 + i)).collect();
+    let sql = format!("SELECT COUNT(*) FROM gp_events WHERE snomed_code IN ({})", codes.join(", "));
+    assert!(sql.len() > 64 * 1024);
+    assert!(admit_on(&sql, &StatementLimits::default()).is_ok());
+    let tight = StatementLimits {
+        max_in_list_items: 1000,
+        ..Default::default()
+    };
+    assert!(admit_on(&sql, &tight).unwrap_err().contains("limits.max_in_list_items"));
+}
+
+#[test]
+fn each_complexity_limit_is_enforced() {
+    let l = StatementLimits::default();
+    let branches: Vec<String> = (0..10 * l.max_case_branches).map(|i| format!("WHEN age = {i} THEN {i}")).collect();
+    refused(
+        &format!("SELECT SUM(CASE {} END) FROM patients", branches.join(" ")),
+        "safe-settings/complexity",
+        "limits.max_case_branches",
+    );
+    let joins: String = (0..10 * l.max_joins).map(|i| format!(" JOIN patients p{i} USING (person_id)")).collect();
+    refused(&format!("SELECT COUNT(*) FROM patients{joins}"), "safe-settings/complexity", "limits.max_joins");
+    let commas: Vec<String> = (0..=l.max_joins).map(|i| format!("patients p{i}")).collect();
+    refused(&format!("SELECT COUNT(*) FROM {}", commas.join(", ")), "safe-settings/complexity", "limits.max_joins");
+    let mut sub = "SELECT COUNT(*) FROM patients".to_owned();
+    for _ in 0..=l.max_subquery_depth {
+        sub = format!("SELECT COUNT(*) FROM ({sub}) s");
+    }
+    refused(&sub, "safe-settings/complexity", "limits.max_subquery_depth");
+    let terms: Vec<String> = (0..l.max_expression_nodes).map(|i| format!("abs(age) = {i}")).collect();
+    refused(
+        &format!("SELECT {} FROM patients", terms.join(", ")),
+        "safe-settings/complexity",
+        "limits.max_expression_nodes",
+    );
+    let long = "x".repeat(l.max_value_bytes + 1);
+    refused(&format!("SELECT COUNT(*) FROM patients WHERE district = '{long}'"), "safe-settings/complexity", "limits.max_value_bytes");
+    refused(&format!("SELECT {} FROM t", "1".repeat(l.max_sql_bytes)), "safe-outputs/query-too-long", "limit");
+}
+
+#[test]
+fn only_allowlisted_functions_and_no_table_functions() {
+    for sql in [
+        "SELECT COUNT(*) FROM range(1000000000)",
+        "SELECT COUNT(*) FROM generate_series(1, 1000000000)",
+        "SELECT COUNT(*) FROM unnest([1, 2, 3])",
+        "SELECT SUM(cardinality(array_repeat(age, 1000000000))) FROM patients",
+        "SELECT SUM(cardinality(string_to_array(district, ''))) FROM patients",
+        "SELECT COUNT(*) FROM patients WHERE random() < 0.5",
+        "SELECT SUM(age) FROM patients WHERE [1, 2] IS NOT NULL",
+        "SELECT COUNT(*) FROM patients WHERE no_such_function(age) = 1",
+    ] {
+        let err = admit_on(sql, &StatementLimits::default()).unwrap_err();
+        assert!(err.starts_with("safe-settings/functions:"), "{sql}: {err}");
+    }
+    for sql in [
+        "SELECT district, SUM(length(repeat(district, 3))) FROM patients GROUP BY 1",
+        "SELECT date_trunc('month', event_date), COUNT(*) FROM gp_events GROUP BY 1",
+        "SELECT COUNT(*) FROM patients WHERE lower(district) LIKE 'b%' AND coalesce(age, 0) > 40",
+    ] {
+        assert!(admit_on(sql, &StatementLimits::default()).is_ok(), "{sql}");
+    }
+}
+
+#[test]
+fn nul_bytes_and_odd_unicode_in_literals_are_just_text() {
+    for lit in ["\u{0}", "\u{202e}evil", "\u{1F600}\u{FE0F}", "a\u{0301}", "\u{FFFF}", "'' ''"] {
+        let escaped = lit.replace('\'', "''");
+        let sql = format!("SELECT COUNT(*) FROM patients WHERE district = '{escaped}'");
+        assert!(admit_on(&sql, &StatementLimits::default()).is_ok(), "{sql:?}");
+    }
+}
