@@ -80,13 +80,13 @@ async fn main() {
     for (name, sql) in QUERIES {
         let ctx = engine.session(&access).unwrap();
         let check = time(runs, || async {
-            policy::plan_and_check(&ctx, sql, Rules::DEFAULT, 1 << 16)
+            policy::plan_and_check(&ctx, sql, Rules::DEFAULT, &Default::default())
                 .await
                 .unwrap();
         })
         .await
         .median;
-        let permit = policy::plan_and_check(&ctx, sql, Rules::DEFAULT, 1 << 16)
+        let permit = policy::plan_and_check(&ctx, sql, Rules::DEFAULT, &Default::default())
             .await
             .unwrap();
         let gateway = time(runs, || async {
