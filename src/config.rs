@@ -301,7 +301,7 @@ impl Default for LimitsConfig {
             max_expression_depth: 100,
             max_expression_nodes: 10_000,
             max_in_list_items: 100_000,
-            max_case_branches: 500,
+            max_case_branches: 100,
             max_joins: 16,
             max_subquery_depth: 8,
             max_value_bytes: 8 * 1024,

@@ -144,6 +144,8 @@ async fn spans_arrive_over_otlp_with_a_child_per_step_and_no_sql() {
         [
             "authenticate",
             "authorise",
+            // The received record, on the log before anything runs.
+            "audit",
             "plan",
             "check",
             "execute",

@@ -20,6 +20,7 @@ use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Result, ScalarValue};
 use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::{
     BinaryExpr, ColumnarValue, Documentation, Expr, ExprSchemable, LogicalPlan, Operator, ReturnFieldArgs,
     ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
@@ -248,8 +249,10 @@ impl AnalyzerRule for CapConcat {
             let Some(schema) = schema else {
                 return Ok(Transformed::no(node));
             };
+            let names = NamePreserver::new(&node);
             node.map_expressions(|e| {
-                e.transform_up(|e| match &e {
+                let name = names.save(&e);
+                let rewritten = e.transform_up(|e| match &e {
                     Expr::BinaryExpr(BinaryExpr {
                         left,
                         op: Operator::StringConcat,
@@ -275,7 +278,9 @@ impl AnalyzerRule for CapConcat {
                         Ok(Transformed::yes(call))
                     }
                     _ => Ok(Transformed::no(e)),
-                })
+                })?;
+                // The output keeps the operator's name, so the plan's schema does not change.
+                Ok(rewritten.update_data(|e| name.restore(e)))
             })
         })
         .map(|t| t.data)

@@ -35,7 +35,7 @@ use crate::ingest::{scan, version};
 use crate::registry::ProjectAccess;
 
 pub mod capped;
-mod checked_sum;
+mod overflow;
 mod served;
 mod store;
 
@@ -471,7 +471,7 @@ impl Engine {
             .with_information_schema(false);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         capped::register(&ctx, self.max_value_bytes);
-        checked_sum::register(&ctx);
+        overflow::register(&ctx);
         let cohort = match &access.cohort {
             Some(sql) => Some(self.cohort_expr(&ctx, sql)?),
             None => None,

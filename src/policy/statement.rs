@@ -102,6 +102,7 @@ pub fn gate(state: &SessionState, statement: &DFStatement, limits: &StatementLim
         limits,
         depth: 0,
         nodes: 0,
+        credit: 0,
         in_list_items: 0,
         joins: 0,
         queries: 0,
@@ -128,6 +129,8 @@ struct Walk<'a> {
     limits: &'a StatementLimits,
     depth: usize,
     nodes: usize,
+    /// IN-list literals still to be visited, which are not counted as nodes.
+    credit: usize,
     in_list_items: usize,
     joins: usize,
     queries: usize,
@@ -189,7 +192,11 @@ impl Visitor for Walk<'_> {
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<PolicyError> {
         let l = self.limits;
         self.depth += 1;
-        self.nodes += 1;
+        match expr {
+            // A plain literal of an IN list (credited below) is a list item, not a node.
+            Expr::Value(_) if self.credit > 0 => self.credit -= 1,
+            _ => self.nodes += 1,
+        }
         if self.depth > l.max_expression_depth {
             return ControlFlow::Break(complexity(
                 "expression depth",
@@ -202,8 +209,7 @@ impl Visitor for Walk<'_> {
         match expr {
             Expr::InList { list, .. } => {
                 // The list's plain literals are counted as list items, not as expression nodes.
-                let literals = list.iter().filter(|e| matches!(e, Expr::Value(_))).count();
-                self.nodes -= literals.min(self.nodes);
+                self.credit += list.iter().filter(|e| matches!(e, Expr::Value(_))).count();
                 self.in_list_items += list.len();
                 if self.in_list_items > l.max_in_list_items {
                     return ControlFlow::Break(complexity(

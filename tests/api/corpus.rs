@@ -44,7 +44,7 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
         format!("SELECT COUNT(*) FROM patients WHERE district = {}", chain(" || ", 2000, |_| "'a'".into())),
         complexity,
     );
-    for op in ["+", "-", "*", "/", "%", "<", "=", "<>", "AND", "OR", "||", "&", "|", "#", "<<", ">>"] {
+    for op in ["+", "-", "*", "/", "%", "<", "=", "<>", "AND", "OR", "||", "&", "|", "<<", ">>"] {
         add(
             &format!("1000-deep chain of {op}"),
             format!("SELECT COUNT(*) FROM patients WHERE ({}) IS NULL", chain(&format!(" {op} "), 1000, |_| "age".into())),

@@ -264,21 +264,25 @@ async fn every_call_is_audited_in_a_verified_chain_before_release() {
     assert_eq!(
         summary,
         [
+            // On record before it runs, then its outcome.
+            ("query.received".into(), "received".into(), alice.clone()),
             ("query.execute".into(), "accepted".into(), alice.clone()),
             ("query.release".into(), "accepted".into(), alice.clone()),
+            ("query.received".into(), "received".into(), alice.clone()),
             ("query.execute".into(), "refused".into(), alice),
+            // Refused before anything runs (bob's accreditation has expired): no received record.
             ("query.execute".into(), "refused".into(), Some("bob".into())),
         ]
     );
-    let release = &records[1].entry;
+    let release = &records[2].entry;
     assert!(release.result_hash.is_some());
     assert_eq!(
         release.sql.as_deref(),
         Some("SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
     );
-    assert_eq!(records[2].entry.rule.as_deref(), Some("safe-outputs/aggregate-only"));
+    assert_eq!(records[4].entry.rule.as_deref(), Some("safe-outputs/aggregate-only"));
     assert_eq!(
-        records[3].entry.rule.as_deref(),
+        records[5].entry.rule.as_deref(),
         Some("safe-people/accreditation-expired")
     );
 }

@@ -84,7 +84,7 @@ fn each_complexity_limit_is_enforced() {
     );
     let joins: String = (0..10 * l.max_joins).map(|i| format!(" JOIN patients p{i} USING (person_id)")).collect();
     refused(&format!("SELECT COUNT(*) FROM patients{joins}"), "safe-settings/complexity", "limits.max_joins");
-    let commas: Vec<String> = (0..=l.max_joins).map(|i| format!("patients p{i}")).collect();
+    let commas: Vec<String> = (0..=l.max_joins + 1).map(|i| format!("patients p{i}")).collect();
     refused(&format!("SELECT COUNT(*) FROM {}", commas.join(", ")), "safe-settings/complexity", "limits.max_joins");
     let mut sub = "SELECT COUNT(*) FROM patients".to_owned();
     for _ in 0..=l.max_subquery_depth {
