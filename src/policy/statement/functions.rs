@@ -114,6 +114,14 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_list_is_the_allowlist() {
+        let doc = include_str!("../../../docs/disclosure.md");
+        for f in SCALAR {
+            assert!(doc.contains(&format!("`{f}`")), "docs/disclosure.md does not list {f}");
+        }
+    }
+
+    #[test]
     fn aggregates_pass_to_the_structural_checks_and_others_are_refused() {
         let state = SessionContext::new().state();
         assert!(scalar_allowed(&state, "SUM").is_ok());

@@ -134,3 +134,22 @@ fn nul_bytes_and_odd_unicode_in_literals_are_just_text() {
         assert!(admit_on(&sql, &StatementLimits::default()).is_ok(), "{sql:?}");
     }
 }
+
+#[test]
+fn every_limit_is_documented_for_operators() {
+    let doc = include_str!("../../../docs/operator.md");
+    let example = include_str!("../../../config/gateway.example.toml");
+    for key in [
+        "max_sql_bytes",
+        "max_expression_depth",
+        "max_expression_nodes",
+        "max_in_list_items",
+        "max_case_branches",
+        "max_joins",
+        "max_subquery_depth",
+        "max_value_bytes",
+    ] {
+        assert!(doc.contains(&format!("`{key}`")), "docs/operator.md does not document {key}");
+        assert!(example.contains(&format!("\n{key} = ")), "the example config does not set {key}");
+    }
+}
