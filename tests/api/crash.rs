@@ -159,3 +159,75 @@ async fn a_gateway_killed_mid_load_reopens_with_every_released_result_recorded()
         "a torn tail is reported in the server log"
     );
 }
+
+/// `sde-gateway audit verify` on a folder: its exit status and what it printed.
+fn verify_cli(dir: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sde-gateway"))
+        .args(["audit", "verify", "--dir"])
+        .arg(dir.join("audit"))
+        .arg("--public-key")
+        .arg(dir.join(demo::AUDIT_PUBLIC_KEY))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_running_when_the_process_is_killed_is_on_record() {
+    let dir = tempfile::tempdir().unwrap();
+    demo_world(dir.path()).await;
+    let config = dir.path().join("gateway.toml");
+    let server = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || start(&config)
+    })
+    .await
+    .unwrap();
+    // A query that would run until its deadline (a cross join of three tables).
+    let slow = "SELECT COUNT(*) AS n FROM patients p CROSS JOIN asc_services a CROSS JOIN ews_referrals e".to_owned();
+    let ca = std::fs::read(dir.path().join("tls/ca.pem")).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.set_token(std::fs::read_to_string(dir.path().join("tokens/alice.jwt")).unwrap());
+    client.set_header("x-sde-project", PROJECT);
+    let running = tokio::spawn(async move { client.execute(slow, None).await.map(|_| ()) });
+    // Wait until the gateway has the query on record, then kill it (as the OOM killer would).
+    let log = dir.path().join("audit").join("audit.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("query.received") {
+        assert!(std::time::Instant::now() < deadline, "no received record");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(server);
+    assert!(running.await.unwrap().is_err(), "the client sees the connection go");
+
+    // On record, though it never finished; the log is intact with an unsigned tail (exit 2).
+    let records = sde_gateway::audit::verify(&log).expect("the chain is intact");
+    let last = records.last().unwrap();
+    assert_eq!(last.entry.call, "query.received");
+    assert!(last.entry.sql.as_deref().unwrap().contains("CROSS JOIN ews_referrals"));
+    let (code, text) = verify_cli(dir.path());
+    assert_eq!(code, sde_gateway::cli::UNSIGNED_TAIL_EXIT, "{text}");
+    assert!(text.contains("(unsigned tail)"), "{text}");
+
+    // The next start signs the tail: exit 0.
+    let restarted = tokio::task::spawn_blocking(move || start(&config)).await.unwrap();
+    let (code, text) = verify_cli(dir.path());
+    assert_eq!(code, 0, "{text}");
+    drop(restarted);
+
+    // Tampering is told apart: exit 1.
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("\"received\"", "\"accepted\"", 1)).unwrap();
+    assert_eq!(verify_cli(dir.path()).0, 1);
+}
