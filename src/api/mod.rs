@@ -58,7 +58,7 @@ pub fn status(error: Error) -> Status {
             // Execution errors can quote values from the data (a failed cast, say): never sent.
             _ => (
                 Code::InvalidArgument,
-                "the query failed while running (for example a value could not be converted); check types and casts"
+                "safe-settings/execution: the query failed while running (for example a value could not be converted); check types and casts"
                     .to_owned(),
             ),
         },

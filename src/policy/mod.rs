@@ -64,7 +64,7 @@ pub enum PolicyError {
     Differencing(#[from] crate::disclosure::DifferencingRefused),
     #[error("safe-outputs/query-too-long: the SQL text is {0} bytes; the limit is {1}")]
     TooLong(usize, usize),
-    #[error("invalid query: {0}")]
+    #[error("safe-outputs/invalid-query: {0}")]
     Sql(String),
     #[error("safe-settings/complexity: the query's {what} is {value}, more than the limit of {max} (limits.{key}); {advice}")]
     Complexity {

@@ -8,6 +8,7 @@ mod audit;
 mod corpus;
 mod crash;
 mod flight_sql;
+mod fuzz;
 mod helpers;
 mod hostile;
 mod identity;
