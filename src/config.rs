@@ -265,6 +265,8 @@ pub struct LimitsConfig {
     pub max_joins: usize,
     /// Deepest nesting of subqueries (CTEs, derived tables, IN/EXISTS/scalar subqueries).
     pub max_subquery_depth: usize,
+    /// Most set operations (UNION, INTERSECT, EXCEPT) chained in one query.
+    pub max_set_operations: usize,
     /// Longest value, in bytes, a literal may be or a growing function (`repeat`, `lpad`,
     /// `concat`, `||`, …) may make; a longer result is NULL.
     pub max_value_bytes: usize,
@@ -294,6 +296,10 @@ pub struct LimitsConfig {
     pub shutdown_grace_seconds: u64,
 }
 
+/// The largest `limits.max_set_operations` accepted: DataFusion's SQL planner walks a chain of
+/// set operations recursively (a test plans a chain this long on a 2 MiB stack).
+pub const MAX_SET_OPERATIONS: usize = 200;
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
@@ -304,6 +310,7 @@ impl Default for LimitsConfig {
             max_case_branches: 100,
             max_joins: 16,
             max_subquery_depth: 8,
+            max_set_operations: 64,
             max_value_bytes: 8 * 1024,
             max_result_rows: 100_000,
             statement_ttl_seconds: 300,
@@ -490,6 +497,12 @@ impl GatewayConfig {
             if value == 0 {
                 return invalid(key, "must be greater than 0".into());
             }
+        }
+        if l.max_set_operations > MAX_SET_OPERATIONS {
+            return invalid(
+                "limits.max_set_operations",
+                format!("must be at most {MAX_SET_OPERATIONS}: the planner's walks of a chain are sized for that"),
+            );
         }
         if l.max_expression_depth > 1000 {
             return invalid(

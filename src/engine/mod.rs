@@ -35,7 +35,7 @@ use crate::ingest::{scan, version};
 use crate::registry::ProjectAccess;
 
 pub mod capped;
-mod overflow;
+pub mod overflow;
 mod served;
 mod store;
 

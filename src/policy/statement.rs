@@ -5,8 +5,8 @@
 //! - it is at most `limits.max_sql_bytes` long and parses as one statement;
 //! - its complexity is within the `limits.*` bounds ([`StatementLimits`]): expression depth,
 //!   expression nodes (the plain literals of an `IN (…)` list are not counted, so code lists of
-//!   tens of thousands of codes stay cheap), CASE branches, joins, subquery nesting, and the
-//!   length of each string literal;
+//!   tens of thousands of codes stay cheap), CASE branches, joins, subquery nesting, set
+//!   operations chained in one query, and the length of each string literal;
 //! - every function it calls is on the gateway's allowlist ([`functions`]): scalar functions
 //!   by name; aggregate and window functions are judged by the structural checks in
 //!   [`crate::policy`]; no table functions at all (`range`, `generate_series`, `unnest`, …).
@@ -24,7 +24,7 @@ use std::ops::ControlFlow;
 
 use datafusion::execution::SessionState;
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::{self, Expr, Query, TableFactor, Visit, Visitor};
+use datafusion::sql::sqlparser::ast::{self, Expr, Query, SetExpr, TableFactor, Visit, Visitor};
 
 use super::PolicyError;
 use crate::config::LimitsConfig;
@@ -41,6 +41,7 @@ pub struct StatementLimits {
     pub max_case_branches: usize,
     pub max_joins: usize,
     pub max_subquery_depth: usize,
+    pub max_set_operations: usize,
     pub max_value_bytes: usize,
 }
 
@@ -54,6 +55,7 @@ impl From<&LimitsConfig> for StatementLimits {
             max_case_branches: c.max_case_branches,
             max_joins: c.max_joins,
             max_subquery_depth: c.max_subquery_depth,
+            max_set_operations: c.max_set_operations,
             max_value_bytes: c.max_value_bytes,
         }
     }
@@ -113,6 +115,23 @@ pub fn gate(state: &SessionState, statement: &DFStatement, limits: &StatementLim
     }
 }
 
+/// The set operations of one query body (not those of the parenthesised queries inside it,
+/// which are queries of their own), counted without recursion and stopping past `max`: a
+/// chain `a UNION b UNION …` is a tree as deep as it is long.
+fn set_operations(body: &SetExpr, max: usize) -> usize {
+    let (mut count, mut pending) = (0, vec![body]);
+    while let Some(set) = pending.pop() {
+        if let SetExpr::SetOperation { left, right, .. } = set {
+            count += 1;
+            if count > max {
+                break;
+            }
+            pending.extend([left.as_ref(), right.as_ref()]);
+        }
+    }
+    count
+}
+
 /// A refusal naming a limit, the statement's value and the key.
 fn complexity(what: &'static str, value: usize, max: usize, key: &'static str, advice: &'static str) -> PolicyError {
     PolicyError::Complexity {
@@ -149,9 +168,19 @@ impl Walk<'_> {
 impl Visitor for Walk<'_> {
     type Break = PolicyError;
 
-    fn pre_visit_query(&mut self, _query: &Query) -> ControlFlow<PolicyError> {
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<PolicyError> {
         self.queries += 1;
         let l = self.limits;
+        let chained = set_operations(&query.body, l.max_set_operations);
+        if chained > l.max_set_operations {
+            return ControlFlow::Break(complexity(
+                "chain of set operations",
+                chained,
+                l.max_set_operations,
+                "max_set_operations",
+                "combine the tables in one subquery with fewer UNIONs, or split the query",
+            ));
+        }
         if self.queries > l.max_subquery_depth + 1 {
             return ControlFlow::Break(complexity(
                 "subquery nesting",

@@ -91,6 +91,14 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
         Either,
     );
     add(
+        "5000 UNION ALLs",
+        format!(
+            "SELECT COUNT(DISTINCT person_id) AS n FROM ({}) u",
+            chain(" UNION ALL ", 5000, |i| ["SELECT person_id FROM patients", "SELECT person_id FROM gp_events"][i % 2].to_owned())
+        ),
+        complexity,
+    );
+    add(
         "100000 expression nodes",
         format!("SELECT COUNT(*) FROM patients WHERE coalesce(age, {}) > 0", chain(", ", 100_000, |i| i.to_string())),
         complexity,

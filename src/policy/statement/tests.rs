@@ -91,6 +91,12 @@ fn each_complexity_limit_is_enforced() {
         sub = format!("SELECT COUNT(*) FROM ({sub}) s");
     }
     refused(&sub, "safe-settings/complexity", "limits.max_subquery_depth");
+    let union = vec!["SELECT person_id FROM patients"; l.max_set_operations + 2].join(" UNION ALL ");
+    refused(
+        &format!("SELECT COUNT(DISTINCT person_id) FROM ({union}) u"),
+        "safe-settings/complexity",
+        "limits.max_set_operations",
+    );
     let terms: Vec<String> = (0..l.max_expression_nodes).map(|i| format!("abs(age) = {i}")).collect();
     refused(
         &format!("SELECT {} FROM patients", terms.join(", ")),
@@ -147,9 +153,38 @@ fn every_limit_is_documented_for_operators() {
         "max_case_branches",
         "max_joins",
         "max_subquery_depth",
+        "max_set_operations",
         "max_value_bytes",
     ] {
         assert!(doc.contains(&format!("`{key}`")), "docs/operator.md does not document {key}");
         assert!(example.contains(&format!("\n{key} = ")), "the example config does not set {key}");
     }
+}
+
+#[test]
+fn the_longest_chain_of_set_operations_accepted_plans_on_a_small_stack() {
+    // DataFusion's SQL planner walks a chain of set operations recursively, and so do the
+    // optimizer and physical planner after it; the cap on the key keeps that walk short. Two
+    // MiB is tokio's default worker stack, an eighth of the gateway's.
+    let limits = StatementLimits {
+        max_set_operations: crate::config::MAX_SET_OPERATIONS,
+        ..StatementLimits::default()
+    };
+    let chain = vec!["SELECT 1 AS x"; crate::config::MAX_SET_OPERATIONS + 1].join(" UNION ALL ");
+    let sql = format!("SELECT COUNT(*) FROM ({chain}) u");
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                let ctx = SessionContext::new();
+                let plan = crate::policy::plan_sql(&ctx, &sql, &limits).await.expect("admitted");
+                let state = ctx.state();
+                let optimised = state.optimize(&plan).expect("optimised");
+                state.create_physical_plan(&optimised).await.expect("planned");
+            });
+        })
+        .unwrap()
+        .join()
+        .expect("no stack overflow");
 }
