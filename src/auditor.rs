@@ -249,8 +249,14 @@ impl Core {
         entry.snapshot = e.snapshot.clone();
         let session = self.engine.session(&access)?;
         // The recorded rules already include every tightening that applied at the time.
-        let permit =
-            policy::plan_and_check_with(&session, sql, rules, &BTreeMap::new(), &policy::StatementLimits::from(&self.limits)).await?;
+        let permit = policy::plan_and_check_with(
+            &session,
+            sql,
+            rules,
+            &BTreeMap::new(),
+            &policy::StatementLimits::from(&self.limits),
+        )
+        .await?;
         let evaluated = self.evaluate(&session, &permit).await?;
         let confirmed = &evaluated.result_hash == recorded;
         entry.result_hash = Some(evaluated.result_hash.clone());

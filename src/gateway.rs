@@ -485,7 +485,10 @@ impl Core {
             }
             None => {
                 let plan = self
-                    .step_async("plan", policy::plan_sql(&session, sql, &StatementLimits::from(&self.limits)))
+                    .step_async(
+                        "plan",
+                        policy::plan_sql(&session, sql, &StatementLimits::from(&self.limits)),
+                    )
                     .await?;
                 Statement::Checked(self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?)
             }
@@ -740,7 +743,14 @@ impl Core {
     /// disclosure rules.
     async fn check(&self, session: &SessionContext, access: &ProjectAccess, sql: &str) -> Result<Permit, Error> {
         let rules = self.rules.tightened(&access.disclosure);
-        Ok(policy::plan_and_check_with(session, sql, rules, &self.dataset_rules, &StatementLimits::from(&self.limits)).await?)
+        Ok(policy::plan_and_check_with(
+            session,
+            sql,
+            rules,
+            &self.dataset_rules,
+            &StatementLimits::from(&self.limits),
+        )
+        .await?)
     }
 
     /// CreatePreparedStatement: authorise, plan and check (so a refused query is refused here),

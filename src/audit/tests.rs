@@ -154,7 +154,11 @@ fn a_forged_or_foreign_checkpoint_is_detected() {
     let (dir, _, public) = written(4);
     std::fs::write(dir.path().join(CHECKPOINT_FILE), "").unwrap();
     let verified = verify_dir(dir.path(), &public).unwrap();
-    assert_eq!(verified.unsigned, verified.records.len() as u64, "an unsigned tail, not damage");
+    assert_eq!(
+        verified.unsigned,
+        verified.records.len() as u64,
+        "an unsigned tail, not damage"
+    );
 }
 
 #[test]

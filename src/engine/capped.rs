@@ -116,24 +116,24 @@ impl ScalarUDFImpl for Capped {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let scalar = args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
         let rows = if scalar { 1 } else { args.number_rows };
-        let arrays: Vec<ArrayRef> = args
-            .args
-            .iter()
-            .map(|a| a.to_array(rows))
-            .collect::<Result<_>>()?;
+        let arrays: Vec<ArrayRef> = args.args.iter().map(|a| a.to_array(rows)).collect::<Result<_>>()?;
         let over = self.over(&arrays)?;
         if over.true_count() == 0 {
             return self.inner.invoke_with_args(args);
         }
         if scalar {
-            return Ok(ColumnarValue::Scalar(ScalarValue::try_from(args.return_field.data_type())?));
+            return Ok(ColumnarValue::Scalar(ScalarValue::try_from(
+                args.return_field.data_type(),
+            )?));
         }
         // The rows over the cap run on NULL arguments, so nothing long is built, and are NULL.
         let masked = arrays
             .iter()
             .map(|a| nullif(a, &over).map(ColumnarValue::Array))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let out = self.inner.invoke_with_args(ScalarFunctionArgs { args: masked, ..args })?;
+        let out = self
+            .inner
+            .invoke_with_args(ScalarFunctionArgs { args: masked, ..args })?;
         let out = out.to_array(rows)?;
         Ok(ColumnarValue::Array(nullif(&out, &over)?))
     }
@@ -151,7 +151,11 @@ impl Capped {
                 let (s, n) = (text(0)?.unwrap_or_else(zeros), number(1)?.unwrap_or_else(zeros));
                 s.iter().zip(&n).map(|(s, n)| s.saturating_mul(*n)).collect()
             }
-            Growth::Pad => number(1)?.unwrap_or_else(zeros).iter().map(|n| n.saturating_mul(4)).collect(),
+            Growth::Pad => number(1)?
+                .unwrap_or_else(zeros)
+                .iter()
+                .map(|n| n.saturating_mul(4))
+                .collect(),
             Growth::Replace | Growth::RegexpReplace => {
                 let s = text(0)?.unwrap_or_else(zeros);
                 let to = text(2)?.unwrap_or_else(zeros);
@@ -177,7 +181,10 @@ impl Capped {
                 if self.name == "concat_ws" {
                     let sep = text(0)?.unwrap_or_else(zeros);
                     let n = arrays.len() as u64;
-                    total.iter_mut().zip(&sep).for_each(|(t, s)| *t = t.saturating_add(s.saturating_mul(n)));
+                    total
+                        .iter_mut()
+                        .zip(&sep)
+                        .for_each(|(t, s)| *t = t.saturating_add(s.saturating_mul(n)));
                 }
                 total
             }
@@ -220,7 +227,10 @@ fn names_groups(array: &ArrayRef) -> Result<Vec<bool>> {
         .as_any()
         .downcast_ref::<datafusion::arrow::array::StringArray>()
         .expect("cast to Utf8");
-    Ok(text.iter().map(|t| t.is_some_and(|t| t.contains('$') || t.contains('\\'))).collect())
+    Ok(text
+        .iter()
+        .map(|t| t.is_some_and(|t| t.contains('$') || t.contains('\\')))
+        .collect())
 }
 
 /// Each row's value as a count (negative and NULL as 0; anything not a number as 0).
@@ -272,7 +282,9 @@ impl AnalyzerRule for CapConcat {
                         ));
                         // Keep the operator's type exactly (concat may pick another text type).
                         let call = match (t, call.get_type(schema.as_ref())) {
-                            (Ok(want), Ok(got)) if want != got => Expr::Cast(datafusion::logical_expr::Cast::new(Box::new(call), want)),
+                            (Ok(want), Ok(got)) if want != got => {
+                                Expr::Cast(datafusion::logical_expr::Cast::new(Box::new(call), want))
+                            }
                             _ => call,
                         };
                         Ok(Transformed::yes(call))
@@ -305,7 +317,8 @@ mod tests {
         register(&ctx, 100);
         let names = StringArray::from(vec![Some("abc"), Some("a"), None]);
         let n = I64::from(vec![Some(10), Some(1000), Some(5)]);
-        let batch = RecordBatch::try_from_iter([("s", Arc::new(names) as ArrayRef), ("n", Arc::new(n) as ArrayRef)]).unwrap();
+        let batch =
+            RecordBatch::try_from_iter([("s", Arc::new(names) as ArrayRef), ("n", Arc::new(n) as ArrayRef)]).unwrap();
         ctx.register_batch("t", batch).unwrap();
         let out = ctx.sql(sql).await.unwrap().collect().await.unwrap();
         let col = cast(out[0].column(0), &DataType::Utf8).unwrap();
@@ -315,16 +328,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_row_whose_result_would_pass_the_cap_is_null_and_is_never_built() {
-        assert_eq!(run("SELECT repeat(s, n) FROM t").await, vec![Some("abc".repeat(10)), None, None]);
+        assert_eq!(
+            run("SELECT repeat(s, n) FROM t").await,
+            vec![Some("abc".repeat(10)), None, None]
+        );
         // 1e12 bytes per row would be built if the cap looked only at the output.
-        assert_eq!(run("SELECT repeat(s, 1000000000000) FROM t").await, vec![None, None, None]);
+        assert_eq!(
+            run("SELECT repeat(s, 1000000000000) FROM t").await,
+            vec![None, None, None]
+        );
         assert_eq!(run("SELECT lpad(s, 2000000000) FROM t").await, vec![None, None, None]);
         assert_eq!(run("SELECT rpad(s, 5, '-') FROM t").await[0].as_deref(), Some("abc--"));
     }
 
     #[tokio::test]
     async fn the_concatenation_operator_is_capped_and_stays_null_strict() {
-        assert_eq!(run("SELECT s || 'x' FROM t").await, vec![Some("abcx".into()), Some("ax".into()), None]);
+        assert_eq!(
+            run("SELECT s || 'x' FROM t").await,
+            vec![Some("abcx".into()), Some("ax".into()), None]
+        );
         let long = format!("SELECT s || '{}' || '{}' FROM t", "y".repeat(60), "z".repeat(60));
         assert_eq!(run(&long).await, vec![None, None, None]);
         assert_eq!(run("SELECT concat(s, NULL, 'x') FROM t").await[2].as_deref(), Some("x"));

@@ -176,7 +176,11 @@ impl AggregateUDFImpl for CheckedSum {
         if args.is_distinct || !integer(&t) {
             return self.0.accumulator(args);
         }
-        Ok(Box::new(Checked { sum: 0, seen: false, unsigned: t == DataType::UInt64 }))
+        Ok(Box::new(Checked {
+            sum: 0,
+            seen: false,
+            unsigned: t == DataType::UInt64,
+        }))
     }
     fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
         self.0.groups_accumulator_supported(args)
@@ -186,18 +190,19 @@ impl AggregateUDFImpl for CheckedSum {
         let overflowed = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&overflowed);
         let inner: Box<dyn GroupsAccumulator> = match t {
-            DataType::Int64 => Box::new(PrimitiveGroupsAccumulator::<Int64Type, _>::new(&t, move |x, y| {
-                match x.checked_add(y) {
+            DataType::Int64 => Box::new(PrimitiveGroupsAccumulator::<Int64Type, _>::new(&t, move |x, y| match x
+                .checked_add(y)
+            {
+                Some(v) => *x = v,
+                None => flag.store(true, Ordering::Relaxed),
+            })),
+            DataType::UInt64 => Box::new(PrimitiveGroupsAccumulator::<UInt64Type, _>::new(
+                &t,
+                move |x, y| match x.checked_add(y) {
                     Some(v) => *x = v,
                     None => flag.store(true, Ordering::Relaxed),
-                }
-            })),
-            DataType::UInt64 => Box::new(PrimitiveGroupsAccumulator::<UInt64Type, _>::new(&t, move |x, y| {
-                match x.checked_add(y) {
-                    Some(v) => *x = v,
-                    None => flag.store(true, Ordering::Relaxed),
-                }
-            })),
+                },
+            )),
             _ => return self.0.create_groups_accumulator(args),
         };
         Ok(Box::new(CheckedGroups { inner, overflowed }))
@@ -231,7 +236,11 @@ impl Checked {
     /// Adds in 128 bits (which no realistic number of 64-bit values can overflow); the range
     /// is checked where the total is read, so only a total past the range fails.
     fn add(&mut self, values: &ArrayRef) -> Result<()> {
-        let target = if self.unsigned { DataType::UInt64 } else { DataType::Int64 };
+        let target = if self.unsigned {
+            DataType::UInt64
+        } else {
+            DataType::Int64
+        };
         let values = cast(values, &target)?;
         if let Some(v) = values.as_any().downcast_ref::<UInt64Array>() {
             self.seen |= v.null_count() < v.len();
@@ -306,7 +315,8 @@ impl GroupsAccumulator for CheckedGroups {
         opt_filter: Option<&BooleanArray>,
         total_num_groups: usize,
     ) -> Result<()> {
-        self.inner.update_batch(values, group_indices, opt_filter, total_num_groups)?;
+        self.inner
+            .update_batch(values, group_indices, opt_filter, total_num_groups)?;
         self.check()
     }
     fn merge_batch(&mut self, values: &[ArrayRef], group_indices: &[usize], total_num_groups: usize) -> Result<()> {
@@ -341,10 +351,13 @@ mod tests {
         register(&ctx);
         let v = Int64Array::from(vec![i64::MAX - 1, 1, 1, -5]);
         let g = Int64Array::from(vec![1, 1, 1, 2]);
-        let batch = RecordBatch::try_from_iter([("v", Arc::new(v) as ArrayRef), ("g", Arc::new(g) as ArrayRef)]).unwrap();
+        let batch =
+            RecordBatch::try_from_iter([("v", Arc::new(v) as ArrayRef), ("g", Arc::new(g) as ArrayRef)]).unwrap();
         ctx.register_batch("t", batch).unwrap();
         match ctx.sql(sql).await.unwrap().collect().await {
-            Ok(b) => Ok(datafusion::arrow::util::pretty::pretty_format_batches(&b).unwrap().to_string()),
+            Ok(b) => Ok(datafusion::arrow::util::pretty::pretty_format_batches(&b)
+                .unwrap()
+                .to_string()),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -356,15 +369,34 @@ mod tests {
             assert!(err.contains("safe-settings/overflow"), "{sql}: {err}");
         }
         // A total in range is exact, though a running total passed the range on the way.
-        assert!(sum("SELECT SUM(v) FROM t").await.unwrap().contains(&(i64::MAX - 4).to_string()));
+        assert!(
+            sum("SELECT SUM(v) FROM t")
+                .await
+                .unwrap()
+                .contains(&(i64::MAX - 4).to_string())
+        );
         assert!(sum("SELECT SUM(v) FROM t WHERE v < 2").await.unwrap().contains("-3"));
-        assert!(sum("SELECT g, SUM(v) FROM t WHERE g = 2 GROUP BY g").await.unwrap().contains("-5"));
+        assert!(
+            sum("SELECT g, SUM(v) FROM t WHERE g = 2 GROUP BY g")
+                .await
+                .unwrap()
+                .contains("-5")
+        );
         assert!(sum("SELECT SUM(CAST(v AS DOUBLE)) FROM t").await.is_ok());
         // Expression arithmetic is checked too, where DataFusion's would wrap.
-        for sql in ["SELECT SUM(v * 2) FROM t", "SELECT g, SUM(v + v) FROM t GROUP BY g", "SELECT COUNT(*) FROM t WHERE v - (-v) > 0"] {
+        for sql in [
+            "SELECT SUM(v * 2) FROM t",
+            "SELECT g, SUM(v + v) FROM t GROUP BY g",
+            "SELECT COUNT(*) FROM t WHERE v - (-v) > 0",
+        ] {
             let err = sum(sql).await.unwrap_err().to_lowercase();
             assert!(err.contains("overflow"), "{sql}: {err}");
         }
-        assert!(sum("SELECT SUM(v * 1) + 0 FROM t WHERE v < 2").await.unwrap().contains("-3"));
+        assert!(
+            sum("SELECT SUM(v * 1) + 0 FROM t WHERE v < 2")
+                .await
+                .unwrap()
+                .contains("-3")
+        );
     }
 }

@@ -66,7 +66,9 @@ pub enum PolicyError {
     TooLong(usize, usize),
     #[error("safe-outputs/invalid-query: {0}")]
     Sql(String),
-    #[error("safe-settings/complexity: the query's {what} is {value}, more than the limit of {max} (limits.{key}); {advice}")]
+    #[error(
+        "safe-settings/complexity: the query's {what} is {value}, more than the limit of {max} (limits.{key}); {advice}"
+    )]
     Complexity {
         what: &'static str,
         value: usize,

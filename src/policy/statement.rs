@@ -84,9 +84,7 @@ pub fn admit(state: &SessionState, sql: &str, limits: &StatementLimits) -> Resul
     }
     stacker::grow(stack_bytes(limits.max_sql_bytes), || {
         let dialect = state.config().options().sql_parser.dialect;
-        let statement = state
-            .sql_to_statement(sql, &dialect)
-            .map_err(PolicyError::from_df)?;
+        let statement = state.sql_to_statement(sql, &dialect).map_err(PolicyError::from_df)?;
         // A refused statement is dropped here, on this stack: its tree may be deep.
         gate(state, &statement, limits)?;
         Ok(statement)
@@ -200,7 +198,9 @@ impl Visitor for Walk<'_> {
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<PolicyError> {
         let joined = match factor {
-            TableFactor::Table { args: Some(_), name, .. } => {
+            TableFactor::Table {
+                args: Some(_), name, ..
+            } => {
                 return ControlFlow::Break(functions::table_function(&name.to_string()));
             }
             TableFactor::TableFunction { .. } | TableFactor::Function { .. } | TableFactor::UNNEST { .. } => {

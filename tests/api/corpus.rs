@@ -31,23 +31,37 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
     // Ten times the default limits, of each kind.
     add(
         "1000 AND conjuncts",
-        format!("SELECT COUNT(*) FROM patients WHERE {}", chain(" AND ", 1000, |i| format!("age <> {i}"))),
+        format!(
+            "SELECT COUNT(*) FROM patients WHERE {}",
+            chain(" AND ", 1000, |i| format!("age <> {i}"))
+        ),
         complexity,
     );
     add(
         "2000 OR terms",
-        format!("SELECT COUNT(*) FROM patients WHERE {}", chain(" OR ", 2000, |i| format!("age = {i}"))),
+        format!(
+            "SELECT COUNT(*) FROM patients WHERE {}",
+            chain(" OR ", 2000, |i| format!("age = {i}"))
+        ),
         complexity,
     );
     add(
         "2000-term || chain",
-        format!("SELECT COUNT(*) FROM patients WHERE district = {}", chain(" || ", 2000, |_| "'a'".into())),
+        format!(
+            "SELECT COUNT(*) FROM patients WHERE district = {}",
+            chain(" || ", 2000, |_| "'a'".into())
+        ),
         complexity,
     );
-    for op in ["+", "-", "*", "/", "%", "<", "=", "<>", "AND", "OR", "||", "&", "|", "<<", ">>"] {
+    for op in [
+        "+", "-", "*", "/", "%", "<", "=", "<>", "AND", "OR", "||", "&", "|", "<<", ">>",
+    ] {
         add(
             &format!("1000-deep chain of {op}"),
-            format!("SELECT COUNT(*) FROM patients WHERE ({}) IS NULL", chain(&format!(" {op} "), 1000, |_| "age".into())),
+            format!(
+                "SELECT COUNT(*) FROM patients WHERE ({}) IS NULL",
+                chain(&format!(" {op} "), 1000, |_| "age".into())
+            ),
             complexity,
         );
     }
@@ -69,48 +83,86 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
     );
     add(
         "nested function calls 1000 deep",
-        format!("SELECT SUM({}age{}) FROM patients", "abs(".repeat(1000), ")".repeat(1000)),
+        format!(
+            "SELECT SUM({}age{}) FROM patients",
+            "abs(".repeat(1000),
+            ")".repeat(1000)
+        ),
         Either,
     );
     add(
         "parentheses 1000 deep",
-        format!("SELECT COUNT(*) FROM patients WHERE {}age > 1{}", "(".repeat(1000), ")".repeat(1000)),
+        format!(
+            "SELECT COUNT(*) FROM patients WHERE {}age > 1{}",
+            "(".repeat(1000),
+            ")".repeat(1000)
+        ),
         Either,
     );
     add(
         "160 joins",
         format!(
             "SELECT COUNT(*) FROM patients p{}",
-            (0..160).map(|i| format!(" JOIN asc_services a{i} ON a{i}.person_id = p.person_id")).collect::<String>()
+            (0..160)
+                .map(|i| format!(" JOIN asc_services a{i} ON a{i}.person_id = p.person_id"))
+                .collect::<String>()
         ),
         complexity,
     );
     add(
         "subqueries 80 deep",
-        (0..80).fold("SELECT COUNT(*) AS n FROM patients".to_owned(), |q, _| format!("SELECT SUM(n) AS n FROM ({q}) s")),
+        (0..80).fold("SELECT COUNT(*) AS n FROM patients".to_owned(), |q, _| {
+            format!("SELECT SUM(n) AS n FROM ({q}) s")
+        }),
         Either,
     );
     add(
         "5000 UNION ALLs",
         format!(
             "SELECT COUNT(DISTINCT person_id) AS n FROM ({}) u",
-            chain(" UNION ALL ", 5000, |i| ["SELECT person_id FROM patients", "SELECT person_id FROM gp_events"][i % 2].to_owned())
+            chain(" UNION ALL ", 5000, |i| [
+                "SELECT person_id FROM patients",
+                "SELECT person_id FROM gp_events"
+            ][i % 2]
+                .to_owned())
         ),
         complexity,
     );
     add(
         "100000 expression nodes",
-        format!("SELECT COUNT(*) FROM patients WHERE coalesce(age, {}) > 0", chain(", ", 100_000, |i| i.to_string())),
+        format!(
+            "SELECT COUNT(*) FROM patients WHERE coalesce(age, {}) > 0",
+            chain(", ", 100_000, |i| i.to_string())
+        ),
         complexity,
     );
     // Memory: functions whose output grows with an argument.
-    add("repeat 1e8 in SUM(length())", "SELECT SUM(length(repeat(district, 100000000))) FROM patients".into(), Either);
-    add("repeat 1e12 in a filter", "SELECT COUNT(*) FROM patients WHERE repeat(district, 1000000000000) = 'x'".into(), Either);
-    add("lpad 2e9", "SELECT SUM(length(lpad(district, 2000000000, 'x'))) FROM patients".into(), Either);
-    add("rpad 2e9 in GROUP BY", "SELECT rpad(district, 2000000000) AS d, COUNT(*) FROM patients GROUP BY 1".into(), Either);
+    add(
+        "repeat 1e8 in SUM(length())",
+        "SELECT SUM(length(repeat(district, 100000000))) FROM patients".into(),
+        Either,
+    );
+    add(
+        "repeat 1e12 in a filter",
+        "SELECT COUNT(*) FROM patients WHERE repeat(district, 1000000000000) = 'x'".into(),
+        Either,
+    );
+    add(
+        "lpad 2e9",
+        "SELECT SUM(length(lpad(district, 2000000000, 'x'))) FROM patients".into(),
+        Either,
+    );
+    add(
+        "rpad 2e9 in GROUP BY",
+        "SELECT rpad(district, 2000000000) AS d, COUNT(*) FROM patients GROUP BY 1".into(),
+        Either,
+    );
     add(
         "replace amplification",
-        format!("SELECT SUM(length(replace(district, '', '{}'))) FROM patients", "y".repeat(4000)),
+        format!(
+            "SELECT SUM(length(replace(district, '', '{}'))) FROM patients",
+            "y".repeat(4000)
+        ),
         Either,
     );
     add(
@@ -120,31 +172,77 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
     );
     add(
         "concat of repeats",
-        format!("SELECT SUM(length(concat({}))) FROM patients", chain(", ", 200, |_| "repeat(district, 1000)".into())),
+        format!(
+            "SELECT SUM(length(concat({}))) FROM patients",
+            chain(", ", 200, |_| "repeat(district, 1000)".into())
+        ),
         Either,
     );
     add(
         "|| of repeats",
-        format!("SELECT SUM(length({})) FROM patients", chain(" || ", 90, |_| "repeat(district, 1000)".into())),
+        format!(
+            "SELECT SUM(length({})) FROM patients",
+            chain(" || ", 90, |_| "repeat(district, 1000)".into())
+        ),
         Either,
     );
-    add("array_repeat", "SELECT SUM(cardinality(array_repeat(age, 1000000000))) FROM patients".into(), functions);
-    add("string_to_array", "SELECT SUM(cardinality(string_to_array(district, ''))) FROM patients".into(), functions);
-    add("range table", "SELECT COUNT(*) FROM range(10000000000)".into(), functions);
-    add("generate_series table", "SELECT COUNT(*) FROM generate_series(1, 10000000000)".into(), functions);
-    add("generate_series scalar", "SELECT SUM(cardinality(generate_series(1, age * 1000000))) FROM patients".into(), functions);
-    add("unnest", "SELECT COUNT(*) FROM unnest(make_array(1, 2, 3))".into(), functions);
-    add("random", "SELECT COUNT(*) FROM patients WHERE random() < 0.5".into(), functions);
+    add(
+        "array_repeat",
+        "SELECT SUM(cardinality(array_repeat(age, 1000000000))) FROM patients".into(),
+        functions,
+    );
+    add(
+        "string_to_array",
+        "SELECT SUM(cardinality(string_to_array(district, ''))) FROM patients".into(),
+        functions,
+    );
+    add(
+        "range table",
+        "SELECT COUNT(*) FROM range(10000000000)".into(),
+        functions,
+    );
+    add(
+        "generate_series table",
+        "SELECT COUNT(*) FROM generate_series(1, 10000000000)".into(),
+        functions,
+    );
+    add(
+        "generate_series scalar",
+        "SELECT SUM(cardinality(generate_series(1, age * 1000000))) FROM patients".into(),
+        functions,
+    );
+    add(
+        "unnest",
+        "SELECT COUNT(*) FROM unnest(make_array(1, 2, 3))".into(),
+        functions,
+    );
+    add(
+        "random",
+        "SELECT COUNT(*) FROM patients WHERE random() < 0.5".into(),
+        functions,
+    );
     // Arithmetic.
     add(
         "SUM overflow",
         "SELECT SUM(CAST(age AS BIGINT) * 1000000000000000) FROM patients".into(),
         Refused("safe-settings/overflow"),
     );
-    add("SUM of huge constants", "SELECT SUM(9223372036854775807) FROM patients".into(), Refused("safe-settings/overflow"));
-    add("product overflow", "SELECT SUM(age * 9223372036854775807) FROM patients".into(), Refused("safe-settings/overflow"));
+    add(
+        "SUM of huge constants",
+        "SELECT SUM(9223372036854775807) FROM patients".into(),
+        Refused("safe-settings/overflow"),
+    );
+    add(
+        "product overflow",
+        "SELECT SUM(age * 9223372036854775807) FROM patients".into(),
+        Refused("safe-settings/overflow"),
+    );
     // Text.
-    add("NUL byte in a literal", "SELECT COUNT(*) FROM patients WHERE district = 'a\u{0}b'".into(), Answered);
+    add(
+        "NUL byte in a literal",
+        "SELECT COUNT(*) FROM patients WHERE district = 'a\u{0}b'".into(),
+        Answered,
+    );
     add(
         "odd Unicode in literals",
         "SELECT COUNT(*) FROM patients WHERE district IN ('\u{202e}x', '\u{1F600}', 'e\u{301}', '\u{FEFF}', '\u{FFFF}')".into(),
@@ -158,8 +256,22 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
         ),
         Answered,
     );
-    add("statement past the size cap", format!("SELECT COUNT(*) FROM patients WHERE district = '{}'", "x".repeat(2 << 20)), Refused("safe-outputs/query-too-long"));
-    add("literal past max_value_bytes", format!("SELECT COUNT(*) FROM patients WHERE district = '{}'", "x".repeat(10_000)), complexity);
+    add(
+        "statement past the size cap",
+        format!(
+            "SELECT COUNT(*) FROM patients WHERE district = '{}'",
+            "x".repeat(2 << 20)
+        ),
+        Refused("safe-outputs/query-too-long"),
+    );
+    add(
+        "literal past max_value_bytes",
+        format!(
+            "SELECT COUNT(*) FROM patients WHERE district = '{}'",
+            "x".repeat(10_000)
+        ),
+        complexity,
+    );
     out
 }
 

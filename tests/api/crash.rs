@@ -169,7 +169,11 @@ fn verify_cli(dir: &Path) -> (i32, String) {
         .arg(dir.join(demo::AUDIT_PUBLIC_KEY))
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -204,7 +208,10 @@ async fn the_query_running_when_the_process_is_killed_is_on_record() {
     // Wait until the gateway has the query on record, then kill it (as the OOM killer would).
     let log = dir.path().join("audit").join("audit.log");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("query.received") {
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("query.received")
+    {
         assert!(std::time::Instant::now() < deadline, "no received record");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

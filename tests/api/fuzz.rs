@@ -73,12 +73,26 @@ fn predicate(rng: &mut SmallRng, depth: u32) -> String {
     let leaf = depth == 0 || rng.random_bool(0.3);
     if leaf {
         return match rng.random_range(0..6) {
-            0 => format!("{} {} {}", number(rng, 1), pick(rng, &["=", "<>", "<", ">=", ">"]), number(rng, 1)),
+            0 => format!(
+                "{} {} {}",
+                number(rng, 1),
+                pick(rng, &["=", "<>", "<", ">=", ">"]),
+                number(rng, 1)
+            ),
             1 => format!("{} = '{}'", pick(rng, &TEXTS), pick(rng, &WORDS)),
-            2 => format!("{} BETWEEN {} AND {}", pick(rng, &NUMS), rng.random_range(0..50), rng.random_range(50..110)),
+            2 => format!(
+                "{} BETWEEN {} AND {}",
+                pick(rng, &NUMS),
+                rng.random_range(0..50),
+                rng.random_range(50..110)
+            ),
             3 => format!("{} LIKE '{}%'", pick(rng, &TEXTS), &pick(rng, &WORDS)[..1]),
             4 => {
-                let n = if rng.random_bool(0.05) { 5000 } else { rng.random_range(1..6) };
+                let n = if rng.random_bool(0.05) {
+                    5000
+                } else {
+                    rng.random_range(1..6)
+                };
                 let list: Vec<String> = (0..n).map(|i| (i % 100).to_string()).collect();
                 format!("{} IN ({})", pick(rng, &NUMS), list.join(", "))
             }
@@ -96,7 +110,10 @@ fn predicate(rng: &mut SmallRng, depth: u32) -> String {
 fn hostile(rng: &mut SmallRng) -> String {
     let n = rng.random_range(100..3000);
     match rng.random_range(0..10) {
-        0 => (0..n).map(|i| format!("p.age <> {i}")).collect::<Vec<_>>().join(" AND "),
+        0 => (0..n)
+            .map(|i| format!("p.age <> {i}"))
+            .collect::<Vec<_>>()
+            .join(" AND "),
         1 => (0..n).map(|i| format!("p.age = {i}")).collect::<Vec<_>>().join(" OR "),
         2 => format!("p.district = {}", vec!["'a'"; n].join(" || ")),
         3 => format!(
@@ -105,9 +122,15 @@ fn hostile(rng: &mut SmallRng) -> String {
         ),
         4 => format!("repeat(p.district, {}) = 'x'", rng.random_range(1_000_000..i64::MAX)),
         5 => format!("lpad(p.district, {}) <> ''", rng.random_range(1_000_000..i32::MAX)),
-        6 => format!("{}(p.age) > 0", pick(rng, &["random", "array_length", "generate_series", "md5", "nope"])),
+        6 => format!(
+            "{}(p.age) > 0",
+            pick(rng, &["random", "array_length", "generate_series", "md5", "nope"])
+        ),
         7 => format!("p.age * {} > 0", rng.random_range(1i64 << 58..i64::MAX)),
-        8 => format!("p.district = '{}'", pick(rng, &["\u{0}", "\u{202e}x", "\u{1F600}", "e\u{301}", "\u{FEFF}"])),
+        8 => format!(
+            "p.district = '{}'",
+            pick(rng, &["\u{0}", "\u{202e}x", "\u{1F600}", "e\u{301}", "\u{FEFF}"])
+        ),
         _ => format!("{}p.age > 3{}", "(".repeat(n / 20), ")".repeat(n / 20)),
     }
 }
@@ -129,7 +152,11 @@ async fn generated_queries_through_the_server_are_answered_safely_or_refused_cle
     let (mut answered, mut refused, mut checked) = (0, 0, 0);
     for case in 0..cases {
         let is_hostile = rng.random_bool(0.2);
-        let filter = if is_hostile { hostile(&mut rng) } else { predicate(&mut rng, 4) };
+        let filter = if is_hostile {
+            hostile(&mut rng)
+        } else {
+            predicate(&mut rng, 4)
+        };
         let keys: Vec<&str> = (0..rng.random_range(0..=2)).map(|_| pick(&mut rng, &KEYS)).collect();
         let mut keys_unique = keys.clone();
         keys_unique.dedup();
@@ -175,7 +202,12 @@ async fn generated_queries_through_the_server_are_answered_safely_or_refused_cle
                         .map(|c| datafusion::arrow::util::display::array_value_to_string(batch.column(c), row).unwrap())
                         .collect();
                     if k == key {
-                        return batch.column(key.len()).as_any().downcast_ref::<datafusion::arrow::array::Int64Array>().unwrap().value(row);
+                        return batch
+                            .column(key.len())
+                            .as_any()
+                            .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                            .unwrap()
+                            .value(row);
                     }
                 }
             }
@@ -190,17 +222,30 @@ async fn generated_queries_through_the_server_are_answered_safely_or_refused_cle
                 if n.is_null(row) {
                     continue;
                 }
-                let n = n.as_any().downcast_ref::<datafusion::arrow::array::Int64Array>().unwrap().value(row);
+                let n = n
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                    .unwrap()
+                    .value(row);
                 checked += 1;
                 assert_eq!(n % 5, 0, "case {case}: {sql}: unrounded count {n}");
-                assert!(people(&key) >= 10, "case {case}: {sql}: released {key:?} backed by {} people", people(&key));
+                assert!(
+                    people(&key) >= 10,
+                    "case {case}: {sql}: released {key:?} backed by {} people",
+                    people(&key)
+                );
             }
         }
     }
     // Still up, and the whole run is on a log that verifies.
-    gw.query_as("alice", PROJECT, "SELECT sex, COUNT(*) FROM patients GROUP BY sex").await.unwrap();
+    gw.query_as("alice", PROJECT, "SELECT sex, COUNT(*) FROM patients GROUP BY sex")
+        .await
+        .unwrap();
     let key = sde_gateway::audit::PublicKey::load(&gw.path(sde_gateway::demo::AUDIT_PUBLIC_KEY)).unwrap();
     sde_gateway::audit::verify_dir(&gw.config.audit.dir, &key).unwrap();
     eprintln!("fuzz: {cases} queries, {answered} answered ({checked} cells checked), {refused} refused");
-    assert!(answered > cases / 4 && refused > cases / 20, "the generator should reach both outcomes");
+    assert!(
+        answered > cases / 4 && refused > cases / 20,
+        "the generator should reach both outcomes"
+    );
 }

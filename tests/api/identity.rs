@@ -286,7 +286,10 @@ async fn with_client_auth_required_only_approved_tools_can_call_and_the_audit_na
     assert!(records.len() >= 2, "plan and release are recorded");
     for record in &records {
         assert_eq!(record.entry.client_tool.as_deref(), Some("dbeaver"), "{record:?}");
-        assert!(matches!(record.entry.decision.as_str(), "accepted" | "received"), "{record:?}");
+        assert!(
+            matches!(record.entry.decision.as_str(), "accepted" | "received"),
+            "{record:?}"
+        );
     }
 }
 

@@ -22,13 +22,29 @@ fn chain(op: &str, n: usize) -> String {
 fn chains_past_the_depth_limit_are_refused_naming_the_key() {
     let l = StatementLimits::default();
     // Ten times the limit, of every kind of chain.
-    refused(&chain(" AND ", 10 * l.max_expression_depth), "safe-settings/complexity", "limits.max_expression_depth");
-    refused(&chain(" OR ", 10 * l.max_expression_depth), "safe-settings/complexity", "limits.max_expression_depth");
+    refused(
+        &chain(" AND ", 10 * l.max_expression_depth),
+        "safe-settings/complexity",
+        "limits.max_expression_depth",
+    );
+    refused(
+        &chain(" OR ", 10 * l.max_expression_depth),
+        "safe-settings/complexity",
+        "limits.max_expression_depth",
+    );
     for op in ["||", "+", "*", "-", "/", "%", "=", "<", "AND", "OR"] {
         let terms = vec!["'a'"; 10 * l.max_expression_depth].join(&format!(" {op} "));
-        refused(&format!("SELECT COUNT(*) FROM t WHERE {terms} IS NULL"), "safe-settings/complexity", "max_expression_depth");
+        refused(
+            &format!("SELECT COUNT(*) FROM t WHERE {terms} IS NULL"),
+            "safe-settings/complexity",
+            "max_expression_depth",
+        );
     }
-    let nested = format!("{}age{}", "abs(".repeat(10 * l.max_expression_depth), ")".repeat(10 * l.max_expression_depth));
+    let nested = format!(
+        "{}age{}",
+        "abs(".repeat(10 * l.max_expression_depth),
+        ")".repeat(10 * l.max_expression_depth)
+    );
     assert!(admit_on(&format!("SELECT SUM({nested}) FROM t"), &l).is_err());
 }
 
@@ -37,7 +53,9 @@ fn a_statement_at_the_limits_is_admitted() {
     let l = StatementLimits::default();
     // A chain one short of the depth limit (the WHERE's own expression is one level).
     assert!(admit_on(&chain(" AND ", l.max_expression_depth / 2), &l).is_ok());
-    let branches: Vec<String> = (0..l.max_case_branches).map(|i| format!("WHEN age = {i} THEN {i}")).collect();
+    let branches: Vec<String> = (0..l.max_case_branches)
+        .map(|i| format!("WHEN age = {i} THEN {i}"))
+        .collect();
     let sql = format!("SELECT SUM(CASE {} END) FROM patients", branches.join(" "));
     assert!(admit_on(&sql, &l).is_ok());
 }
@@ -63,7 +81,10 @@ fn the_longest_deepest_statement_is_walked_and_dropped_on_its_own_stack() {
 #[test]
 fn flat_code_lists_stay_cheap() {
     let codes: Vec<String> = (0..10_000).map(|i| format!("'{:09}'", 100_000_000 + i)).collect();
-    let sql = format!("SELECT COUNT(*) FROM gp_events WHERE snomed_code IN ({})", codes.join(", "));
+    let sql = format!(
+        "SELECT COUNT(*) FROM gp_events WHERE snomed_code IN ({})",
+        codes.join(", ")
+    );
     assert!(sql.len() > 64 * 1024);
     assert!(admit_on(&sql, &StatementLimits::default()).is_ok());
     let tight = StatementLimits {
@@ -76,16 +97,28 @@ fn flat_code_lists_stay_cheap() {
 #[test]
 fn each_complexity_limit_is_enforced() {
     let l = StatementLimits::default();
-    let branches: Vec<String> = (0..10 * l.max_case_branches).map(|i| format!("WHEN age = {i} THEN {i}")).collect();
+    let branches: Vec<String> = (0..10 * l.max_case_branches)
+        .map(|i| format!("WHEN age = {i} THEN {i}"))
+        .collect();
     refused(
         &format!("SELECT SUM(CASE {} END) FROM patients", branches.join(" ")),
         "safe-settings/complexity",
         "limits.max_case_branches",
     );
-    let joins: String = (0..10 * l.max_joins).map(|i| format!(" JOIN patients p{i} USING (person_id)")).collect();
-    refused(&format!("SELECT COUNT(*) FROM patients{joins}"), "safe-settings/complexity", "limits.max_joins");
+    let joins: String = (0..10 * l.max_joins)
+        .map(|i| format!(" JOIN patients p{i} USING (person_id)"))
+        .collect();
+    refused(
+        &format!("SELECT COUNT(*) FROM patients{joins}"),
+        "safe-settings/complexity",
+        "limits.max_joins",
+    );
     let commas: Vec<String> = (0..=l.max_joins + 1).map(|i| format!("patients p{i}")).collect();
-    refused(&format!("SELECT COUNT(*) FROM {}", commas.join(", ")), "safe-settings/complexity", "limits.max_joins");
+    refused(
+        &format!("SELECT COUNT(*) FROM {}", commas.join(", ")),
+        "safe-settings/complexity",
+        "limits.max_joins",
+    );
     let mut sub = "SELECT COUNT(*) FROM patients".to_owned();
     for _ in 0..=l.max_subquery_depth {
         sub = format!("SELECT COUNT(*) FROM ({sub}) s");
@@ -104,8 +137,16 @@ fn each_complexity_limit_is_enforced() {
         "limits.max_expression_nodes",
     );
     let long = "x".repeat(l.max_value_bytes + 1);
-    refused(&format!("SELECT COUNT(*) FROM patients WHERE district = '{long}'"), "safe-settings/complexity", "limits.max_value_bytes");
-    refused(&format!("SELECT {} FROM t", "1".repeat(l.max_sql_bytes)), "safe-outputs/query-too-long", "limit");
+    refused(
+        &format!("SELECT COUNT(*) FROM patients WHERE district = '{long}'"),
+        "safe-settings/complexity",
+        "limits.max_value_bytes",
+    );
+    refused(
+        &format!("SELECT {} FROM t", "1".repeat(l.max_sql_bytes)),
+        "safe-outputs/query-too-long",
+        "limit",
+    );
 }
 
 #[test]
@@ -134,7 +175,14 @@ fn only_allowlisted_functions_and_no_table_functions() {
 
 #[test]
 fn nul_bytes_and_odd_unicode_in_literals_are_just_text() {
-    for lit in ["\u{0}", "\u{202e}evil", "\u{1F600}\u{FE0F}", "a\u{0301}", "\u{FFFF}", "'' ''"] {
+    for lit in [
+        "\u{0}",
+        "\u{202e}evil",
+        "\u{1F600}\u{FE0F}",
+        "a\u{0301}",
+        "\u{FFFF}",
+        "'' ''",
+    ] {
         let escaped = lit.replace('\'', "''");
         let sql = format!("SELECT COUNT(*) FROM patients WHERE district = '{escaped}'");
         assert!(admit_on(&sql, &StatementLimits::default()).is_ok(), "{sql:?}");
@@ -156,8 +204,14 @@ fn every_limit_is_documented_for_operators() {
         "max_set_operations",
         "max_value_bytes",
     ] {
-        assert!(doc.contains(&format!("`{key}`")), "docs/operator.md does not document {key}");
-        assert!(example.contains(&format!("\n{key} = ")), "the example config does not set {key}");
+        assert!(
+            doc.contains(&format!("`{key}`")),
+            "docs/operator.md does not document {key}"
+        );
+        assert!(
+            example.contains(&format!("\n{key} = ")),
+            "the example config does not set {key}"
+        );
     }
 }
 
