@@ -267,6 +267,9 @@ pub struct LimitsConfig {
     pub max_subquery_depth: usize,
     /// Most set operations (UNION, INTERSECT, EXCEPT) chained in one query.
     pub max_set_operations: usize,
+    /// Deepest logical plan a statement may make (each CTE, derived table, join, filter,
+    /// projection or aggregate over another is a level).
+    pub max_plan_depth: usize,
     /// Longest value, in bytes, a literal may be or a growing function (`repeat`, `lpad`,
     /// `concat`, `||`, …) may make; a longer result is NULL.
     pub max_value_bytes: usize,
@@ -300,6 +303,9 @@ pub struct LimitsConfig {
 /// set operations recursively (a test plans a chain this long on a 2 MiB stack).
 pub const MAX_SET_OPERATIONS: usize = 200;
 
+/// The largest `limits.max_plan_depth` accepted (a test checks a plan this deep on a 2 MiB stack).
+pub const MAX_PLAN_DEPTH: usize = 250;
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
@@ -311,6 +317,7 @@ impl Default for LimitsConfig {
             max_joins: 16,
             max_subquery_depth: 8,
             max_set_operations: 64,
+            max_plan_depth: 250,
             max_value_bytes: 8 * 1024,
             max_result_rows: 100_000,
             statement_ttl_seconds: 300,
@@ -492,6 +499,7 @@ impl GatewayConfig {
             ("limits.max_expression_depth", l.max_expression_depth),
             ("limits.max_expression_nodes", l.max_expression_nodes),
             ("limits.max_case_branches", l.max_case_branches),
+            ("limits.max_plan_depth", l.max_plan_depth),
             ("limits.max_value_bytes", l.max_value_bytes),
         ] {
             if value == 0 {
@@ -502,6 +510,12 @@ impl GatewayConfig {
             return invalid(
                 "limits.max_set_operations",
                 format!("must be at most {MAX_SET_OPERATIONS}: the planner's walks of a chain are sized for that"),
+            );
+        }
+        if l.max_plan_depth > MAX_PLAN_DEPTH {
+            return invalid(
+                "limits.max_plan_depth",
+                format!("must be at most {MAX_PLAN_DEPTH}: the gateway's plan walks are sized for that"),
             );
         }
         if l.max_expression_depth > 1000 {

@@ -179,7 +179,9 @@ pub async fn plan_and_check_with(
 pub async fn plan_sql(ctx: &SessionContext, sql: &str, limits: &StatementLimits) -> Result<LogicalPlan, PolicyError> {
     let state = ctx.state();
     let statement = statement::admit(&state, sql, limits)?;
-    state.statement_to_plan(statement).await.map_err(PolicyError::from_df)
+    let plan = state.statement_to_plan(statement).await.map_err(PolicyError::from_df)?;
+    statement::bound_plan(&plan, limits)?;
+    Ok(plan)
 }
 
 /// The second half of [`plan_and_check_with`]: the checks and rewrites, under the strictest
@@ -321,6 +323,7 @@ pub fn check(plan: LogicalPlan, rules: Rules) -> Result<Permit, PolicyError> {
 }
 
 /// The names, in the result, of the columns computed from checked aggregate cells.
+#[recursive::recursive]
 fn output_names(plan: &LogicalPlan, checked: &[String]) -> Vec<String> {
     match plan {
         LogicalPlan::Projection(p) => p
@@ -446,6 +449,7 @@ fn refuse_function(name: &str) -> PolicyError {
 }
 
 impl Checker {
+    #[recursive::recursive]
     fn visit(&mut self, plan: LogicalPlan) -> Result<(LogicalPlan, Mask), PolicyError> {
         check_statement_kind(&plan)?;
         // Children first: rewrite them and collect their masks.
@@ -1157,6 +1161,7 @@ fn one_per_person(plan: &LogicalPlan, ids: Vec<Column>, counted: &[Column]) -> V
 /// the join's own equalities count: they are what [`without_filters`] keeps, so the same holds
 /// in the unfiltered plan of the differencing check. Anything else (outer joins, a WHERE
 /// equality, a chain of joins) is not known.
+#[recursive::recursive]
 fn same_person(plan: &LogicalPlan, a: &Column, b: &Column) -> bool {
     let schema = plan.schema();
     let (Ok(ia), Ok(ib)) = (schema.index_of_column(a), schema.index_of_column(b)) else {
@@ -1216,6 +1221,7 @@ fn one_row_per_person(plan: &LogicalPlan, column: &Column) -> bool {
 /// column is the `person_id` of a table that has at most that many rows per person, each with
 /// a `person_id`, reached through filters, renames and semi- or anti-joins only (which drop
 /// rows but never repeat one). Anything else: not known.
+#[recursive::recursive]
 fn most_rows_per_person(plan: &LogicalPlan, column: &Column) -> Option<u64> {
     let index = plan.schema().index_of_column(column).ok()?;
     match plan {

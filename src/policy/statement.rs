@@ -17,12 +17,21 @@
 //! on that stack too. Everything downstream (DataFusion's planner, optimizer and executor,
 //! our own plan walks) then only ever sees trees the limits admit.
 //!
+//! One bound is checked on the logical plan instead, right after DataFusion's SQL planner made
+//! it and before any other walk of it ([`bound_plan`]): its depth, `limits.max_plan_depth`. A
+//! chain of CTEs each reading the last is shallow as SQL and deep as a plan.
+//!
 //! Refusals name the rule (`safe-settings/complexity`, `safe-settings/functions`), the limit,
 //! the statement's value and the config key. They depend on the SQL alone, never on data.
 
 use std::ops::ControlFlow;
 
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::SessionState;
+use datafusion::logical_expr::expr::{Exists, InSubquery};
+use datafusion::logical_expr::{Expr as PlanExpr, LogicalPlan};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{self, Expr, Query, SetExpr, TableFactor, Visit, Visitor};
 
@@ -42,6 +51,7 @@ pub struct StatementLimits {
     pub max_joins: usize,
     pub max_subquery_depth: usize,
     pub max_set_operations: usize,
+    pub max_plan_depth: usize,
     pub max_value_bytes: usize,
 }
 
@@ -56,6 +66,7 @@ impl From<&LimitsConfig> for StatementLimits {
             max_joins: c.max_joins,
             max_subquery_depth: c.max_subquery_depth,
             max_set_operations: c.max_set_operations,
+            max_plan_depth: c.max_plan_depth,
             max_value_bytes: c.max_value_bytes,
         }
     }
@@ -111,6 +122,51 @@ pub fn gate(state: &SessionState, statement: &DFStatement, limits: &StatementLim
         ControlFlow::Break(refusal) => Err(refusal),
         ControlFlow::Continue(()) => Ok(()),
     }
+}
+
+/// Refuses a logical plan deeper than `limits.max_plan_depth` (each node a level, subqueries
+/// in expressions included), measured without recursion.
+pub fn bound_plan(plan: &LogicalPlan, limits: &StatementLimits) -> Result<(), PolicyError> {
+    let mut subqueries: Vec<(Arc<LogicalPlan>, usize)> = Vec::new();
+    plan_depth(plan, 1, limits, &mut subqueries)?;
+    while let Some((subquery, depth)) = subqueries.pop() {
+        plan_depth(&subquery, depth, limits, &mut subqueries)?;
+    }
+    Ok(())
+}
+
+/// Walks `root`'s inputs from `depth`, leaving the subqueries of its expressions in `found`.
+fn plan_depth(
+    root: &LogicalPlan,
+    depth: usize,
+    limits: &StatementLimits,
+    found: &mut Vec<(Arc<LogicalPlan>, usize)>,
+) -> Result<(), PolicyError> {
+    let mut pending = vec![(root, depth)];
+    while let Some((node, depth)) = pending.pop() {
+        if depth > limits.max_plan_depth {
+            return Err(complexity(
+                "logical plan depth",
+                depth,
+                limits.max_plan_depth,
+                "max_plan_depth",
+                "chain fewer CTEs or derived tables, each reading the last",
+            ));
+        }
+        pending.extend(node.inputs().into_iter().map(|input| (input, depth + 1)));
+        let _ = node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let PlanExpr::ScalarSubquery(sub)
+                | PlanExpr::Exists(Exists { subquery: sub, .. })
+                | PlanExpr::InSubquery(InSubquery { subquery: sub, .. }) = e
+                {
+                    found.push((Arc::clone(&sub.subquery), depth + 1));
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        });
+    }
+    Ok(())
 }
 
 /// The set operations of one query body (not those of the parenthesised queries inside it,

@@ -202,6 +202,7 @@ fn every_limit_is_documented_for_operators() {
         "max_joins",
         "max_subquery_depth",
         "max_set_operations",
+        "max_plan_depth",
         "max_value_bytes",
     ] {
         assert!(
@@ -236,6 +237,55 @@ fn the_longest_chain_of_set_operations_accepted_plans_on_a_small_stack() {
                 let state = ctx.state();
                 let optimised = state.optimize(&plan).expect("optimised");
                 state.create_physical_plan(&optimised).await.expect("planned");
+            });
+        })
+        .unwrap()
+        .join()
+        .expect("no stack overflow");
+}
+
+fn cte_chain(n: usize) -> String {
+    let ctes: Vec<String> = (1..n)
+        .map(|i| format!("c{i} AS (SELECT x + 1 AS x FROM c{})", i - 1))
+        .collect();
+    format!(
+        "WITH c0 AS (SELECT 1 AS x), {} SELECT COUNT(*) FROM c{}",
+        ctes.join(", "),
+        n - 1
+    )
+}
+
+async fn plan_on(sql: &str) -> Result<LogicalPlan, String> {
+    crate::policy::plan_sql(&SessionContext::new(), sql, &StatementLimits::default())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_plan_past_the_depth_limit_is_refused_and_one_at_it_is_walked_on_a_small_stack() {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                let l = StatementLimits::default();
+                let err = plan_on(&cte_chain(2 * l.max_plan_depth)).await.unwrap_err();
+                assert!(err.starts_with("safe-settings/complexity"), "{err}");
+                assert!(err.contains("limits.max_plan_depth"), "{err}");
+                // The longest chain admitted, through the policy's own walks and DataFusion's
+                // optimizer and physical planner.
+                let mut n = l.max_plan_depth / 2 + 2; // about two levels a CTE
+                while plan_on(&cte_chain(n)).await.is_err() {
+                    n -= 1;
+                }
+                assert!(n >= l.max_plan_depth / 4, "only {n} CTEs admitted");
+                let ctx = SessionContext::new();
+                let sql = cte_chain(n);
+                let plan = crate::policy::plan_sql(&ctx, &sql, &l).await.unwrap();
+                let state = ctx.state();
+                let optimised = state.optimize(&plan).expect("optimised");
+                state.create_physical_plan(&optimised).await.expect("planned");
+                let _ = crate::policy::plan_and_check(&ctx, &sql, crate::disclosure::Rules::DEFAULT, &l).await;
             });
         })
         .unwrap()
