@@ -267,6 +267,8 @@ pub struct LimitsConfig {
     pub max_subquery_depth: usize,
     /// Most set operations (UNION, INTERSECT, EXCEPT) chained in one query.
     pub max_set_operations: usize,
+    /// Most CTEs in one WITH clause.
+    pub max_ctes: usize,
     /// Deepest logical plan a statement may make (each CTE, derived table, join, filter,
     /// projection or aggregate over another is a level).
     pub max_plan_depth: usize,
@@ -317,6 +319,7 @@ impl Default for LimitsConfig {
             max_joins: 16,
             max_subquery_depth: 8,
             max_set_operations: 64,
+            max_ctes: 100,
             max_plan_depth: 250,
             max_value_bytes: 8 * 1024,
             max_result_rows: 100_000,

@@ -6,7 +6,7 @@
 //! - its complexity is within the `limits.*` bounds ([`StatementLimits`]): expression depth,
 //!   expression nodes (the plain literals of an `IN (…)` list are not counted, so code lists of
 //!   tens of thousands of codes stay cheap), CASE branches, joins, subquery nesting, set
-//!   operations chained in one query, and the length of each string literal;
+//!   operations chained in one query, CTEs in one WITH, and the length of each string literal;
 //! - every function it calls is on the gateway's allowlist ([`functions`]): scalar functions
 //!   by name; aggregate and window functions are judged by the structural checks in
 //!   [`crate::policy`]; no table functions at all (`range`, `generate_series`, `unnest`, …).
@@ -51,6 +51,7 @@ pub struct StatementLimits {
     pub max_joins: usize,
     pub max_subquery_depth: usize,
     pub max_set_operations: usize,
+    pub max_ctes: usize,
     pub max_plan_depth: usize,
     pub max_value_bytes: usize,
 }
@@ -66,6 +67,7 @@ impl From<&LimitsConfig> for StatementLimits {
             max_joins: c.max_joins,
             max_subquery_depth: c.max_subquery_depth,
             max_set_operations: c.max_set_operations,
+            max_ctes: c.max_ctes,
             max_plan_depth: c.max_plan_depth,
             max_value_bytes: c.max_value_bytes,
         }
@@ -225,6 +227,16 @@ impl Visitor for Walk<'_> {
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<PolicyError> {
         self.queries += 1;
         let l = self.limits;
+        let ctes = query.with.as_ref().map_or(0, |with| with.cte_tables.len());
+        if ctes > l.max_ctes {
+            return ControlFlow::Break(complexity(
+                "number of CTEs in one WITH",
+                ctes,
+                l.max_ctes,
+                "max_ctes",
+                "chain fewer CTEs: fold steps that only rename or filter into one",
+            ));
+        }
         let chained = set_operations(&query.body, l.max_set_operations);
         if chained > l.max_set_operations {
             return ControlFlow::Break(complexity(

@@ -129,6 +129,14 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
         complexity,
     );
     add(
+        "3000 chained CTEs",
+        format!(
+            "WITH c0 AS (SELECT * FROM patients), {} SELECT district, COUNT(*) AS n FROM c2999 GROUP BY district",
+            chain(", ", 2999, |i| format!("c{} AS (SELECT * FROM c{i})", i + 1))
+        ),
+        complexity,
+    );
+    add(
         "100000 expression nodes",
         format!(
             "SELECT COUNT(*) FROM patients WHERE coalesce(age, {}) > 0",

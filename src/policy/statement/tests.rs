@@ -124,6 +124,11 @@ fn each_complexity_limit_is_enforced() {
         sub = format!("SELECT COUNT(*) FROM ({sub}) s");
     }
     refused(&sub, "safe-settings/complexity", "limits.max_subquery_depth");
+    refused(
+        &cte_chain(l.max_ctes + 1),
+        "safe-settings/complexity",
+        "limits.max_ctes",
+    );
     let union = vec!["SELECT person_id FROM patients"; l.max_set_operations + 2].join(" UNION ALL ");
     refused(
         &format!("SELECT COUNT(DISTINCT person_id) FROM ({union}) u"),
@@ -203,6 +208,7 @@ fn every_limit_is_documented_for_operators() {
         "max_subquery_depth",
         "max_set_operations",
         "max_plan_depth",
+        "max_ctes",
         "max_value_bytes",
     ] {
         assert!(
@@ -255,8 +261,16 @@ fn cte_chain(n: usize) -> String {
     )
 }
 
+/// The default limits, but as many CTEs as the plan depth allows.
+fn deep_limits() -> StatementLimits {
+    StatementLimits {
+        max_ctes: usize::MAX,
+        ..StatementLimits::default()
+    }
+}
+
 async fn plan_on(sql: &str) -> Result<LogicalPlan, String> {
-    crate::policy::plan_sql(&SessionContext::new(), sql, &StatementLimits::default())
+    crate::policy::plan_sql(&SessionContext::new(), sql, &deep_limits())
         .await
         .map_err(|e| e.to_string())
 }
@@ -268,7 +282,7 @@ fn a_plan_past_the_depth_limit_is_refused_and_one_at_it_is_walked_on_a_small_sta
         .spawn(|| {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
             runtime.block_on(async {
-                let l = StatementLimits::default();
+                let l = deep_limits();
                 let err = plan_on(&cte_chain(2 * l.max_plan_depth)).await.unwrap_err();
                 assert!(err.starts_with("safe-settings/complexity"), "{err}");
                 assert!(err.contains("limits.max_plan_depth"), "{err}");
