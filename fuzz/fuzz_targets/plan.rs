@@ -8,7 +8,11 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let sql = sde_gateway_fuzz::sql::render_bytes(data);
     if std::env::var_os("SDE_FUZZ_PRINT").is_some() {
-        eprintln!("---- SQL ({} bytes) ----\n{}", sql.len(), sql.chars().take(4000).collect::<String>());
+        eprintln!(
+            "---- SQL ({} bytes) ----\n{}",
+            sql.len(),
+            sql.chars().take(4000).collect::<String>()
+        );
     }
     let _ = sde_gateway_fuzz::run(&sql);
 });

@@ -66,11 +66,15 @@ pub fn build_session() -> SessionContext {
         vec![
             strings((0..PEOPLE).map(pid)),
             strings((0..PEOPLE).map(|i| ["F", "M"][i % 2].to_owned())),
-            Arc::new(Int64Array::from((0..PEOPLE).map(|i| (i * 4) as i64).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from(
+                (0..PEOPLE).map(|i| (i * 4) as i64).collect::<Vec<_>>(),
+            )),
             strings((0..PEOPLE).map(|i| format!("{}-{}", i * 4 / 10 * 10, i * 4 / 10 * 10 + 9))),
             strings((0..PEOPLE).map(|i| ["White", "Asian", "Black", "Mixed", "Other"][i % 5].to_owned())),
             strings((0..PEOPLE).map(|i| districts[i % 4].to_owned())),
-            Arc::new(Int64Array::from((0..PEOPLE).map(|i| (i % 10 + 1) as i64).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from(
+                (0..PEOPLE).map(|i| (i % 10 + 1) as i64).collect::<Vec<_>>(),
+            )),
         ],
     );
     let events = PEOPLE * 2;
@@ -82,7 +86,9 @@ pub fn build_session() -> SessionContext {
         ])),
         vec![
             strings((0..events).map(|i| pid(i % PEOPLE))),
-            Arc::new(Date32Array::from((0..events).map(|i| 19_000 + i as i32 * 7).collect::<Vec<_>>())),
+            Arc::new(Date32Array::from(
+                (0..events).map(|i| 19_000 + i as i32 * 7).collect::<Vec<_>>(),
+            )),
             strings((0..events).map(|i| ["44054006", "38341003", "195967001"][i % 3].to_owned())),
         ],
     );
@@ -100,13 +106,17 @@ pub fn build_session() -> SessionContext {
             strings((0..services).map(|i| pid(i * 3 % PEOPLE))),
             strings((0..services).map(|i| ["Home care", "Residential", "Day care"][i % 3].to_owned())),
             strings((0..services).map(|i| ["Physical", "Memory", "Learning"][i % 3].to_owned())),
-            Arc::new(Date32Array::from((0..services).map(|i| 18_500 + i as i32).collect::<Vec<_>>())),
+            Arc::new(Date32Array::from(
+                (0..services).map(|i| 18_500 + i as i32).collect::<Vec<_>>(),
+            )),
             Arc::new(Date32Array::from(
                 (0..services)
                     .map(|i| (i % 4 != 0).then_some(19_500 + i as i32))
                     .collect::<Vec<_>>(),
             )),
-            Arc::new(Float64Array::from((0..services).map(|i| 100.0 + 37.5 * i as f64).collect::<Vec<_>>())),
+            Arc::new(Float64Array::from(
+                (0..services).map(|i| 100.0 + 37.5 * i as f64).collect::<Vec<_>>(),
+            )),
         ],
     );
     let referrals = PEOPLE;
@@ -120,7 +130,9 @@ pub fn build_session() -> SessionContext {
         ])),
         vec![
             strings((0..referrals).map(|i| pid(i * 5 % PEOPLE))),
-            Arc::new(Date32Array::from((0..referrals).map(|i| 19_200 + i as i32 * 3).collect::<Vec<_>>())),
+            Arc::new(Date32Array::from(
+                (0..referrals).map(|i| 19_200 + i as i32 * 3).collect::<Vec<_>>(),
+            )),
             strings((0..referrals).map(|i| ["School", "GP", "Police", "Self"][i % 4].to_owned())),
             strings((0..referrals).map(|i| ["Early help", "Social care"][i % 2].to_owned())),
             strings((0..referrals).map(|i| ["Closed", "Open", "Escalated"][i % 3].to_owned())),
@@ -134,7 +146,10 @@ pub fn build_session() -> SessionContext {
     for (name, table) in [
         ("patients", guarded("patients", patients).with_one_row_per_person()),
         ("gp_events", guarded("gp_events", gp_events)),
-        ("asc_services", guarded("asc_services", asc_services).with_most_rows_per_person(3)),
+        (
+            "asc_services",
+            guarded("asc_services", asc_services).with_most_rows_per_person(3),
+        ),
         ("ews_referrals", guarded("ews_referrals", ews_referrals)),
     ] {
         ctx.register_table(name, Arc::new(table)).expect("register demo table");
@@ -183,11 +198,10 @@ pub fn run(sql: &str) -> Outcome {
     let sql = sql.to_owned();
     let work = h.runtime.spawn(async move {
         let sql = sql.as_str();
-        let permit =
-            match plan_and_check(&h.ctx, sql, Rules::DEFAULT, &StatementLimits::default()).await {
-                Ok(permit) => permit,
-                Err(refusal) => return Outcome::Refused(refusal.to_string()),
-            };
+        let permit = match plan_and_check(&h.ctx, sql, Rules::DEFAULT, &StatementLimits::default()).await {
+            Ok(permit) => permit,
+            Err(refusal) => return Outcome::Refused(refusal.to_string()),
+        };
         let state = h.ctx.state();
         let (mut optimised_all, mut physical_all) = (true, true);
         for plan in std::iter::once(permit.plan()).chain(permit.from_rows()) {

@@ -143,8 +143,8 @@ impl Capped {
     /// Rows whose output could exceed the cap (and, for `||`, rows with a NULL argument).
     fn over(&self, arrays: &[ArrayRef]) -> Result<BooleanArray> {
         let rows = arrays.first().map_or(0, |a| a.len());
-        let text = |i: usize| arrays.get(i).map(|a| bytes(a)).transpose();
-        let number = |i: usize| arrays.get(i).map(|a| counts(a)).transpose();
+        let text = |i: usize| arrays.get(i).map(bytes).transpose();
+        let number = |i: usize| arrays.get(i).map(counts).transpose();
         let zeros = || vec![0u64; rows];
         let bound: Vec<u64> = match self.growth {
             Growth::Repeat => {

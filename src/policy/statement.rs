@@ -146,14 +146,14 @@ fn plan_depth(
 ) -> Result<(), PolicyError> {
     let mut pending = vec![(root, depth)];
     while let Some((node, depth)) = pending.pop() {
-        if depth > limits.max_plan_depth {
-            return Err(complexity(
-                "logical plan depth",
-                depth,
-                limits.max_plan_depth,
-                "max_plan_depth",
-                "chain fewer CTEs or derived tables, each reading the last",
-            ));
+        if let ControlFlow::Break(refusal) = over(
+            "logical plan depth",
+            depth,
+            limits.max_plan_depth,
+            "max_plan_depth",
+            "chain fewer CTEs or derived tables, each reading the last",
+        ) {
+            return Err(refusal);
         }
         pending.extend(node.inputs().into_iter().map(|input| (input, depth + 1)));
         let _ = node.apply_expressions(|expr| {
@@ -188,15 +188,25 @@ fn set_operations(body: &SetExpr, max: usize) -> usize {
     count
 }
 
-/// A refusal naming a limit, the statement's value and the key.
-fn complexity(what: &'static str, value: usize, max: usize, key: &'static str, advice: &'static str) -> PolicyError {
-    PolicyError::Complexity {
+/// Past its limit (`value > max`): the refusal naming the limit, the statement's value and the
+/// key.
+fn over(
+    what: &'static str,
+    value: usize,
+    max: usize,
+    key: &'static str,
+    advice: &'static str,
+) -> ControlFlow<PolicyError> {
+    if value <= max {
+        return ControlFlow::Continue(());
+    }
+    ControlFlow::Break(PolicyError::Complexity {
         what,
         value,
         max,
         key,
         advice,
-    }
+    })
 }
 
 struct Walk<'a> {
@@ -228,34 +238,28 @@ impl Visitor for Walk<'_> {
         self.queries += 1;
         let l = self.limits;
         let ctes = query.with.as_ref().map_or(0, |with| with.cte_tables.len());
-        if ctes > l.max_ctes {
-            return ControlFlow::Break(complexity(
-                "number of CTEs in one WITH",
-                ctes,
-                l.max_ctes,
-                "max_ctes",
-                "chain fewer CTEs: fold steps that only rename or filter into one",
-            ));
-        }
+        over(
+            "number of CTEs in one WITH",
+            ctes,
+            l.max_ctes,
+            "max_ctes",
+            "chain fewer CTEs: fold steps that only rename or filter into one",
+        )?;
         let chained = set_operations(&query.body, l.max_set_operations);
-        if chained > l.max_set_operations {
-            return ControlFlow::Break(complexity(
-                "chain of set operations",
-                chained,
-                l.max_set_operations,
-                "max_set_operations",
-                "combine the tables in one subquery with fewer UNIONs, or split the query",
-            ));
-        }
-        if self.queries > l.max_subquery_depth + 1 {
-            return ControlFlow::Break(complexity(
-                "subquery nesting",
-                self.queries - 1,
-                l.max_subquery_depth,
-                "max_subquery_depth",
-                "flatten the subqueries into joins or a CTE",
-            ));
-        }
+        over(
+            "chain of set operations",
+            chained,
+            l.max_set_operations,
+            "max_set_operations",
+            "combine the tables in one subquery with fewer UNIONs, or split the query",
+        )?;
+        over(
+            "subquery nesting",
+            self.queries - 1,
+            l.max_subquery_depth,
+            "max_subquery_depth",
+            "flatten the subqueries into joins or a CTE",
+        )?;
         ControlFlow::Continue(())
     }
 
@@ -294,39 +298,33 @@ impl Visitor for Walk<'_> {
             Expr::Value(_) if self.credit > 0 => self.credit -= 1,
             _ => self.nodes += 1,
         }
-        if self.depth > l.max_expression_depth {
-            return ControlFlow::Break(complexity(
-                "expression depth",
-                self.depth,
-                l.max_expression_depth,
-                "max_expression_depth",
-                "a long chain of AND, OR, || or arithmetic nests one level per term: use IN (…) for lists of values, or split the query",
-            ));
-        }
+        over(
+            "expression depth",
+            self.depth,
+            l.max_expression_depth,
+            "max_expression_depth",
+            "a long chain of AND, OR, || or arithmetic nests one level per term: use IN (…) for lists of values, or split the query",
+        )?;
         match expr {
             Expr::InList { list, .. } => {
                 // The list's plain literals are counted as list items, not as expression nodes.
                 self.credit += list.iter().filter(|e| matches!(e, Expr::Value(_))).count();
                 self.in_list_items += list.len();
-                if self.in_list_items > l.max_in_list_items {
-                    return ControlFlow::Break(complexity(
-                        "IN-list items",
-                        self.in_list_items,
-                        l.max_in_list_items,
-                        "max_in_list_items",
-                        "put the code list in fewer, shorter lists or ask for it to be loaded as a reference dataset",
-                    ));
-                }
+                over(
+                    "IN-list items",
+                    self.in_list_items,
+                    l.max_in_list_items,
+                    "max_in_list_items",
+                    "put the code list in fewer, shorter lists or ask for it to be loaded as a reference dataset",
+                )?;
             }
-            Expr::Case { conditions, .. } if conditions.len() > l.max_case_branches => {
-                return ControlFlow::Break(complexity(
-                    "CASE branches",
-                    conditions.len(),
-                    l.max_case_branches,
-                    "max_case_branches",
-                    "map values with fewer branches, or with IN (…) lists in each branch",
-                ));
-            }
+            Expr::Case { conditions, .. } => over(
+                "CASE branches",
+                conditions.len(),
+                l.max_case_branches,
+                "max_case_branches",
+                "map values with fewer branches, or with IN (…) lists in each branch",
+            )?,
             Expr::Function(f) => {
                 if let Err(refused) = self.function(f) {
                     return ControlFlow::Break(refused);
@@ -337,15 +335,13 @@ impl Visitor for Walk<'_> {
             }
             _ => {}
         }
-        if self.nodes > l.max_expression_nodes {
-            return ControlFlow::Break(complexity(
-                "expression nodes",
-                self.nodes,
-                l.max_expression_nodes,
-                "max_expression_nodes",
-                "simplify the expressions, or split the query",
-            ));
-        }
+        over(
+            "expression nodes",
+            self.nodes,
+            l.max_expression_nodes,
+            "max_expression_nodes",
+            "simplify the expressions, or split the query",
+        )?;
         ControlFlow::Continue(())
     }
 
@@ -357,15 +353,13 @@ impl Visitor for Walk<'_> {
     fn pre_visit_value(&mut self, value: &ast::ValueWithSpan) -> ControlFlow<PolicyError> {
         let l = self.limits;
         let bytes = literal_bytes(&value.value);
-        if bytes > l.max_value_bytes {
-            return ControlFlow::Break(complexity(
-                "bytes in one literal",
-                bytes,
-                l.max_value_bytes,
-                "max_value_bytes",
-                "use shorter literals",
-            ));
-        }
+        over(
+            "bytes in one literal",
+            bytes,
+            l.max_value_bytes,
+            "max_value_bytes",
+            "use shorter literals",
+        )?;
         ControlFlow::Continue(())
     }
 }
@@ -373,15 +367,13 @@ impl Visitor for Walk<'_> {
 impl Walk<'_> {
     fn check_joins(&self) -> ControlFlow<PolicyError> {
         let l = self.limits;
-        if self.joins > l.max_joins {
-            return ControlFlow::Break(complexity(
-                "joins",
-                self.joins,
-                l.max_joins,
-                "max_joins",
-                "join fewer tables in one query",
-            ));
-        }
+        over(
+            "joins",
+            self.joins,
+            l.max_joins,
+            "max_joins",
+            "join fewer tables in one query",
+        )?;
         ControlFlow::Continue(())
     }
 }

@@ -210,8 +210,15 @@ pub struct From {
 
 #[derive(Debug, Arbitrary)]
 pub enum Factor {
-    Table { table: u8, alias: Option<u8> },
-    Derived { query: Sub<Query>, lateral: bool, alias: Option<u8> },
+    Table {
+        table: u8,
+        alias: Option<u8>,
+    },
+    Derived {
+        query: Sub<Query>,
+        lateral: bool,
+        alias: Option<u8>,
+    },
     DerivedAggregate(Sub<AggregateQuery>),
     Cte(u8),
     Odd(u8),

@@ -171,7 +171,11 @@ impl Renderer {
             }
             Expr::Cast { expr, to, style } => match style {
                 CastStyle::Cast | CastStyle::TryCast => {
-                    self.push(if matches!(style, CastStyle::Cast) { "CAST(" } else { "TRY_CAST(" });
+                    self.push(if matches!(style, CastStyle::Cast) {
+                        "CAST("
+                    } else {
+                        "TRY_CAST("
+                    });
                     self.sub(expr);
                     self.push(" AS ");
                     self.sql_type(*to);
@@ -222,8 +226,16 @@ impl Renderer {
             },
             Expr::Interval(v, unit) => {
                 const UNITS: &[&str] = &[
-                    "YEAR", "MONTH", "DAY", "HOUR", "MINUTE", "SECOND", "MILLISECOND", "WEEK",
-                    "NANOSECOND", "CENTURY",
+                    "YEAR",
+                    "MONTH",
+                    "DAY",
+                    "HOUR",
+                    "MINUTE",
+                    "SECOND",
+                    "MILLISECOND",
+                    "WEEK",
+                    "NANOSECOND",
+                    "CENTURY",
                 ];
                 self.push(&format!("INTERVAL '{v}' {}", pick(UNITS, *unit)));
             }
@@ -239,8 +251,20 @@ impl Renderer {
         match s {
             Special::Extract(field, e) => {
                 const FIELDS: &[&str] = &[
-                    "YEAR", "MONTH", "DAY", "DOW", "DOY", "EPOCH", "HOUR", "QUARTER", "WEEK",
-                    "MILLENNIUM", "NANOSECOND", "ISODOW", "TIMEZONE", "julian",
+                    "YEAR",
+                    "MONTH",
+                    "DAY",
+                    "DOW",
+                    "DOY",
+                    "EPOCH",
+                    "HOUR",
+                    "QUARTER",
+                    "WEEK",
+                    "MILLENNIUM",
+                    "NANOSECOND",
+                    "ISODOW",
+                    "TIMEZONE",
+                    "julian",
                 ];
                 self.push(&format!("EXTRACT({} FROM ", pick(FIELDS, *field)));
                 self.sub(e);

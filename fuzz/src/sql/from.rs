@@ -42,8 +42,7 @@ impl Renderer {
                 let columns = match alias {
                     Some(n) if !columns.is_empty() => {
                         // Renamed columns: (x0, x1, …), as many as the query outputs.
-                        let renamed: Vec<String> =
-                            (0..columns.len()).map(|i| format!("x{}_{i}", n % 4)).collect();
+                        let renamed: Vec<String> = (0..columns.len()).map(|i| format!("x{}_{i}", n % 4)).collect();
                         self.push(&format!("({})", renamed.join(", ")));
                         renamed
                     }
@@ -88,7 +87,12 @@ impl Renderer {
             }
             Factor::TableFunction(i, args) => {
                 const FUNCS: &[&str] = &[
-                    "range", "generate_series", "unnest", "read_csv", "read_parquet", "patients",
+                    "range",
+                    "generate_series",
+                    "unnest",
+                    "read_csv",
+                    "read_parquet",
+                    "patients",
                 ];
                 self.push(pick(FUNCS, *i));
                 self.push("(");
@@ -151,11 +155,7 @@ impl Renderer {
         if matches!(j.kind, JoinKind::Comma | JoinKind::Cross) {
             return;
         }
-        let right_pid = self
-            .scope
-            .last()
-            .filter(|r| r.has_person_id())
-            .map(|r| r.name.clone());
+        let right_pid = self.scope.last().filter(|r| r.has_person_id()).map(|r| r.name.clone());
         // ` ON l.person_id op r.person_id` (or ` ON true` without a person_id on each side).
         let pid_on = |r: &mut Self, op: &str| {
             let on = match (&left_pid, &right_pid) {

@@ -37,29 +37,8 @@ pub const MAX_NESTING: u32 = 24;
 /// Largest repetition count ("a few thousand").
 pub const MAX_REPEAT: usize = 5000;
 
-/// The demo schema: each table and its columns.
-pub const TABLES: &[(&str, &[&str])] = &[
-    (
-        "patients",
-        &["person_id", "sex", "age", "age_band", "ethnicity", "district", "imd_decile"],
-    ),
-    ("gp_events", &["person_id", "event_date", "snomed_code"]),
-    (
-        "asc_services",
-        &[
-            "person_id",
-            "service_type",
-            "primary_support_reason",
-            "start_date",
-            "end_date",
-            "weekly_cost",
-        ],
-    ),
-    (
-        "ews_referrals",
-        &["person_id", "referral_date", "referral_source", "service", "outcome"],
-    ),
-];
+/// The demo schema: each table and its columns (the registry's demo datasets).
+pub const TABLES: &[(&str, &[&str])] = &sde_gateway::registry::seed::DEMO_DATASETS;
 
 /// Resets the nesting counter (after a panic in a previous input, say).
 pub fn reset() {

@@ -127,10 +127,7 @@ impl Renderer {
             ExplainAnalyze => ("EXPLAIN ANALYZE VERBOSE ", ""),
             CreateTableAs => ("CREATE TABLE leak AS ", ""),
             CreateView => ("CREATE OR REPLACE VIEW v AS ", ""),
-            CreateExternal => (
-                "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'; ",
-                "",
-            ),
+            CreateExternal => ("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'; ", ""),
             Insert => ("INSERT INTO patients ", ""),
             Update => ("UPDATE patients SET age = 1 WHERE person_id IN (", ")"),
             Delete => ("DELETE FROM patients WHERE age IN (", ")"),
@@ -143,10 +140,7 @@ impl Renderer {
             Show => ("SHOW ALL; ", ""),
             Begin => ("BEGIN; ", "; COMMIT"),
             Truncate => ("TRUNCATE patients; ", ""),
-            CreateFunction => (
-                "CREATE FUNCTION f(INT) RETURNS INT RETURN $1 + 1; ",
-                "",
-            ),
+            CreateFunction => ("CREATE FUNCTION f(INT) RETURNS INT RETURN $1 + 1; ", ""),
             Merge => ("MERGE INTO patients USING (", ") s ON true WHEN MATCHED THEN DELETE"),
             Deallocate => ("DEALLOCATE p; ", ""),
         };

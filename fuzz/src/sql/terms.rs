@@ -162,7 +162,10 @@ impl Renderer {
                 let mut s = String::with_capacity(n + 2);
                 s.push('\'');
                 let ch = if *ch == '\'' { 'x' } else { *ch };
-                s.extend(std::iter::repeat_n(ch, n.min(MAX_SQL.saturating_sub(self.out.len()) / ch.len_utf8().max(1))));
+                s.extend(std::iter::repeat_n(
+                    ch,
+                    n.min(MAX_SQL.saturating_sub(self.out.len()) / ch.len_utf8().max(1)),
+                ));
                 s.push('\'');
                 s
             }
