@@ -57,6 +57,7 @@ def hostile():
     q.append(f"SELECT SUM(CASE {chain(' ', 1000, lambda i: f'WHEN age = {i} THEN {i}')} END) FROM patients")
     q.append(f"SELECT SUM({'abs(' * 1000}age{')' * 1000}) FROM patients")
     q.append(f"SELECT COUNT(DISTINCT person_id) FROM ({chain(' UNION ALL ', 5000, lambda i: 'SELECT person_id FROM patients')}) u")
+    q.append(f"SELECT nth_value(lag({'CAST(' * 6540}age), 1) OVER () FROM patients")
     q.append("SELECT SUM(length(repeat(district, 100000000))) FROM patients")
     q.append("SELECT COUNT(*) FROM patients WHERE repeat(district, 1000000000000) = 'x'")
     q.append("SELECT SUM(length(lpad(district, 2000000000, 'x'))) FROM patients")

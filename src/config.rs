@@ -252,6 +252,9 @@ impl Default for DisclosureConfig {
 pub struct LimitsConfig {
     /// Longest SQL text accepted, in bytes.
     pub max_sql_bytes: usize,
+    /// Most SQL parser steps (expression terms started, retries included) per token of the
+    /// statement: the parser backtracks, and nested failing expressions multiply its work.
+    pub max_parse_steps_per_token: usize,
     /// Deepest expression nesting a statement may have (each AND, OR, ||, arithmetic operator,
     /// function call or parenthesis in a chain adds a level).
     pub max_expression_depth: usize,
@@ -312,6 +315,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_sql_bytes: 1024 * 1024,
+            max_parse_steps_per_token: 4,
             max_expression_depth: 100,
             max_expression_nodes: 10_000,
             max_in_list_items: 100_000,
@@ -499,6 +503,7 @@ impl GatewayConfig {
         }
         let l = &self.limits;
         for (key, value) in [
+            ("limits.max_parse_steps_per_token", l.max_parse_steps_per_token),
             ("limits.max_expression_depth", l.max_expression_depth),
             ("limits.max_expression_nodes", l.max_expression_nodes),
             ("limits.max_case_branches", l.max_case_branches),

@@ -2,7 +2,9 @@
 //! DataFusion plans anything.
 //!
 //! What this module guarantees for a statement it admits:
-//! - it is at most `limits.max_sql_bytes` long and parses as one statement;
+//! - it is at most `limits.max_sql_bytes` long and parses as one statement, in a number of
+//!   parser steps bounded by its length ([`parse`]: the parser backtracks, and nested
+//!   failures would otherwise cost it time exponential in their depth);
 //! - its complexity is within the `limits.*` bounds ([`StatementLimits`]): expression depth,
 //!   expression nodes (the plain literals of an `IN (…)` list are not counted, so code lists of
 //!   tens of thousands of codes stay cheap), CASE branches, joins, subquery nesting, set
@@ -39,11 +41,13 @@ use super::PolicyError;
 use crate::config::LimitsConfig;
 
 pub mod functions;
+pub mod parse;
 
 /// The bounds a statement must stay within; each is a `limits.*` key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatementLimits {
     pub max_sql_bytes: usize,
+    pub max_parse_steps_per_token: usize,
     pub max_expression_depth: usize,
     pub max_expression_nodes: usize,
     pub max_in_list_items: usize,
@@ -60,6 +64,7 @@ impl From<&LimitsConfig> for StatementLimits {
     fn from(c: &LimitsConfig) -> Self {
         Self {
             max_sql_bytes: c.max_sql_bytes,
+            max_parse_steps_per_token: c.max_parse_steps_per_token,
             max_expression_depth: c.max_expression_depth,
             max_expression_nodes: c.max_expression_nodes,
             max_in_list_items: c.max_in_list_items,
@@ -96,8 +101,7 @@ pub fn admit(state: &SessionState, sql: &str, limits: &StatementLimits) -> Resul
         return Err(PolicyError::TooLong(sql.len(), limits.max_sql_bytes));
     }
     stacker::grow(stack_bytes(limits.max_sql_bytes), || {
-        let dialect = state.config().options().sql_parser.dialect;
-        let statement = state.sql_to_statement(sql, &dialect).map_err(PolicyError::from_df)?;
+        let statement = parse::parse(state, sql, limits)?;
         // A refused statement is dropped here, on this stack: its tree may be deep.
         gate(state, &statement, limits)?;
         Ok(statement)

@@ -137,6 +137,14 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
         complexity,
     );
     add(
+        "6540 unclosed CASTs in a window call",
+        format!(
+            "SELECT nth_value(lag({}age), 1) OVER () FROM patients",
+            "CAST(".repeat(6540)
+        ),
+        complexity,
+    );
+    add(
         "100000 expression nodes",
         format!(
             "SELECT COUNT(*) FROM patients WHERE coalesce(age, {}) > 0",

@@ -200,6 +200,7 @@ fn every_limit_is_documented_for_operators() {
     let example = include_str!("../../../config/gateway.example.toml");
     for key in [
         "max_sql_bytes",
+        "max_parse_steps_per_token",
         "max_expression_depth",
         "max_expression_nodes",
         "max_in_list_items",
@@ -305,4 +306,125 @@ fn a_plan_past_the_depth_limit_is_refused_and_one_at_it_is_walked_on_a_small_sta
         .unwrap()
         .join()
         .expect("no stack overflow");
+}
+
+/// Statements of every kind the parser has a special path for, each parsed with the budgeted
+/// dialect and with DataFusion's own.
+const PARSER_CORPUS: &[&str] = &[
+    "SELECT district, COUNT(*) FROM patients GROUP BY district",
+    "SELECT CAST(age AS INT), TRY_CAST(age AS BIGINT), age::DOUBLE FROM patients",
+    "SELECT EXTRACT(YEAR FROM referral_date), date_part('month', referral_date) FROM ewb",
+    "SELECT SUBSTRING(district FROM 1 FOR 3), SUBSTRING(district, 1, 3) FROM patients",
+    "SELECT TRIM(BOTH 'x' FROM district), TRIM(district), POSITION('a' IN district) FROM patients",
+    "SELECT CEIL(age TO DAY), FLOOR(age), OVERLAY(district PLACING 'x' FROM 1 FOR 2) FROM patients",
+    "SELECT INTERVAL '1 day', INTERVAL '2' MONTH, DATE '2024-01-01', TIMESTAMP '2024-01-01 00:00:00'",
+    "SELECT CASE WHEN age < 18 THEN 'child' WHEN age < 65 THEN 'adult' ELSE 'older' END FROM patients",
+    "SELECT CASE sex WHEN 'F' THEN 1 ELSE 0 END FROM patients",
+    "SELECT COUNT(*) FROM patients WHERE NOT age IN (1, 2, 3) AND district NOT LIKE 'A%'",
+    "SELECT COUNT(*) FROM patients WHERE age BETWEEN 18 AND 65 AND district IS NOT NULL",
+    "SELECT COUNT(*) FROM patients p WHERE EXISTS (SELECT 1 FROM asc_services a WHERE a.person_id = p.person_id)",
+    "SELECT COUNT(*) FROM patients WHERE person_id IN (SELECT person_id FROM ewb)",
+    "SELECT (SELECT COUNT(*) FROM ewb), COUNT(*) FROM patients",
+    "WITH a AS (SELECT * FROM patients), b AS (SELECT * FROM a) SELECT COUNT(*) FROM b",
+    "SELECT district, SUM(age) OVER (PARTITION BY sex ORDER BY age ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM patients",
+    "SELECT lag(age, 1) OVER w, nth_value(age, 2) OVER w FROM patients WINDOW w AS (ORDER BY age)",
+    "SELECT COUNT(*) FILTER (WHERE age > 3), COUNT(DISTINCT district) FROM patients",
+    "SELECT district FROM patients GROUP BY ROLLUP (district, sex)",
+    "SELECT a.x FROM (SELECT 1 AS x UNION ALL SELECT 2 EXCEPT SELECT 3) a ORDER BY 1 DESC NULLS LAST LIMIT 10 OFFSET 2",
+    "SELECT p.district FROM patients p LEFT JOIN ewb e ON e.person_id = p.person_id AND e.referral_date > DATE '2020-01-01'",
+    "SELECT \"district\", `sex` FROM patients",
+    "SELECT 'it''s', E'a\\nb', X'ff', 1e10, -1.5, +2, 0x1F FROM patients",
+    "SELECT COALESCE(NULL, 1), NULLIF(age, 0), GREATEST(1, 2), IF(age > 1, 1, 0) FROM patients",
+    "SELECT approx_percentile_cont(age, 0.5), percentile_cont(0.5) WITHIN GROUP (ORDER BY age) FROM patients",
+    "SELECT ARRAY[1, 2], [1, 2], STRUCT(1 AS a), MAP {'a': 1}, x -> x + 1",
+    "SELECT COUNT(*) FROM patients WHERE district ILIKE '%a%' OR district SIMILAR TO 'a' OR district ~ 'a'",
+    "SELECT age IS DISTINCT FROM 1, age <=> 1, age << 1, age # 1 FROM patients",
+    "SELECT * EXCLUDE (age) FROM patients",
+    "EXPLAIN SELECT 1",
+    "SELECT 1; SELECT 2",
+    "",
+    "SELECT CAST(age AS) FROM patients",
+    "SELECT CAST(CAST(CAST(age AS INT AS INT) AS INT) FROM patients",
+    "SELECT interval FROM t",
+    "SELECT MAX(interval), cast FROM t",
+    "SELECT 1 FROM t WHERE",
+    "SELECT 'unterminated",
+];
+
+#[test]
+fn the_budgeted_dialect_parses_as_the_generic_one() {
+    let state = SessionContext::new().state();
+    let limits = StatementLimits::default();
+    for sql in PARSER_CORPUS {
+        let ours = parse::parse(&state, sql, &limits).map_err(|e| e.to_string());
+        let theirs = state
+            .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
+            .map_err(|e| PolicyError::from_df(e).to_string());
+        assert_eq!(format!("{ours:?}"), format!("{theirs:?}"), "{sql}");
+    }
+}
+
+#[test]
+fn a_statement_that_parses_without_backtracking_stays_far_below_the_parse_budget() {
+    use datafusion::sql::parser::DFParserBuilder;
+    // Steps per token of the corpus, and of a 10 000-code list: the budget's headroom.
+    let long_list = format!(
+        "SELECT COUNT(*) FROM gp_events WHERE code IN ({})",
+        (0..10_000).map(|i| format!("'C{i:05}'")).collect::<Vec<_>>().join(", ")
+    );
+    let mut worst = 0.0_f64;
+    for sql in PARSER_CORPUS.iter().copied().chain([long_list.as_str()]) {
+        let dialect = parse::Budgeted::new(usize::MAX);
+        let Ok(mut parser) = DFParserBuilder::new(sql).with_dialect(&dialect).build() else {
+            continue;
+        };
+        let tokens = datafusion::sql::sqlparser::tokenizer::Tokenizer::new(&dialect, sql)
+            .tokenize()
+            .unwrap()
+            .into_iter()
+            .filter(|t| !matches!(t, datafusion::sql::sqlparser::tokenizer::Token::Whitespace(_)))
+            .count();
+        if parser.parse_statements().is_ok() {
+            worst = worst.max(dialect.steps() as f64 / tokens as f64);
+        }
+    }
+    let budget = StatementLimits::default().max_parse_steps_per_token as f64;
+    assert!(worst * 2.0 <= budget, "{worst:.2} steps a token, budget {budget}");
+}
+
+#[test]
+fn nested_failing_keyword_expressions_are_refused_within_the_parse_budget() {
+    // Each of these makes the parser re-read the inside once per level for every level: without
+    // the budget 40 levels take it longer than anyone waits, and 6 540 (the fuzzer's find) more.
+    let l = StatementLimits::default();
+    for (open, depth) in [
+        ("CAST(", 40),
+        ("CAST(", 6_540),
+        ("lag(CAST(", 40),
+        ("nth_value(lag(CAST(", 40),
+        ("TRY_CAST(", 40),
+        ("EXTRACT(YEAR FROM ", 40),
+        ("SUBSTRING(", 40),
+        ("TRIM(", 40),
+        ("POSITION(", 40),
+        ("CEIL(", 40),
+        ("FLOOR(", 40),
+        ("OVERLAY(", 40),
+        ("NOT (", 40),
+        ("CASE WHEN ", 40),
+        ("EXISTS (SELECT ", 40),
+        ("INTERVAL (", 40),
+    ] {
+        let sql = format!("SELECT {}age FROM patients", open.repeat(depth));
+        let err = admit_on(&sql, &l).expect_err(open);
+        assert!(
+            err.starts_with("safe-settings/complexity") && err.contains("limits.max_parse_steps_per_token")
+                || err.starts_with("safe-outputs/invalid-query"),
+            "{open} x {depth}: {err}"
+        );
+    }
+    // The fuzzer's statement shape is refused by the budget, not by a parse error.
+    let sql = format!("SELECT {}age FROM patients", "CAST(".repeat(40));
+    let err = admit_on(&sql, &l).unwrap_err();
+    assert!(err.contains("limits.max_parse_steps_per_token"), "{err}");
 }
