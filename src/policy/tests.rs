@@ -9,8 +9,11 @@ use datafusion::catalog::TableProvider;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
+use super::people::{one_row_per_person, same_person};
 use super::*;
 use crate::engine::GuardedTable;
+use crate::engine::PERSON_ID;
+use datafusion::common::Column;
 
 const RULES: Rules = Rules::DEFAULT;
 

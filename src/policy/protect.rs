@@ -1,0 +1,487 @@
+//! Safe Outputs, the aggregate rules and the per-person rewrite: which aggregates may run over
+//! person-level rows, and the rewrite of each such aggregate so that the same execution counts
+//! the distinct people behind every group and cell and applies the disclosure rules to its
+//! output before anything else reads it.
+//!
+//! It adds plan nodes only under the reserved `__sde_` prefix and never changes what the
+//! researcher's own aggregates compute.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::NullEquality;
+use datafusion::common::utils::expr::COUNT_STAR_EXPANSION;
+use datafusion::common::{Column, ScalarValue};
+use datafusion::functions::core::expr_fn::get_field;
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{Aggregate, Expr, Filter, JoinType, LogicalPlan, Projection, lit, when};
+use datafusion::logical_expr::{ExprSchemable, LogicalPlanBuilder, cast};
+
+use crate::disclosure::{Disclosure, largest, people_at_least, shares};
+
+use super::PolicyError;
+use super::lineage::{Id, Mask, bare_identifier, no_identifier};
+use super::people::{most_rows_per_person, one_per_person, one_row_per_person, without_filters};
+
+fn refuse_function(name: &str) -> PolicyError {
+    let advice = match name {
+        "min"
+        | "max"
+        | "median"
+        | "first_value"
+        | "last_value"
+        | "nth_value"
+        | "percentile_cont"
+        | "percentile_disc"
+        | "approx_percentile_cont"
+        | "approx_percentile_cont_with_weight"
+        | "approx_median" => {
+            "it releases a single person's value; use COUNT, SUM or AVG, or GROUP BY a banded value and count"
+        }
+        "array_agg" | "string_agg" | "list_agg" => "collections release individual values; use COUNT with GROUP BY",
+        _ => "only COUNT, COUNT(DISTINCT …), SUM and AVG may aggregate records about people",
+    };
+    PolicyError::Function {
+        function: name.to_uppercase(),
+        advice,
+    }
+}
+
+/// The rewrite's state over one plan: the rules, the next fresh name, the cells it made.
+pub(super) struct Rewriter {
+    pub(super) disclosure: Disclosure,
+    pub(super) next_id: usize,
+    /// The names of the checked aggregate cells, in the order they were made.
+    pub(super) checked: Vec<String>,
+    /// Whether groups may be judged by their rows where each person has at most a known number
+    /// of them ([`super::Permit::from_rows`]); and whether any was.
+    from_rows: bool,
+    pub(super) told_from_rows: bool,
+}
+
+impl Rewriter {
+    pub(super) fn new(disclosure: Disclosure, from_rows: bool) -> Self {
+        Self {
+            disclosure,
+            next_id: 0,
+            checked: vec![],
+            from_rows,
+            told_from_rows: false,
+        }
+    }
+}
+
+impl Rewriter {
+    /// Rewrites an aggregate over person-level rows so that disclosure control applies to its
+    /// output. The result has the aggregate's columns, names and order (values may be NULL):
+    ///
+    /// ```text
+    /// Projection   cells → sde_count_cell / sde_value_cell (threshold, rounding, dominance)
+    ///   Filter     sde_keep_group (groups backed by too few people are withheld)
+    ///     Filter   sde_no_differencing (only if the input is filtered)
+    ///       Join   on group keys with the unfiltered people (only if the input is filtered)
+    ///         Aggregate  the original aggregates + people per group and per cell
+    ///                    + each person's share of each SUM and AVG cell (`sde_shares`, dominance)
+    /// ```
+    pub(super) fn protect(&mut self, agg: Aggregate, in_mask: &Mask) -> Result<LogicalPlan, PolicyError> {
+        let schema = Arc::clone(agg.input.schema());
+        let ids: Vec<Column> = schema
+            .iter()
+            .zip(in_mask)
+            .filter(|(_, id)| **id == Id::Person)
+            .map(|((q, f), _)| Column::new(q.cloned(), f.name()))
+            .collect();
+        // The identifiers cells count distinct people of.
+        let counted: Vec<Column> = agg
+            .aggr_expr
+            .iter()
+            .filter_map(|e| match e.clone().unalias_nested().data {
+                Expr::AggregateFunction(AggregateFunction { params, .. }) if params.distinct => {
+                    match &params.args[..] {
+                        [Expr::Column(c)] => Some(c.clone()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            })
+            .collect();
+        let ids: Vec<Expr> = one_per_person(&agg.input, ids, &counted)
+            .into_iter()
+            .map(Expr::Column)
+            .collect();
+        for g in &agg.group_expr {
+            if matches!(g, Expr::GroupingSet(_)) {
+                return Err(PolicyError::Unsupported(
+                    "GROUPING SETS, ROLLUP and CUBE are not supported; run one query per grouping",
+                ));
+            }
+            no_identifier(g, &schema, in_mask, "as a GROUP BY key")?;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let df = PolicyError::from_df;
+        let col = |name: String| Expr::Column(Column::new_unqualified(name));
+        let mut aggr = agg.aggr_expr.clone();
+        let people_name = |j: usize| format!("__sde_people_{id}_{j}");
+        // Where each row is a different person (a table with one row per person, filtered),
+        // people are counted as rows: the same figure without hashing every identifier. Where
+        // each person has at most a known number of rows, rows can at least show enough people.
+        let most_rows: Vec<Option<u64>> = ids
+            .iter()
+            .map(|p| match p {
+                Expr::Column(c) => most_rows_per_person(&agg.input, c),
+                _ => None,
+            })
+            .collect();
+        let unique: Vec<bool> = most_rows.iter().map(|m| *m == Some(1)).collect();
+        // Whether exact people counts per group are needed: for the differencing check (a
+        // filtered input) and for cells with their own condition (people left out of the
+        // group). Otherwise the rules only ask whether a group has `threshold` people.
+        let unfiltered = without_filters(Arc::unwrap_or_clone(Arc::clone(&agg.input))).map_err(df)?;
+        let mut exact = unfiltered.transformed;
+        // Dominance needs each person's total of each SUM and AVG cell: `sde_shares` keeps them
+        // in the main aggregate's own pass. With one identifier and no differencing check, the
+        // people of the group and the contributors of each cell with a condition are counted
+        // from those shares too, rather than by distinct counts beside them.
+        let has_sums = agg.aggr_expr.iter().any(|e| {
+            matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(f)
+                if matches!(f.func.name().to_lowercase().as_str(), "sum" | "avg" | "mean"))
+        });
+        // Told from rows (in the plan that may, [`Permit::from_rows`]): over a table whose people
+        // each have at most a known number of rows, without a WHERE (which needs people counted
+        // for differencing), FILTER (which leaves rows out of a cell) or cell counting people
+        // (which reads every identifier anyway), the groups' people, the cells' contributors and
+        // the dominance rules are all bounded by rows, never reading who they belong to.
+        let told = self.from_rows
+            && !unfiltered.transformed
+            && !ids.is_empty()
+            && most_rows.iter().all(|m| m.is_some_and(|m| m > 1))
+            && agg.aggr_expr.iter().all(|e| {
+                matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(AggregateFunction { params, .. })
+                    if params.filter.is_none()
+                        && !(params.distinct && params.args.iter().any(|a| bare_identifier(a, &schema, in_mask))))
+            });
+        let per_person_counts = has_sums && ids.len() == 1 && !unique[0] && !unfiltered.transformed && !told;
+        // People counted as rows: all of them where each row is a different person; told from
+        // rows, a count of rows the projection below judges.
+        let as_rows: Vec<bool> = unique.iter().map(|u| *u || told).collect();
+        let people_where = |j: usize, person: &Expr, condition: &Expr| -> Result<Expr, PolicyError> {
+            Ok(match as_rows[j] {
+                true => count(when(condition.clone(), lit(1)).end().map_err(df)?),
+                false => count_distinct(when(condition.clone(), person.clone()).end().map_err(df)?),
+            })
+        };
+        let share = |k: usize, what: &str| get_field(col(format!("__sde_shares_{id}_{k}")), what);
+        // The `sde_shares` calls: (identifier, the value whose per-person totals are judged
+        // (NULL for a count), which rows make a person a contributor), each once.
+        let mut shares_of: Vec<(usize, Expr, Expr)> = Vec::new();
+        let mut share_of = |j: usize, value: Expr, contributes: Expr| -> usize {
+            let call = (j, value, contributes);
+            shares_of.iter().position(|c| *c == call).unwrap_or_else(|| {
+                shares_of.push(call);
+                shares_of.len() - 1
+            })
+        };
+        // Any call's people are the group's: with per-person counts there is one at least.
+        let group_people: Vec<Expr> = match per_person_counts {
+            true => vec![share(0, "people")],
+            false => (0..ids.len()).map(|j| col(people_name(j))).collect(),
+        };
+
+        // Per aggregate: whether it is a count and the people who contribute to it.
+        let mut cells = Vec::with_capacity(agg.aggr_expr.len());
+        // Whether a cell counts the group's people exactly (then so does the group, in one count).
+        let mut group_counted = false;
+        // Per SUM or AVG cell and identifier, its `sde_shares` call.
+        let mut sum_shares: Vec<(usize, usize)> = Vec::new();
+        // Told from rows: the SUM and AVG cells, and the contributors' row counts (cell, identifier).
+        let mut told_sums: Vec<usize> = Vec::new();
+        let mut told_contributors: Vec<(String, usize)> = Vec::new();
+        let most = |j: usize| most_rows[j].unwrap_or(1);
+        for (i, e) in agg.aggr_expr.iter().enumerate() {
+            let Expr::AggregateFunction(AggregateFunction { func, params }) = e.clone().unalias_nested().data else {
+                return Err(PolicyError::Unsupported("this aggregate expression is not supported"));
+            };
+            let name = func.name().to_lowercase();
+            let is_count = match name.as_str() {
+                "count" => true,
+                "sum" | "avg" | "mean" => false,
+                other => return Err(refuse_function(other)),
+            };
+            for arg in &params.args {
+                let counts_people =
+                    is_count && params.distinct && params.args.len() == 1 && bare_identifier(arg, &schema, in_mask);
+                if !counts_people {
+                    no_identifier(
+                        arg,
+                        &schema,
+                        in_mask,
+                        "inside an aggregate other than COUNT(DISTINCT …)",
+                    )?;
+                }
+            }
+            if let Some(filter) = &params.filter {
+                no_identifier(filter, &schema, in_mask, "in an aggregate FILTER")?;
+            }
+            for s in &params.order_by {
+                no_identifier(&s.expr, &schema, in_mask, "in an aggregate ORDER BY")?;
+            }
+            // Who contributes to this cell: people with a row passing the aggregate's FILTER
+            // and, for COUNT(x), a non-NULL x; for SUM and AVG, a non-NULL, non-zero value
+            // (a zero adds nothing, so `SUM(CASE WHEN … THEN x ELSE 0 END)` counts only the
+            // people the CASE selects).
+            let mut conditions: Vec<Expr> = params.filter.iter().map(|f| (**f).clone()).collect();
+            // COUNT(DISTINCT person_id) over one identifier: its people are the group's.
+            let counts_the_group =
+                is_count && params.distinct && ids.len() == 1 && params.args.len() == 1 && params.args[0] == ids[0];
+            group_counted |= counts_the_group && params.filter.is_none();
+            if let Some(arg) = params.args.first()
+                && !matches!(arg, Expr::Literal(..))
+                && !counts_the_group
+            {
+                conditions.push(arg.clone().is_not_null());
+                if !is_count {
+                    conditions.push(arg.clone().not_eq(lit(0)));
+                }
+            }
+            let condition = conditions.into_iter().reduce(Expr::and);
+            exact |= condition.is_some();
+            if !is_count {
+                let arg = params.args.first().cloned().unwrap_or(lit(0));
+                if told {
+                    // The two largest totals are at most the 2m largest rows (see `largest`).
+                    // Without FILTER, a row that does not contribute has a zero or no value: it
+                    // adds nothing to the sum or the largest, so they are taken over the
+                    // values as they are, and the cell's own SUM is the same aggregate.
+                    let k = 2 * (0..ids.len()).map(most).max().unwrap_or(1) as usize;
+                    let value = match arg.get_type(schema.as_ref()) {
+                        Ok(DataType::Float64) => arg.clone(),
+                        _ => cast(arg.clone(), DataType::Float64),
+                    };
+                    aggr.push(sum(value.clone()).alias(format!("__sde_sum_{id}_{i}")));
+                    aggr.push(largest(value, k).alias(format!("__sde_largest_{id}_{i}")));
+                    told_sums.push(i);
+                } else {
+                    let value = match &condition {
+                        Some(c) => when(c.clone(), arg).end().map_err(df)?,
+                        None => arg,
+                    };
+                    let value = cast(value, DataType::Float64);
+                    let contributes = condition.clone().unwrap_or(lit(true));
+                    for j in 0..ids.len() {
+                        let k = share_of(j, value.clone(), contributes.clone());
+                        sum_shares.push((i, k));
+                    }
+                }
+            }
+            let contributors = match condition {
+                None => group_people.clone(),
+                Some(condition) if per_person_counts => {
+                    let k = match sum_shares.last() {
+                        Some(&(last, k)) if last == i => k,
+                        _ => share_of(0, lit(ScalarValue::Float64(None)), condition),
+                    };
+                    vec![share(k, "contributors")]
+                }
+                Some(condition) => {
+                    let mut cols = Vec::with_capacity(ids.len());
+                    for (j, person) in ids.iter().enumerate() {
+                        let name = format!("__sde_contrib_{id}_{i}_{j}");
+                        if told {
+                            told_contributors.push((name.clone(), j));
+                        }
+                        aggr.push(people_where(j, person, &condition)?.alias(name.clone()));
+                        cols.push(col(name));
+                    }
+                    cols
+                }
+            };
+            cells.push((is_count, contributors));
+        }
+
+        // Where people are counted as rows, a COUNT(*) of the query's own is that count: the
+        // people column is then a copy of it (below), not a second count of the same rows.
+        let rows_counted = agg
+            .aggr_expr
+            .iter()
+            .position(|e| e.clone().unalias_nested().data == count(lit(COUNT_STAR_EXPANSION)));
+        let mut people_as_counted: Vec<(usize, usize)> = Vec::new();
+        // With per-person counts, the group's people come from the shares. Told from rows,
+        // the people column holds the group's rows until the projection below.
+        if !per_person_counts {
+            let threshold = self.disclosure.rules().threshold as usize;
+            for (j, person) in ids.iter().enumerate() {
+                if as_rows[j]
+                    && let Some(k) = rows_counted
+                {
+                    people_as_counted.push((j, k));
+                    continue;
+                }
+                let people = match (as_rows[j], exact) {
+                    (true, _) => count(lit(1)),
+                    (false, false) if !group_counted => people_at_least(person.clone(), threshold),
+                    (false, _) => count_distinct(person.clone()),
+                };
+                aggr.push(people.alias(people_name(j)));
+            }
+        }
+
+        let n_group = agg.group_expr.len();
+        for (k, (j, value, contributes)) in shares_of.into_iter().enumerate() {
+            aggr.push(shares(ids[j].clone(), value, contributes).alias(format!("__sde_shares_{id}_{k}")));
+        }
+        let main = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr).map_err(df)?;
+        let group_cols: Vec<Column> = agg
+            .schema
+            .iter()
+            .take(n_group)
+            .map(|(q, f)| Column::new(q.cloned(), f.name()))
+            .collect();
+        let mut plan = LogicalPlan::Aggregate(main);
+        if !people_as_counted.is_empty() {
+            let schema = Arc::clone(plan.schema());
+            let mut exprs: Vec<Expr> = schema.columns().into_iter().map(Expr::Column).collect();
+            for (j, k) in people_as_counted {
+                let (q, f) = schema.qualified_field(n_group + k);
+                exprs.push(Expr::Column(Column::new(q.cloned(), f.name())).alias(people_name(j)));
+            }
+            plan = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan)).map_err(df)?);
+        }
+        // A SUM or AVG cell is dominated if it is, judged by the people of any identifier.
+        let mut dominated: HashMap<usize, Expr> = HashMap::new();
+        if told {
+            self.told_from_rows = true;
+            let rows = |j: usize| col(people_name(j));
+            let mut exprs = plan
+                .schema()
+                .iter()
+                .map(|(q, f)| {
+                    let column = Expr::Column(Column::new(q.cloned(), f.name()));
+                    let name = f.name();
+                    if let Some(j) = (0..ids.len()).find(|&j| *name == people_name(j)) {
+                        self.disclosure.people_from_rows(column, most(j)).alias(name)
+                    } else if let Some((_, j)) = told_contributors.iter().find(|(c, _)| c == name) {
+                        let contributors = self.disclosure.contributors_from_rows(column, rows(*j), most(*j));
+                        contributors.alias(name)
+                    } else {
+                        column
+                    }
+                })
+                .collect::<Vec<_>>();
+            for i in told_sums {
+                let name = format!("__sde_dominated_{id}_{i}");
+                let verdict = self.disclosure.not_dominated_from_rows(
+                    col(format!("__sde_sum_{id}_{i}")),
+                    col(format!("__sde_largest_{id}_{i}")),
+                );
+                exprs.push(verdict.alias(name.clone()));
+                dominated.insert(i, col(name));
+            }
+            plan = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan)).map_err(df)?);
+        }
+        for (i, k) in sum_shares {
+            let verdict = self
+                .disclosure
+                .dominated(share(k, "total"), share(k, "top1"), share(k, "top2"));
+            let either = match dominated.remove(&i) {
+                Some(previous) => previous.or(verdict),
+                None => verdict,
+            };
+            dominated.insert(i, either);
+        }
+        let keys: Vec<Expr> = agg
+            .group_expr
+            .iter()
+            .enumerate()
+            .map(|(k, g)| g.clone().alias(format!("__k{k}")))
+            .collect();
+
+        // Differencing: the same groups without the query's filters, counting people.
+        if unfiltered.transformed {
+            let unfiltered = Arc::new(unfiltered.data);
+            let counts: Vec<Expr> = ids
+                .iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    let people = match p {
+                        Expr::Column(c) if one_row_per_person(&unfiltered, c) => count(lit(1)),
+                        _ => count_distinct(p.clone()),
+                    };
+                    people.alias(format!("__sde_unfiltered_{id}_{j}"))
+                })
+                .collect();
+            let side = Aggregate::try_new(unfiltered, keys, counts).map_err(df)?;
+            plan = self.join_side(plan, LogicalPlan::Aggregate(side), &group_cols, id, 0, "u")?;
+            let unfiltered_people = (0..ids.len())
+                .map(|j| col(format!("__sde_unfiltered_{id}_{j}")))
+                .collect();
+            let check = self.disclosure.no_differencing(group_people.clone(), unfiltered_people);
+            plan = LogicalPlan::Filter(Filter::try_new(check, Arc::new(plan)).map_err(df)?);
+        }
+
+        if n_group > 0 {
+            let keep = self.disclosure.keep_group(group_people.clone());
+            plan = LogicalPlan::Filter(Filter::try_new(keep, Arc::new(plan)).map_err(df)?);
+        }
+        let mut exprs = Vec::with_capacity(agg.schema.fields().len());
+        for (idx, (qualifier, field)) in agg.schema.iter().enumerate() {
+            let column = Expr::Column(Column::new(qualifier.cloned(), field.name()));
+            if idx < n_group {
+                exprs.push(column);
+                continue;
+            }
+            let i = idx - n_group;
+            let (is_count, contributors) = &cells[i];
+            let cell = if *is_count {
+                self.disclosure
+                    .count_cell(column, contributors.clone(), group_people.clone())
+            } else {
+                let dominated = dominated.remove(&i).unwrap_or(lit(false));
+                self.disclosure
+                    .value_cell(column, dominated, contributors.clone(), group_people.clone())
+            };
+            exprs.push(cell.alias_qualified(qualifier.cloned(), field.name()));
+            self.checked.push(field.name().clone());
+        }
+        let projection = Projection::try_new(exprs, Arc::new(plan)).map_err(df)?;
+        Ok(LogicalPlan::Projection(projection))
+    }
+
+    /// Left-joins a side aggregate (group keys `__k0…` first) to the main aggregate on its group
+    /// keys, NULL matching NULL; without group keys both have one row and are cross-joined.
+    fn join_side(
+        &mut self,
+        main: LogicalPlan,
+        side: LogicalPlan,
+        group_cols: &[Column],
+        id: usize,
+        j: usize,
+        tag: &str,
+    ) -> Result<LogicalPlan, PolicyError> {
+        let df = PolicyError::from_df;
+        let alias = format!("__sde_side_{id}_{tag}{j}");
+        let side = LogicalPlanBuilder::from(side)
+            .alias(alias.clone())
+            .map_err(df)?
+            .build()
+            .map_err(df)?;
+        let builder = LogicalPlanBuilder::from(main);
+        let joined = if group_cols.is_empty() {
+            builder.cross_join(side)
+        } else {
+            let side_keys: Vec<Column> = (0..group_cols.len())
+                .map(|k| Column::new(Some(alias.as_str()), format!("__k{k}")))
+                .collect();
+            builder.join_detailed(
+                side,
+                JoinType::Left,
+                (group_cols.to_vec(), side_keys),
+                None,
+                NullEquality::NullEqualsNull,
+            )
+        };
+        joined.map_err(df)?.build().map_err(df)
+    }
+}
