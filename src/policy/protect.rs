@@ -344,6 +344,13 @@ impl Rewriter {
             let schema = Arc::clone(plan.schema());
             let mut exprs: Vec<Expr> = schema.columns().into_iter().map(Expr::Column).collect();
             for (j, k) in people_as_counted {
+                // Fail closed if the aggregate's columns are not the group keys then the cells
+                // (the fuzzer found a GROUP BY whose schema is shorter than its expressions).
+                if n_group + k >= schema.fields().len() {
+                    return Err(PolicyError::Unsupported(
+                        "this GROUP BY (repeated keys or an aggregate among them) cannot be checked; group by each key once",
+                    ));
+                }
                 let (q, f) = schema.qualified_field(n_group + k);
                 exprs.push(Expr::Column(Column::new(q.cloned(), f.name())).alias(people_name(j)));
             }
