@@ -71,9 +71,7 @@ impl Rewriter {
             told_from_rows: false,
         }
     }
-}
 
-impl Rewriter {
     /// Rewrites an aggregate over person-level rows so that disclosure control applies to its
     /// output. The result has the aggregate's columns, names and order (values may be NULL):
     ///

@@ -27,13 +27,13 @@ use datafusion::sql::sqlparser::dialect::{Dialect, GenericDialect};
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
-use super::{PolicyError, StatementLimits, over};
+use super::{PolicyError, StatementLimits};
 
 /// Parses `sql` as one statement in at most `limits.max_parse_steps_per_token` parser steps for
 /// each of its tokens (and at least [`MIN_STEPS`]).
 pub fn parse(state: &SessionState, sql: &str, limits: &StatementLimits) -> Result<DFStatement, PolicyError> {
-    let dialect = Budgeted::new(0);
-    let tokens = Tokenizer::new(&dialect, sql)
+    // The budgeted dialect tokenizes exactly as the generic one it forwards to.
+    let tokens = Tokenizer::new(&GenericDialect, sql)
         .tokenize_with_location()
         .map_err(|e| PolicyError::from_df(ParserError::from(e).into()))?;
     let terms = tokens
@@ -69,15 +69,12 @@ pub fn parse(state: &SessionState, sql: &str, limits: &StatementLimits) -> Resul
 pub const MIN_STEPS: usize = 1_000;
 
 fn too_many_steps(steps: usize, max: usize) -> PolicyError {
-    match over(
-        "number of parser steps",
-        steps,
+    PolicyError::Complexity {
+        what: "number of parser steps",
+        value: steps,
         max,
-        "max_parse_steps_per_token",
-        "the SQL parser had to re-read nested keyword expressions (CAST, EXTRACT, NOT, …) too often, usually because one of them is not closed: check the parentheses",
-    ) {
-        std::ops::ControlFlow::Break(refusal) => refusal,
-        std::ops::ControlFlow::Continue(()) => unreachable!("called only past the budget"),
+        key: "max_parse_steps_per_token",
+        advice: "the SQL parser had to re-read nested keyword expressions (CAST, EXTRACT, NOT, …) too often, usually because one of them is not closed: check the parentheses",
     }
 }
 
