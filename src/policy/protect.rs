@@ -117,6 +117,15 @@ impl Rewriter {
             }
             no_identifier(g, &schema, in_mask, "as a GROUP BY key")?;
         }
+        // The aggregate's output holds each distinct key once (`GROUP BY a, a` has one `a`
+        // column), so the rewrite works on the distinct keys: its columns are then the keys
+        // followed by the cells, as every index below assumes.
+        let mut group_expr: Vec<Expr> = Vec::with_capacity(agg.group_expr.len());
+        for g in &agg.group_expr {
+            if !group_expr.contains(g) {
+                group_expr.push(g.clone());
+            }
+        }
         let id = self.next_id;
         self.next_id += 1;
         let df = PolicyError::from_df;
@@ -326,11 +335,21 @@ impl Rewriter {
             }
         }
 
-        let n_group = agg.group_expr.len();
+        let n_group = group_expr.len();
         for (k, (j, value, contributes)) in shares_of.into_iter().enumerate() {
             aggr.push(shares(ids[j].clone(), value, contributes).alias(format!("__sde_shares_{id}_{k}")));
         }
-        let main = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr).map_err(df)?;
+        let main = Aggregate::try_new(Arc::clone(&agg.input), group_expr.clone(), aggr).map_err(df)?;
+        // Every index below assumes the keys then the cells, in both aggregates; fail closed
+        // on any aggregate whose columns are laid out otherwise.
+        let laid_out = |a: &Aggregate, cells: usize| {
+            a.group_expr_len().is_ok_and(|n| n == n_group) && a.schema.fields().len() == n_group + cells
+        };
+        if !laid_out(&agg, agg.aggr_expr.len()) || !laid_out(&main, main.aggr_expr.len()) {
+            return Err(PolicyError::Unsupported(
+                "this GROUP BY cannot be checked; group by each key once, by plain columns or expressions",
+            ));
+        }
         let group_cols: Vec<Column> = agg
             .schema
             .iter()
@@ -342,13 +361,6 @@ impl Rewriter {
             let schema = Arc::clone(plan.schema());
             let mut exprs: Vec<Expr> = schema.columns().into_iter().map(Expr::Column).collect();
             for (j, k) in people_as_counted {
-                // Fail closed if the aggregate's columns are not the group keys then the cells
-                // (the fuzzer found a GROUP BY whose schema is shorter than its expressions).
-                if n_group + k >= schema.fields().len() {
-                    return Err(PolicyError::Unsupported(
-                        "this GROUP BY (repeated keys or an aggregate among them) cannot be checked; group by each key once",
-                    ));
-                }
                 let (q, f) = schema.qualified_field(n_group + k);
                 exprs.push(Expr::Column(Column::new(q.cloned(), f.name())).alias(people_name(j)));
             }
@@ -396,8 +408,7 @@ impl Rewriter {
             };
             dominated.insert(i, either);
         }
-        let keys: Vec<Expr> = agg
-            .group_expr
+        let keys: Vec<Expr> = group_expr
             .iter()
             .enumerate()
             .map(|(k, g)| g.clone().alias(format!("__k{k}")))

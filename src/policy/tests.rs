@@ -836,3 +836,35 @@ async fn names_the_rewrite_uses_are_reserved() {
         assert!(e.to_string().contains("reserved"), "{sql}: {e}");
     }
 }
+
+#[tokio::test]
+async fn a_key_repeated_in_group_by_is_one_key_and_its_cells_are_still_checked() {
+    // The aggregate's output holds a repeated key once; its cells are still rounded, withheld
+    // and checked for dominance exactly as with the key given once.
+    for (once, repeated) in [
+        (
+            "SELECT district, COUNT(*) AS n FROM patients GROUP BY district ORDER BY 1",
+            "SELECT district, COUNT(*) AS n FROM patients GROUP BY district, district, patients.district ORDER BY 1",
+        ),
+        (
+            "SELECT age > 25 AS old, district, COUNT(*) AS n, SUM(age) AS s FROM patients \
+             GROUP BY age > 25, district ORDER BY 1, 2",
+            "SELECT age > 25 AS old, district, COUNT(*) AS n, SUM(age) AS s FROM patients \
+             GROUP BY age > 25, district, age > 25, district, district ORDER BY 1, 2",
+        ),
+        (
+            "SELECT district, SUM(v.cost) AS s, COUNT(*) AS n FROM patients p \
+             JOIN visits v ON p.person_id = v.person_id GROUP BY district",
+            "SELECT district, SUM(v.cost) AS s, COUNT(*) AS n FROM patients p \
+             JOIN visits v ON p.person_id = v.person_id GROUP BY district, p.district, district",
+        ),
+    ] {
+        assert_eq!(run(repeated).await, run(once).await, "{repeated}");
+    }
+    let once = execute_from_rows("SELECT kind, COUNT(*) AS n FROM episodes GROUP BY kind ORDER BY 1").await;
+    let repeated = execute_from_rows("SELECT kind, COUNT(*) AS n FROM episodes GROUP BY kind, kind ORDER BY 1").await;
+    let outcome = |r: Option<datafusion::error::Result<String>>| r.map(|r| r.map_err(|e| e.to_string()));
+    let (once, repeated) = (outcome(once), outcome(repeated));
+    assert!(once.is_some(), "a plan from rows");
+    assert_eq!(repeated, once, "people told from rows");
+}
