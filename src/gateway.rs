@@ -879,7 +879,6 @@ fn execution_error(e: datafusion::error::DataFusionError) -> Error {
         DF::ArrowError(inner, _) if matches!(**inner, ArrowError::ArithmeticOverflow(_)) => {
             Error::Limit(LimitError::Overflow)
         }
-        DF::Execution(message) if message.starts_with("safe-settings/overflow") => Error::Limit(LimitError::Overflow),
         datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
             Some(refused) => Error::Policy(refused.clone().into()),
             None => Error::Engine(EngineError::Execution(e)),

@@ -60,9 +60,7 @@ pub enum LimitError {
         "safe-settings/result-size: the result holds more than {0} bytes; aggregate further or select fewer columns"
     )]
     ResultTooLarge(usize),
-    #[error(
-        "safe-settings/overflow: an integer result left the BIGINT range (a SUM or an expression); cast to DOUBLE or DECIMAL to work with larger values"
-    )]
+    #[error("safe-settings/overflow: a DECIMAL result left its 38 digits; cast to DOUBLE to work with larger values")]
     Overflow,
     #[error("safe-settings/shutdown: the gateway is shutting down and stopped the query; send it again shortly")]
     ShuttingDown,

@@ -51,6 +51,7 @@ pub fn build_session() -> SessionContext {
     let ctx = SessionContext::new_with_config(config);
     sde_gateway::engine::capped::register(&ctx, MAX_VALUE_BYTES);
     sde_gateway::engine::overflow::register(&ctx);
+    sde_gateway::engine::total::register(&ctx);
 
     let districts = ["North", "South", "East", "West"];
     let patients = table(

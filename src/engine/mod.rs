@@ -38,6 +38,7 @@ pub mod capped;
 pub mod overflow;
 mod served;
 mod store;
+pub mod total;
 
 pub use store::LocalStore;
 
@@ -472,6 +473,7 @@ impl Engine {
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         capped::register(&ctx, self.max_value_bytes);
         overflow::register(&ctx);
+        total::register(&ctx);
         let cohort = match &access.cohort {
             Some(sql) => Some(self.cohort_expr(&ctx, sql)?),
             None => None,

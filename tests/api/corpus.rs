@@ -237,21 +237,31 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
         "SELECT COUNT(*) FROM patients WHERE random() < 0.5".into(),
         functions,
     );
-    // Arithmetic.
+    // Arithmetic: a value past the range is NULL, as a division by zero (no data-dependent error).
     add(
         "SUM overflow",
         "SELECT SUM(CAST(age AS BIGINT) * 1000000000000000) FROM patients".into(),
-        Refused("safe-settings/overflow"),
+        Answered,
     );
     add(
         "SUM of huge constants",
         "SELECT SUM(9223372036854775807) FROM patients".into(),
-        Refused("safe-settings/overflow"),
+        Answered,
     );
     add(
         "product overflow",
         "SELECT SUM(age * 9223372036854775807) FROM patients".into(),
-        Refused("safe-settings/overflow"),
+        Answered,
+    );
+    add(
+        "division by zero on some rows",
+        "SELECT SUM(100 / (age - 40)) AS s, COUNT(*) AS n FROM patients".into(),
+        Answered,
+    );
+    add(
+        "a cast that fails on some rows",
+        "SELECT COUNT(*) AS n FROM patients WHERE CAST(district AS INT) = 1 OR age > 0".into(),
+        Answered,
     );
     // Text.
     add(

@@ -14,5 +14,6 @@ mod hostile;
 mod identity;
 mod matrix;
 mod operations;
+mod oracles;
 mod property;
 mod versions;
