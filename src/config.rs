@@ -217,12 +217,14 @@ pub struct DisclosureConfig {
     pub threshold: u64,
     /// Released counts are rounded to the nearest multiple of this.
     pub rounding: u64,
-    /// N-K dominance (n = 2): suppress a sum or mean where the two largest contributors make
-    /// up more than this percentage of it.
-    pub dominance_percent: u64,
-    /// p% rule: suppress a sum or mean where the rest, after the two largest contributors, is
-    /// less than this percentage of the largest.
-    pub p_percent: u64,
+    /// Sums and means: this many largest contributions are flattened…
+    pub flatten_outliers: u64,
+    /// …to the mean of the next this many (the top group).
+    pub flatten_group: u64,
+    /// Noise added to sums and means: its standard deviation in percent of the top group's mean.
+    pub noise_percent: u64,
+    /// The secret that seeds the noise (64 hex digits), made at first start if missing.
+    pub perturbation_key: PathBuf,
     /// No configuration (gateway, dataset or project) may set `threshold` below this.
     pub floor_threshold: u64,
     /// No configuration may set `rounding` below this.
@@ -238,8 +240,10 @@ impl Default for DisclosureConfig {
         Self {
             threshold: 10,
             rounding: 5,
-            dominance_percent: 90,
-            p_percent: 10,
+            flatten_outliers: 2,
+            flatten_group: 3,
+            noise_percent: 50,
+            perturbation_key: PathBuf::from("perturbation.key"),
             floor_threshold: 10,
             floor_rounding: 5,
             datasets: Default::default(),
@@ -409,6 +413,7 @@ impl GatewayConfig {
             &mut self.data.dir,
             &mut self.audit.dir,
             &mut self.audit.signing_key,
+            &mut self.disclosure.perturbation_key,
         ]
         .into_iter()
         .chain(self.data.versions.as_mut())
@@ -480,11 +485,14 @@ impl GatewayConfig {
                 );
             }
         }
-        if d.dominance_percent == 0 || d.dominance_percent > 100 {
-            return invalid("disclosure.dominance_percent", "must be between 1 and 100".into());
+        if d.flatten_group == 0 || d.flatten_outliers + d.flatten_group >= d.floor_threshold.max(2) {
+            return invalid(
+                "disclosure.flatten_group",
+                "must be at least 1, and flatten_outliers + flatten_group below floor_threshold".into(),
+            );
         }
-        if d.p_percent > 100 {
-            return invalid("disclosure.p_percent", "must be between 0 and 100".into());
+        if d.noise_percent == 0 || d.noise_percent > 1000 {
+            return invalid("disclosure.noise_percent", "must be between 1 and 1000".into());
         }
         if !matches!(self.identity.algorithm.as_str(), "ES256" | "RS256") {
             return invalid("identity.algorithm", "must be ES256 or RS256".into());

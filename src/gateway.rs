@@ -490,7 +490,9 @@ impl Core {
                         policy::plan_sql(&session, sql, &StatementLimits::from(&self.limits)),
                     )
                     .await?;
-                Statement::Checked(self.step("check", || policy::check_with(plan, rules, &self.dataset_rules))?)
+                Statement::Checked(self.step("check", || {
+                    policy::check_with(plan, rules, &self.dataset_rules, policy::perturbation_key(&session))
+                })?)
             }
         };
         let execute = async {

@@ -383,7 +383,7 @@ mod tests {
         let logical = datafusion::logical_expr::LogicalPlanBuilder::empty(false)
             .build()
             .unwrap();
-        let permit = crate::policy::check_with(logical, Rules::DEFAULT, &Default::default()).unwrap();
+        let permit = crate::policy::check_with(logical, Rules::DEFAULT, &Default::default(), None).unwrap();
         Ready {
             optimised: permit.plan().clone(),
             permit,

@@ -104,7 +104,16 @@ impl Gateway {
         )
         .await
         .map_err(crate::Error::from)?
-        .with_max_value_bytes(config.limits.max_value_bytes);
+        .with_max_value_bytes(config.limits.max_value_bytes)
+        .with_perturbation_key(
+            crate::disclosure::PerturbationKey::load_or_create(&config.disclosure.perturbation_key).map_err(
+                |source| ServerError::Read {
+                    what: "perturbation key",
+                    path: config.disclosure.perturbation_key.display().to_string(),
+                    source,
+                },
+            )?,
+        );
         if let Some(served) = &config.data.served {
             engine = engine
                 .serve_from(served, &config.data.served_sort_by)

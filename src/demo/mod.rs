@@ -161,7 +161,10 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
             served_sort_by: [("patients".to_owned(), vec!["district".to_owned(), "age".to_owned()])].into(),
         },
         audit: demo_audit(dir)?,
-        disclosure: DisclosureConfig::default(),
+        disclosure: DisclosureConfig {
+            perturbation_key: dir.join("perturbation.key"),
+            ..Default::default()
+        },
         limits: LimitsConfig::default(),
         telemetry: Default::default(),
     };

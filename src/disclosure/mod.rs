@@ -8,15 +8,17 @@
 //! - a group backed by fewer than `threshold` people is withheld (its key alone can disclose);
 //! - a cell with fewer than `threshold` contributing people is NULL (so, without GROUP BY,
 //!   small and absent look the same);
-//! - released counts are rounded to the nearest `rounding`.
+//! - released counts are rounded to the nearest `rounding`;
+//! - sums and means are flattened and perturbed ([`noise`]): no one person can move a released
+//!   sum by more than the noise, nor make it NULL.
 //!
 //! The functions are volatile scalar UDFs built per query, never registered in a catalogue, so a
 //! researcher cannot call them; each counts what it withheld for the result's metadata.
 
-mod largest;
+pub mod noise;
 mod people;
 mod shares;
-pub use largest::largest;
+pub use noise::{Flattening, PerturbationKey};
 pub use people::people_at_least;
 pub use shares::shares;
 
@@ -25,9 +27,10 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array};
-use datafusion::arrow::compute::{cast, nullif};
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StructArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, UInt64Type};
+use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::logical_expr::{
@@ -44,22 +47,32 @@ pub struct Rules {
     pub threshold: u64,
     /// Released counts are rounded to the nearest multiple of this.
     pub rounding: u64,
-    /// N-K dominance (n = 2): a sum or mean is suppressed where the two largest contributors
-    /// make up more than this percentage of it.
-    pub dominance_percent: u64,
-    /// p% rule: a sum or mean is suppressed where what is left after the two largest
-    /// contributors is less than this percentage of the largest.
-    pub p_percent: u64,
+    /// Sums and means: the largest contributions flattened ([`noise`]).
+    pub flatten_outliers: u64,
+    /// …to the mean of this many next largest (the top group).
+    pub flatten_group: u64,
+    /// The noise's standard deviation, in percent of the top group's mean.
+    pub noise_percent: u64,
 }
 
 impl Rules {
-    /// The defaults of DESIGN.md: 10 people, rounding to 5, N-K (2, 90 %), p = 10 %.
+    /// The defaults: 10 people, rounding to 5; sums and means flattened (2 outliers to the mean
+    /// of the next 3) with noise of half that mean (docs/disclosure.md says why).
     pub const DEFAULT: Rules = Rules {
         threshold: 10,
         rounding: 5,
-        dominance_percent: 90,
-        p_percent: 10,
+        flatten_outliers: 2,
+        flatten_group: 3,
+        noise_percent: 50,
     };
+
+    /// The flattening of a person's contributions.
+    pub fn flattening(&self) -> Flattening {
+        Flattening {
+            outliers: self.flatten_outliers as usize,
+            group: self.flatten_group.max(1) as usize,
+        }
+    }
 }
 
 impl From<&DisclosureConfig> for Rules {
@@ -67,8 +80,9 @@ impl From<&DisclosureConfig> for Rules {
         Self {
             threshold: c.threshold,
             rounding: c.rounding,
-            dominance_percent: c.dominance_percent,
-            p_percent: c.p_percent,
+            flatten_outliers: c.flatten_outliers,
+            flatten_group: c.flatten_group,
+            noise_percent: c.noise_percent,
         }
     }
 }
@@ -97,10 +111,8 @@ pub struct Withheld {
     groups: AtomicU64,
     /// Cells withheld because too few people contribute to them.
     cells_threshold: AtomicU64,
-    /// Cells withheld because their condition leaves a small set of the group's people out.
+    /// Count cells withheld because their condition leaves a small set of the group's people out.
     cells_difference: AtomicU64,
-    /// Cells withheld by the N-K or p% dominance rules.
-    cells_dominance: AtomicU64,
 }
 
 impl Withheld {
@@ -108,19 +120,14 @@ impl Withheld {
         self.groups.load(Ordering::Relaxed)
     }
     pub fn cells(&self) -> u64 {
-        [&self.cells_threshold, &self.cells_difference, &self.cells_dominance]
+        [&self.cells_threshold, &self.cells_difference]
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .sum()
     }
     /// Back to nothing withheld, for another run of the same functions.
     fn reset(&self) {
-        for c in [
-            &self.groups,
-            &self.cells_threshold,
-            &self.cells_difference,
-            &self.cells_dominance,
-        ] {
+        for c in [&self.groups, &self.cells_threshold, &self.cells_difference] {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -131,7 +138,6 @@ impl Withheld {
             "safe-outputs/threshold (groups)": self.groups(),
             "safe-outputs/threshold (cells)": self.cells_threshold.load(Ordering::Relaxed),
             "safe-outputs/cell-difference": self.cells_difference.load(Ordering::Relaxed),
-            "safe-outputs/dominance": self.cells_dominance.load(Ordering::Relaxed),
         })
     }
 }
@@ -144,8 +150,8 @@ impl Withheld {
 pub struct Overrides {
     pub threshold: Option<u64>,
     pub rounding: Option<u64>,
-    pub dominance_percent: Option<u64>,
-    pub p_percent: Option<u64>,
+    pub flatten_outliers: Option<u64>,
+    pub noise_percent: Option<u64>,
 }
 
 impl Rules {
@@ -154,8 +160,9 @@ impl Rules {
         Rules {
             threshold: self.threshold.max(o.threshold.unwrap_or(0)),
             rounding: self.rounding.max(o.rounding.unwrap_or(0)),
-            dominance_percent: self.dominance_percent.min(o.dominance_percent.unwrap_or(100)),
-            p_percent: self.p_percent.max(o.p_percent.unwrap_or(0)),
+            flatten_outliers: self.flatten_outliers.max(o.flatten_outliers.unwrap_or(0)),
+            flatten_group: self.flatten_group,
+            noise_percent: self.noise_percent.max(o.noise_percent.unwrap_or(0)),
         }
     }
 }
@@ -164,19 +171,27 @@ impl Rules {
 #[derive(Debug, Clone)]
 pub struct Disclosure {
     rules: Rules,
+    key: Option<Arc<PerturbationKey>>,
     withheld: Arc<Withheld>,
 }
 
 impl Disclosure {
-    pub fn new(rules: Rules) -> Self {
+    /// Rules for one query, with the key that seeds the noise of sums and means (without one,
+    /// no sum or mean can be released: the policy refuses them).
+    pub fn new(rules: Rules, key: Option<Arc<PerturbationKey>>) -> Self {
         Self {
             rules,
+            key,
             withheld: Arc::default(),
         }
     }
 
     pub fn rules(&self) -> Rules {
         self.rules
+    }
+
+    pub fn key(&self) -> Option<&Arc<PerturbationKey>> {
+        self.key.as_ref()
     }
 
     pub fn withheld(&self) -> Arc<Withheld> {
@@ -193,6 +208,7 @@ impl Disclosure {
         let udf = CellRule {
             kind,
             rules: self.rules,
+            key: self.key.clone(),
             withheld: Arc::clone(&self.withheld),
             signature: Signature::variadic_any(Volatility::Volatile),
         };
@@ -236,11 +252,25 @@ impl Disclosure {
         )
     }
 
-    /// A sum or mean; or NULL where it fails its own check, or `dominated` is true.
-    pub fn value_cell(&self, value: Expr, dominated: Expr, contributors: Vec<Expr>, group_people: Vec<Expr>) -> Expr {
+    /// A sum (`rows` None) or mean (`rows` its count of values), flattened and perturbed by
+    /// the largest of `perturbations` (structs of `delta`, `scale`, `seed`, one per identifier,
+    /// from [`shares`]); or NULL where too few people contribute to it.
+    pub fn value_cell(
+        &self,
+        value: Expr,
+        rows: Option<Expr>,
+        perturbations: Vec<Expr>,
+        contributors: Vec<Expr>,
+        group_people: Vec<Expr>,
+    ) -> Expr {
+        let kind = Kind::ValueCell {
+            mean: rows.is_some(),
+            perturbations: perturbations.len(),
+        };
+        let rows = rows.unwrap_or(lit(ScalarValue::Int64(None)));
         self.call(
-            Kind::ValueCell,
-            [vec![value, dominated], contributors, group_people].concat(),
+            kind,
+            [vec![value, rows], perturbations, contributors, group_people].concat(),
         )
     }
 
@@ -264,33 +294,10 @@ impl Disclosure {
         self.call(Kind::ContributorsFromRows(most.max(1)), vec![contributing, rows])
     }
 
-    /// False where the rows of a SUM or AVG cell prove that it is not dominated; otherwise the
-    /// query fails with [`Unsettled`]. `sum` is the cell's sum of values and `largest` the sum
-    /// of the `2m` largest magnitudes ([`largest`]), no person having more than `m` rows. Then
-    /// the two largest contributors' totals together are at most `largest`, and all people's
-    /// totals (as magnitudes) at least `|sum|`: where `largest` is within the N-K share of
-    /// `|sum|`, and what is left, `|sum| - largest`, is at least p% of `largest`, neither rule
-    /// can find the cell dominated, as [`Disclosure::dominated`] judges it per person.
-    pub fn not_dominated_from_rows(&self, sum: Expr, largest: Expr) -> Expr {
-        self.call(Kind::NotDominatedFromRows, vec![sum, largest])
-    }
-
     /// True, or a [`DifferencingRefused`] error where a group's filtered people (`people[j]`)
     /// fall short of its unfiltered people (`unfiltered[j]`) by fewer than the threshold.
     pub fn no_differencing(&self, people: Vec<Expr>, unfiltered: Vec<Expr>) -> Expr {
         self.call(Kind::NoDifferencing, [people, unfiltered].concat())
-    }
-
-    /// Whether per-person contributions `total`, `top1`, `top2` (magnitudes, Float64) fail the
-    /// N-K or p% rule. NULL totals (no contributions) are not dominated.
-    pub fn dominated(&self, total: Expr, top1: Expr, top2: Expr) -> Expr {
-        let top2 = datafusion::functions::core::expr_fn::coalesce(vec![top2, lit(0.0)]);
-        let top_two = top1.clone() + top2;
-        let nk = top_two
-            .clone()
-            .gt(lit(self.rules.dominance_percent as f64 / 100.0) * total.clone());
-        let p = (total - top_two).lt(lit(self.rules.p_percent as f64 / 100.0) * top1);
-        datafusion::functions::core::expr_fn::coalesce(vec![nk.or(p), lit(false)])
     }
 
     /// Describes the rules and what was withheld, for the result's schema metadata.
@@ -319,19 +326,23 @@ impl Disclosure {
 enum Kind {
     KeepGroup,
     CountCell,
-    ValueCell,
+    /// A sum or a mean, perturbed by the largest of this many flattenings.
+    ValueCell {
+        mean: bool,
+        perturbations: usize,
+    },
     NoDifferencing,
     /// People told from rows, with the most rows one person has.
     PeopleFromRows(u64),
     /// A cell's contributors told from rows, with the most rows one person has.
     ContributorsFromRows(u64),
-    NotDominatedFromRows,
 }
 
 #[derive(Debug)]
 struct CellRule {
     kind: Kind,
     rules: Rules,
+    key: Option<Arc<PerturbationKey>>,
     withheld: Arc<Withheld>,
     signature: Signature,
 }
@@ -374,11 +385,10 @@ impl ScalarUDFImpl for CellRule {
         match self.kind {
             Kind::KeepGroup => "sde_keep_group",
             Kind::CountCell => "sde_count_cell",
-            Kind::ValueCell => "sde_value_cell",
+            Kind::ValueCell { .. } => "sde_value_cell",
             Kind::NoDifferencing => "sde_no_differencing",
             Kind::PeopleFromRows(_) => "sde_people_from_rows",
             Kind::ContributorsFromRows(_) => "sde_contributors_from_rows",
-            Kind::NotDominatedFromRows => "sde_not_dominated_from_rows",
         }
     }
 
@@ -388,9 +398,9 @@ impl ScalarUDFImpl for CellRule {
 
     fn return_type(&self, arg_types: &[DataType]) -> DFResult<DataType> {
         Ok(match self.kind {
-            Kind::KeepGroup | Kind::NoDifferencing | Kind::NotDominatedFromRows => DataType::Boolean,
+            Kind::KeepGroup | Kind::NoDifferencing => DataType::Boolean,
             Kind::CountCell | Kind::PeopleFromRows(_) | Kind::ContributorsFromRows(_) => DataType::Int64,
-            Kind::ValueCell => arg_types
+            Kind::ValueCell { .. } => arg_types
                 .first()
                 .cloned()
                 .ok_or_else(|| DataFusionError::Internal("sde_value_cell needs a value".into()))?,
@@ -414,30 +424,6 @@ impl ScalarUDFImpl for CellRule {
             Kind::ContributorsFromRows(most) => {
                 Arc::new(people_from_rows(&arrays[1], Some(&arrays[0]), most, threshold)?)
             }
-            Kind::NotDominatedFromRows => {
-                let (sum, largest) = (
-                    cast(&arrays[0], &DataType::Float64)?,
-                    cast(&arrays[1], &DataType::Float64)?,
-                );
-                let (sum, largest) = (sum.as_primitive::<Float64Type>(), largest.as_primitive::<Float64Type>());
-                // A margin for rounding: the sums are taken in another order than per person.
-                let (nk, p) = (
-                    self.rules.dominance_percent as f64 / 100.0 * (1.0 - 1e-9),
-                    self.rules.p_percent as f64 / 100.0 * (1.0 + 1e-9),
-                );
-                for i in 0..rows {
-                    // No value at all: nobody's total, so nothing to dominate.
-                    if largest.is_null(i) {
-                        continue;
-                    }
-                    let (total, top) = (if sum.is_null(i) { 0.0 } else { sum.value(i).abs() }, largest.value(i));
-                    // Written so that a NaN never settles.
-                    if !(top <= nk * total && total - top >= p * top) {
-                        return Err(DataFusionError::External(Box::new(Unsettled)));
-                    }
-                }
-                Arc::new(BooleanArray::from(vec![false; rows]))
-            }
             Kind::NoDifferencing => {
                 let (people, unfiltered) = arrays.split_at(arrays.len() / 2);
                 for (p, u) in people.iter().zip(unfiltered) {
@@ -456,56 +442,119 @@ impl ScalarUDFImpl for CellRule {
                 }
                 Arc::new(BooleanArray::from(vec![true; rows]))
             }
-            Kind::CountCell | Kind::ValueCell => {
-                let (value, dominated) = (&arrays[0], arrays[1].as_boolean());
+            Kind::CountCell => {
+                let value = &arrays[0];
                 let (contributors, group_people) = arrays[2..].split_at((arrays.len() - 2) / 2);
                 let contributors = fewest_people(contributors, rows)?;
                 let group_people = fewest_people(group_people, rows)?;
-                // A cell is withheld if few people contribute to it, if the people its own
+                // A count is withheld if few people contribute to it, or if the people its own
                 // condition leaves out of the group are a small (non-empty) set — that set is
-                // described by the difference with the group — or if a few people dominate it.
-                let mut tally = [0u64; 3];
-                let withhold = BooleanArray::from_iter((0..rows).map(|i| {
-                    let (c, g) = (contributors.value(i), group_people.value(i));
-                    let left_out = g - c;
-                    let reason = if c < threshold {
-                        Some(0)
-                    } else if left_out > 0 && left_out < threshold {
-                        Some(1)
-                    } else if dominated.value(i) {
-                        Some(2)
-                    } else {
-                        None
-                    };
-                    if let Some(r) = reason {
-                        tally[r] += 1;
-                    }
-                    Some(reason.is_some())
-                }));
-                for (counter, n) in [
-                    &self.withheld.cells_threshold,
-                    &self.withheld.cells_difference,
-                    &self.withheld.cells_dominance,
-                ]
-                .into_iter()
-                .zip(tally)
-                {
-                    counter.fetch_add(n, Ordering::Relaxed);
-                }
-                if self.kind == Kind::CountCell {
-                    let value = cast(value, &DataType::Int64)?;
-                    let value = value.as_primitive::<Int64Type>();
-                    let base = self.rules.rounding as i64;
-                    let rounded: Int64Array = (0..rows)
-                        .map(|i| (!withhold.value(i) && !value.is_null(i)).then(|| round_to(value.value(i), base)))
-                        .collect();
-                    Arc::new(rounded)
-                } else {
-                    nullif(value.as_ref(), &withhold)?
-                }
+                // described by the difference with the group.
+                let mut tally = [0u64; 2];
+                let withhold: Vec<bool> = (0..rows)
+                    .map(|i| {
+                        let (c, g) = (contributors.value(i), group_people.value(i));
+                        let left_out = g - c;
+                        let reason = if c < threshold {
+                            Some(0)
+                        } else if left_out > 0 && left_out < threshold {
+                            Some(1)
+                        } else {
+                            None
+                        };
+                        if let Some(r) = reason {
+                            tally[r] += 1;
+                        }
+                        reason.is_some()
+                    })
+                    .collect();
+                self.withheld.cells_threshold.fetch_add(tally[0], Ordering::Relaxed);
+                self.withheld.cells_difference.fetch_add(tally[1], Ordering::Relaxed);
+                let value = cast(value, &DataType::Int64)?;
+                let value = value.as_primitive::<Int64Type>();
+                let base = self.rules.rounding as i64;
+                let rounded: Int64Array = (0..rows)
+                    .map(|i| (!withhold[i] && !value.is_null(i)).then(|| round_to(value.value(i), base)))
+                    .collect();
+                Arc::new(rounded)
             }
+            Kind::ValueCell { mean, perturbations } => self.value_cells(&arrays, rows, mean, perturbations)?,
         };
         Ok(ColumnarValue::Array(out))
+    }
+}
+
+impl CellRule {
+    /// Sums or means released flattened and perturbed ([`noise`]), NULL where fewer than
+    /// `threshold` people contribute. Arguments: the cell's values, its row counts (means), the
+    /// flattenings, then contributors and group people per identifier.
+    fn value_cells(&self, arrays: &[ArrayRef], rows: usize, mean: bool, perturbations: usize) -> DFResult<ArrayRef> {
+        let Some(key) = &self.key else {
+            return Err(DataFusionError::Internal(
+                "a value cell without a perturbation key".into(),
+            ));
+        };
+        let values = cast(&arrays[0], &DataType::Float64)?;
+        let values = values.as_primitive::<Float64Type>();
+        let counts = cast(&arrays[1], &DataType::Int64)?;
+        let counts = counts.as_primitive::<Int64Type>();
+        let flattenings = arrays[2..2 + perturbations]
+            .iter()
+            .map(|a| {
+                let s = a
+                    .as_any()
+                    .downcast_ref::<StructArray>()
+                    .ok_or_else(|| DataFusionError::Internal("a flattening is a struct".into()))?;
+                let field = |name: &str| -> DFResult<ArrayRef> {
+                    s.column_by_name(name)
+                        .cloned()
+                        .ok_or_else(|| DataFusionError::Internal(format!("a flattening without {name}")))
+                };
+                let (d, sc, se) = (field("delta")?, field("scale")?, field("seed")?);
+                Ok((
+                    d.as_primitive::<Float64Type>().clone(),
+                    sc.as_primitive::<Float64Type>().clone(),
+                    se.as_primitive::<UInt64Type>().clone(),
+                ))
+            })
+            .collect::<DFResult<Vec<_>>>()?;
+        let people = &arrays[2 + perturbations..];
+        let contributors = fewest_people(&people[..people.len() / 2], rows)?;
+        let threshold = self.rules.threshold as i64;
+        let sd = self.rules.noise_percent as f64 / 100.0;
+        let salt = u64::from(mean);
+        let mut withheld = 0;
+        let released: Float64Array = (0..rows)
+            .map(|i| {
+                if contributors.value(i) < threshold {
+                    withheld += 1;
+                    return None;
+                }
+                if values.is_null(i) {
+                    return None;
+                }
+                // The flattening with the most noise (one per identifier) governs.
+                let (delta, scale, seed) = flattenings
+                    .iter()
+                    .map(|(d, sc, se)| (d.value(i), sc.value(i), se.value(i)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .unwrap_or((0.0, 0.0, 0));
+                let noise = sd * scale * key.normal(seed, salt);
+                let n = match mean {
+                    true => counts.value(i).max(1) as f64,
+                    false => 1.0,
+                };
+                Some(values.value(i) + (noise - delta) / n)
+            })
+            .collect();
+        self.withheld.cells_threshold.fetch_add(withheld, Ordering::Relaxed);
+        // Back to the cell's own type: integers to the nearest.
+        let target = arrays[0].data_type();
+        let released: Float64Array = match target.is_integer() {
+            true => released.iter().map(|v| v.map(f64::round)).collect(),
+            false => released,
+        };
+        Ok(cast(&(Arc::new(released) as ArrayRef), target)?)
     }
 }
 
@@ -557,8 +606,8 @@ mod tests {
         let o = Overrides {
             threshold: Some(3),
             rounding: Some(10),
-            dominance_percent: Some(95),
-            p_percent: Some(20),
+            flatten_outliers: Some(1),
+            noise_percent: Some(80),
         };
         let r = Rules::DEFAULT.tightened(&o);
         assert_eq!(
@@ -566,8 +615,9 @@ mod tests {
             Rules {
                 threshold: 10,
                 rounding: 10,
-                dominance_percent: 90,
-                p_percent: 20
+                flatten_outliers: 2,
+                flatten_group: 3,
+                noise_percent: 80,
             }
         );
     }
@@ -583,10 +633,11 @@ mod tests {
 
     #[test]
     fn cells_with_few_people_are_null_and_tallied() {
-        let d = Disclosure::new(Rules::DEFAULT);
+        let d = Disclosure::new(Rules::DEFAULT, None);
         let udf = CellRule {
             kind: Kind::CountCell,
             rules: d.rules,
+            key: None,
             withheld: d.withheld(),
             signature: Signature::variadic_any(Volatility::Volatile),
         };

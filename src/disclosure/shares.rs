@@ -5,18 +5,14 @@
 //! `contributes`, and returns a struct:
 //! - `people`: distinct non-NULL persons;
 //! - `contributors`: those with a contributing row;
-//! - `total`, `top1`, `top2`: over each person's total as a magnitude, their sum, the largest
-//!   and the second largest (NULL where nobody has a value), for the dominance rules.
-//!
-//! Before, dominance needed a second aggregate by group and person over the same input, joined
-//! back to the main aggregate on the group keys: a second scan, a hash table of string keys and
-//! a join, for every query with a SUM or AVG.
+//! - `delta`, `scale`, `seed`: each person's total flattened ([`super::noise`]): what to take
+//!   off the cell's sum, the noise's scale, and a fingerprint of who contributes what.
 //!
 //! People are told apart by the same fixed 64-bit hash as [`super::people_at_least`]. Two
 //! people whose hashes collide (about one chance in 10^8 among a million people) count as one
-//! person whose total is both of theirs: fewer people and a larger top contributor, so more is
-//! withheld, not less. Rows without a person are kept apart as one unknown contributor: they
-//! count towards the totals (so they can make a cell look dominated) but not as people.
+//! person whose total is both of theirs: fewer people and a larger contribution, flattened as
+//! one. Rows without a person are kept apart as one unknown contributor: they are flattened
+//! like a person's total, but do not count as people.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -34,18 +30,21 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, Expr, GroupsAccumulator, Signature, Volatility,
 };
 
+use super::noise::{Flattened, Flattening, flatten, term};
 use super::people::hash_rows;
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Shares {
+    flattening: Flattening,
     signature: Signature,
 }
 
 /// Each person's share of a cell, summarised per group (see the module). `value` must be a
 /// `Float64` and `contributes` a `Boolean` (NULL is false). Never registered in a catalogue, so queries cannot
 /// call it.
-pub fn shares(person: Expr, value: Expr, contributes: Expr) -> Expr {
+pub fn shares(person: Expr, value: Expr, contributes: Expr, flattening: Flattening) -> Expr {
     let udaf = AggregateUDF::from(Shares {
+        flattening,
         signature: Signature::any(3, Volatility::Immutable),
     });
     udaf.call(vec![person, value, contributes])
@@ -56,9 +55,9 @@ fn summary_fields() -> Fields {
     Fields::from(vec![
         Field::new("people", DataType::Int64, false),
         Field::new("contributors", DataType::Int64, false),
-        Field::new("total", DataType::Float64, true),
-        Field::new("top1", DataType::Float64, true),
-        Field::new("top2", DataType::Float64, true),
+        Field::new("delta", DataType::Float64, false),
+        Field::new("scale", DataType::Float64, false),
+        Field::new("seed", DataType::UInt64, false),
     ])
 }
 
@@ -83,7 +82,7 @@ impl AggregateUDFImpl for Shares {
     }
 
     fn accumulator(&self, _: AccumulatorArgs) -> DFResult<Box<dyn Accumulator>> {
-        Ok(Box::new(One(Groups::default())))
+        Ok(Box::new(One(Groups::new(self.flattening))))
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> DFResult<Vec<FieldRef>> {
@@ -106,7 +105,7 @@ impl AggregateUDFImpl for Shares {
     }
 
     fn create_groups_accumulator(&self, _: AccumulatorArgs) -> DFResult<Box<dyn GroupsAccumulator>> {
-        Ok(Box::new(Groups::default()))
+        Ok(Box::new(Groups::new(self.flattening)))
     }
 }
 
@@ -162,9 +161,8 @@ impl Hasher for AsIs {
 struct Summary {
     people: i64,
     contributors: i64,
-    total: Option<f64>,
-    top1: Option<f64>,
-    top2: Option<f64>,
+    flattened: Flattened,
+    seed: u64,
 }
 
 /// The shares of one group: by person hash, and rows without a person together.
@@ -196,34 +194,26 @@ impl Group {
         known.chain(self.unknown.map(|share| (0, share)))
     }
 
-    fn summary(&self) -> Summary {
+    fn summary(&self, flattening: Flattening) -> Summary {
         let mut contributors = 0;
-        let (mut total, mut first, mut second): (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
-        let known = self.known.values().map(|share| (true, share));
-        for (known, share) in known.chain(self.unknown.iter().map(|share| (false, share))) {
-            if known && share.flags & CONTRIBUTES != 0 {
+        let mut seed = 0u64;
+        let mut totals = Vec::new();
+        let known = self.known.iter().map(|(&hash, share)| (Some(hash), share));
+        for (hash, share) in known.chain(self.unknown.iter().map(|share| (None, share))) {
+            if hash.is_some() && share.flags & CONTRIBUTES != 0 {
                 contributors += 1;
             }
             if share.flags & VALUED == 0 {
                 continue;
             }
-            let m = share.total.abs();
-            total = Some(total.unwrap_or(0.0) + m);
-            match first {
-                Some(f) if m > f => {
-                    second = first;
-                    first = Some(m);
-                }
-                Some(_) => second = Some(second.map_or(m, |s| s.max(m))),
-                None => first = Some(m),
-            }
+            seed = seed.wrapping_add(term(hash.unwrap_or(0), share.total));
+            totals.push(share.total);
         }
         Summary {
             people: self.known.len() as i64,
             contributors,
-            total,
-            top1: first,
-            top2: second,
+            flattened: flatten(&mut totals, flattening),
+            seed,
         }
     }
 
@@ -233,8 +223,9 @@ impl Group {
 }
 
 /// The accumulator for grouped aggregates.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Groups {
+    flattening: Flattening,
     groups: Vec<Group>,
     hashes: Vec<u64>,
 }
@@ -256,6 +247,14 @@ fn included(opt_filter: Option<&BooleanArray>, row: usize) -> bool {
 }
 
 impl Groups {
+    fn new(flattening: Flattening) -> Self {
+        Self {
+            flattening,
+            groups: Vec::new(),
+            hashes: Vec::new(),
+        }
+    }
+
     /// Adds the rows of a batch, row `i` to group `group_indices[i]`.
     fn add(&mut self, values: &[ArrayRef], group_indices: &[usize], opt_filter: Option<&BooleanArray>) -> DFResult<()> {
         let (person, value, contributes) = arguments(values)?;
@@ -358,19 +357,19 @@ fn states(groups: &[Group]) -> DFResult<Vec<ArrayRef>> {
     ])
 }
 
-fn summaries(groups: &[Group]) -> ArrayRef {
-    let summaries: Vec<_> = groups.iter().map(Group::summary).collect();
+fn summaries(groups: &[Group], flattening: Flattening) -> ArrayRef {
+    let summaries: Vec<_> = groups.iter().map(|g| g.summary(flattening)).collect();
     let int = |f: fn(&Summary) -> i64| -> ArrayRef { Arc::new(Int64Array::from_iter_values(summaries.iter().map(f))) };
     let float =
-        |f: fn(&Summary) -> Option<f64>| -> ArrayRef { Arc::new(Float64Array::from_iter(summaries.iter().map(f))) };
+        |f: fn(&Summary) -> f64| -> ArrayRef { Arc::new(Float64Array::from_iter_values(summaries.iter().map(f))) };
     Arc::new(StructArray::new(
         summary_fields(),
         vec![
             int(|s| s.people),
             int(|s| s.contributors),
-            float(|s| s.total),
-            float(|s| s.top1),
-            float(|s| s.top2),
+            float(|s| s.flattened.delta),
+            float(|s| s.flattened.scale),
+            Arc::new(UInt64Array::from_iter_values(summaries.iter().map(|s| s.seed))),
         ],
         None,
     ))
@@ -389,7 +388,7 @@ impl GroupsAccumulator for Groups {
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> DFResult<ArrayRef> {
-        Ok(summaries(&emit_to.take_needed(&mut self.groups)))
+        Ok(summaries(&emit_to.take_needed(&mut self.groups), self.flattening))
     }
 
     fn state(&mut self, emit_to: EmitTo) -> DFResult<Vec<ArrayRef>> {
@@ -406,7 +405,7 @@ impl GroupsAccumulator for Groups {
         let rows = values.first().map_or(0, |v| v.len());
         let mut each = Groups {
             groups: (0..rows).map(|_| Group::default()).collect(),
-            hashes: Vec::new(),
+            ..Groups::new(self.flattening)
         };
         let indices: Vec<usize> = (0..rows).collect();
         each.add(values, &indices, opt_filter)?;
@@ -445,7 +444,7 @@ impl Accumulator for One {
 
     fn evaluate(&mut self) -> DFResult<ScalarValue> {
         self.0.groups.resize_with(1, Group::default);
-        ScalarValue::try_from_array(&summaries(&self.0.groups), 0)
+        ScalarValue::try_from_array(&summaries(&self.0.groups, self.0.flattening), 0)
     }
 
     fn size(&self) -> usize {
@@ -465,7 +464,8 @@ mod tests {
     use super::*;
 
     type Row = (&'static str, Option<&'static str>, Option<f64>);
-    type Figures = (i64, i64, Option<f64>, Option<f64>, Option<f64>);
+    type Figures = (i64, i64, f64, f64);
+    const ONE_AND_ONE: Flattening = Flattening { outliers: 1, group: 1 };
 
     /// Table `t` of `(g, person, v)` rows, spread over several partitions (so partial states
     /// merge).
@@ -502,12 +502,15 @@ mod tests {
             .table("t")
             .await
             .unwrap()
-            .aggregate(groups, vec![shares(col("person"), col("v"), contributes).alias("s")])
+            .aggregate(
+                groups,
+                vec![shares(col("person"), col("v"), contributes, ONE_AND_ONE).alias("s")],
+            )
             .unwrap();
         if grouped {
             df = df.sort(vec![col("g").sort(true, true)]).unwrap();
         }
-        let fields = ["people", "contributors", "total", "top1", "top2"].map(|f| get_field(col("s"), f));
+        let fields = ["people", "contributors", "delta", "scale"].map(|f| get_field(col("s"), f));
         let out = df.select(fields.to_vec()).unwrap().collect().await.unwrap();
         let mut result = Vec::new();
         for b in out {
@@ -516,12 +519,9 @@ mod tests {
                     .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
                     .value(i)
             };
-            let float = |c: usize, i: usize| {
-                let a = b.column(c).as_primitive::<Float64Type>();
-                a.is_valid(i).then(|| a.value(i))
-            };
+            let float = |c: usize, i: usize| b.column(c).as_primitive::<Float64Type>().value(i);
             for i in 0..b.num_rows() {
-                result.push((int(0, i), int(1, i), float(2, i), float(3, i), float(4, i)));
+                result.push((int(0, i), int(1, i), float(2, i), float(3, i)));
             }
         }
         result
@@ -548,10 +548,12 @@ mod tests {
         assert_eq!(
             summarise(&ROWS, true).await,
             [
-                // people p1 p2 p3; contributors p1 (5) p2 (3); magnitudes 4, 3 and the unknown 2.
-                (3, 2, Some(9.0), Some(4.0), Some(3.0)),
-                (1, 1, Some(8.0), Some(8.0), None),
-                (2, 0, None, None, None),
+                // people p1 p2 p3; contributors p1 (5) p2 (3); totals -4, 3 and the unknown 2:
+                // the outlier -4 flattened to -3 (the next one's magnitude).
+                (3, 2, -1.0, 3.0),
+                // One total (8): nothing to flatten it to.
+                (1, 1, 8.0, 0.0),
+                (2, 0, 0.0, 0.0),
             ]
         );
     }
@@ -559,21 +561,24 @@ mod tests {
     #[tokio::test]
     async fn without_groups_the_whole_table_is_one_group() {
         // p1: 5 - 9 + 1 + 7 = 4; p2: 3; unknown 2; p3, p4, p5 no value.
-        assert_eq!(summarise(&ROWS, false).await, [(5, 2, Some(9.0), Some(4.0), Some(3.0))]);
-        assert_eq!(summarise(&[], false).await, [(0, 0, None, None, None)]);
+        assert_eq!(summarise(&ROWS, false).await, [(5, 2, 1.0, 3.0)]);
+        assert_eq!(summarise(&[], false).await, [(0, 0, 0.0, 0.0)]);
     }
 
     #[test]
-    fn ties_count_twice_for_the_top_two() {
-        let mut g = Group::default();
-        for (p, v) in [(1, 5.0), (2, 5.0), (3, 1.0)] {
-            g.share(Some(p)).add(Some(v), true);
-        }
-        let summary = g.summary();
-        assert_eq!((summary.people, summary.contributors), (3, 3));
+    fn the_seed_is_who_contributes_what_in_any_order() {
+        let seed = |shares: &[(u64, f64)]| {
+            let mut g = Group::default();
+            for &(p, v) in shares {
+                g.share(Some(p)).add(Some(v), true);
+            }
+            g.summary(ONE_AND_ONE).seed
+        };
         assert_eq!(
-            (summary.total, summary.top1, summary.top2),
-            (Some(11.0), Some(5.0), Some(5.0))
+            seed(&[(1, 5.0), (2, 5.0), (3, 1.0)]),
+            seed(&[(3, 1.0), (1, 5.0), (2, 5.0)])
         );
+        assert_ne!(seed(&[(1, 5.0), (2, 5.0)]), seed(&[(1, 5.0), (2, 5.5)]));
+        assert_ne!(seed(&[(1, 5.0), (2, 5.0)]), seed(&[(1, 5.0), (4, 5.0)]));
     }
 }

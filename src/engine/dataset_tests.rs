@@ -149,7 +149,7 @@ async fn manifest_marked_identifiers_are_identifiers_for_the_policy() {
         .create_logical_plan("SELECT household, COUNT(*) FROM people GROUP BY household")
         .await
         .unwrap();
-    let refused = crate::policy::check(plan, crate::disclosure::Rules::DEFAULT)
+    let refused = crate::policy::check(plan, crate::disclosure::Rules::DEFAULT, None)
         .err()
         .unwrap();
     assert!(refused.to_string().contains("safe-outputs/identifiers"), "{refused}");
@@ -158,7 +158,7 @@ async fn manifest_marked_identifiers_are_identifiers_for_the_policy() {
         .create_logical_plan("SELECT sex, COUNT(*) FROM people GROUP BY sex")
         .await
         .unwrap();
-    assert!(crate::policy::check(plan, crate::disclosure::Rules::DEFAULT).is_ok());
+    assert!(crate::policy::check(plan, crate::disclosure::Rules::DEFAULT, None).is_ok());
 }
 
 #[tokio::test]

@@ -189,6 +189,8 @@ pub struct Engine {
     served: BTreeMap<(String, String), served::Served>,
     /// The cap on values growing functions make (`limits.max_value_bytes`, see [`capped`]).
     max_value_bytes: usize,
+    /// The key that seeds the noise of sums and means, handed to every session.
+    perturbation_key: Option<Arc<crate::disclosure::PerturbationKey>>,
 }
 
 impl Engine {
@@ -242,6 +244,7 @@ impl Engine {
             folders,
             served: BTreeMap::new(),
             max_value_bytes: crate::config::LimitsConfig::default().max_value_bytes,
+            perturbation_key: None,
         };
         if let Some(versions) = versions {
             engine.open_versions(&ctx, versions).await?;
@@ -451,7 +454,15 @@ impl Engine {
         self
     }
 
+    /// Sets the key that seeds the noise of sums and means (`disclosure.perturbation_key`).
+    pub fn with_perturbation_key(mut self, key: crate::disclosure::PerturbationKey) -> Self {
+        self.perturbation_key = Some(Arc::new(key));
+        self
+    }
+
     /// A session for one project: only granted tables and columns, each guarded.
+    /// The session carries the perturbation key as a config extension (see
+    /// [`crate::policy::plan_and_check`]), so that a plan built in it can release sums.
     pub fn session(&self, access: &ProjectAccess) -> Result<SessionContext, EngineError> {
         let partitions = SessionConfig::new().target_partitions();
         self.session_with_runtime(access, Arc::new(RuntimeEnv::default()), partitions)
@@ -465,11 +476,14 @@ impl Engine {
         runtime: Arc<RuntimeEnv>,
         partitions: usize,
     ) -> Result<SessionContext, EngineError> {
-        let config = SessionConfig::new()
+        let mut config = SessionConfig::new()
             .with_target_partitions(partitions)
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_create_default_catalog_and_schema(true)
             .with_information_schema(false);
+        if let Some(key) = &self.perturbation_key {
+            config = config.with_extension(Arc::clone(key));
+        }
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         capped::register(&ctx, self.max_value_bytes);
         overflow::register(&ctx);

@@ -29,6 +29,7 @@
 //! Nothing here reads data or the registry; the rules arrive as [`Rules`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::source_as_provider;
@@ -37,7 +38,7 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
 
-use crate::disclosure::{Disclosure, Overrides, Rules};
+use crate::disclosure::{Disclosure, Overrides, PerturbationKey, Rules};
 use crate::engine::GuardedTable;
 
 pub mod statement;
@@ -133,7 +134,7 @@ impl Permit {
     /// their own, so that what one run withholds is not counted in another's report (a kept
     /// plan run again).
     pub fn rebound(&self, optimised: &LogicalPlan) -> datafusion::error::Result<(Permit, LogicalPlan)> {
-        let disclosure = Disclosure::new(self.disclosure.rules());
+        let disclosure = Disclosure::new(self.disclosure.rules(), self.disclosure.key().cloned());
         let plan = disclosure.rebind(self.plan.clone())?;
         let from_rows = self.from_rows.clone().map(|p| disclosure.rebind(p)).transpose()?;
         let optimised = disclosure.rebind(optimised.clone())?;
@@ -171,7 +172,14 @@ pub async fn plan_and_check_with(
     limits: &StatementLimits,
 ) -> Result<Permit, PolicyError> {
     let plan = plan_sql(ctx, sql, limits).await?;
-    check_with(plan, rules, dataset_rules)
+    check_with(plan, rules, dataset_rules, perturbation_key(ctx))
+}
+
+/// The key that seeds the noise of sums and means, which the engine hands to each project's
+/// session ([`crate::engine::Engine::with_perturbation_key`]); a session without one can
+/// release no sum or mean.
+pub fn perturbation_key(ctx: &SessionContext) -> Option<Arc<PerturbationKey>> {
+    ctx.state().config().get_extension::<PerturbationKey>()
 }
 
 /// The first half of [`plan_and_check_with`]: SQL to an (unchecked) logical plan.
@@ -189,6 +197,7 @@ pub fn check_with(
     plan: LogicalPlan,
     rules: Rules,
     dataset_rules: &BTreeMap<String, Overrides>,
+    key: Option<Arc<PerturbationKey>>,
 ) -> Result<Permit, PolicyError> {
     check_statement_kind(&plan)?;
     SQLOptions::new()
@@ -201,7 +210,7 @@ pub fn check_with(
         .iter()
         .filter_map(|d| dataset_rules.get(d))
         .fold(rules, |r, o| r.tightened(o));
-    check(plan, rules)
+    check(plan, rules, key)
 }
 
 /// Whether a plan reads a table known to have at most some number of rows per person, more
@@ -284,9 +293,9 @@ fn check_reserved_names(plan: &LogicalPlan) -> Result<(), PolicyError> {
 
 /// Checks and rewrites an (unoptimised) logical plan: once counting people one by one, and,
 /// where rows can tell enough people for some aggregate, once more telling them from rows.
-pub fn check(plan: LogicalPlan, rules: Rules) -> Result<Permit, PolicyError> {
+pub fn check(plan: LogicalPlan, rules: Rules, key: Option<Arc<PerturbationKey>>) -> Result<Permit, PolicyError> {
     check_reserved_names(&plan)?;
-    let disclosure = Disclosure::new(rules);
+    let disclosure = Disclosure::new(rules, key);
     let rewrite = |plan: LogicalPlan, from_rows: bool| {
         let mut checker = Checker::new(disclosure.clone(), from_rows);
         let (plan, mask) = checker.visit(plan)?;

@@ -14,12 +14,12 @@ use datafusion::common::NullEquality;
 use datafusion::common::utils::expr::COUNT_STAR_EXPANSION;
 use datafusion::common::{Column, ScalarValue};
 use datafusion::functions::core::expr_fn::get_field;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{Aggregate, Expr, Filter, JoinType, LogicalPlan, Projection, lit, when};
-use datafusion::logical_expr::{ExprSchemable, LogicalPlanBuilder, cast};
+use datafusion::logical_expr::{LogicalPlanBuilder, cast};
 
-use crate::disclosure::{Disclosure, largest, people_at_least, shares};
+use crate::disclosure::{Disclosure, people_at_least, shares};
 
 use super::PolicyError;
 use super::lineage::{Id, Mask, bare_identifier, no_identifier};
@@ -76,12 +76,12 @@ impl Rewriter {
     /// output. The result has the aggregate's columns, names and order (values may be NULL):
     ///
     /// ```text
-    /// Projection   cells → sde_count_cell / sde_value_cell (threshold, rounding, dominance)
+    /// Projection   cells → sde_count_cell / sde_value_cell (threshold, rounding; flattening, noise)
     ///   Filter     sde_keep_group (groups backed by too few people are withheld)
     ///     Filter   sde_no_differencing (only if the input is filtered)
     ///       Join   on group keys with the unfiltered people (only if the input is filtered)
     ///         Aggregate  the original aggregates + people per group and per cell
-    ///                    + each person's share of each SUM and AVG cell (`sde_shares`, dominance)
+    ///                    + each person's share of each SUM and AVG cell (`sde_shares`, flattening)
     /// ```
     pub(super) fn protect(&mut self, agg: Aggregate, in_mask: &Mask) -> Result<LogicalPlan, PolicyError> {
         let schema = Arc::clone(agg.input.schema());
@@ -148,7 +148,7 @@ impl Rewriter {
         // group). Otherwise the rules only ask whether a group has `threshold` people.
         let unfiltered = without_filters(Arc::unwrap_or_clone(Arc::clone(&agg.input))).map_err(df)?;
         let mut exact = unfiltered.transformed;
-        // Dominance needs each person's total of each SUM and AVG cell: `sde_shares` keeps them
+        // Flattening needs each person's total of each SUM and AVG cell: `sde_shares` keeps them
         // in the main aggregate's own pass. With one identifier and no differencing check, the
         // people of the group and the contributors of each cell with a condition are counted
         // from those shares too, rather than by distinct counts beside them.
@@ -159,9 +159,11 @@ impl Rewriter {
         // Told from rows (in the plan that may, [`Permit::from_rows`]): over a table whose people
         // each have at most a known number of rows, without a WHERE (which needs people counted
         // for differencing), FILTER (which leaves rows out of a cell) or cell counting people
-        // (which reads every identifier anyway), the groups' people, the cells' contributors and
-        // the dominance rules are all bounded by rows, never reading who they belong to.
+        // (which reads every identifier anyway), the groups' people and the cells' contributors
+        // are bounded by rows, never reading who they belong to. Sums and means are flattened per
+        // person (their people's totals), so an aggregate with one is never told from rows.
         let told = self.from_rows
+            && !has_sums
             && !unfiltered.transformed
             && !ids.is_empty()
             && most_rows.iter().all(|m| m.is_some_and(|m| m > 1))
@@ -203,8 +205,11 @@ impl Rewriter {
         let mut group_counted = false;
         // Per SUM or AVG cell and identifier, its `sde_shares` call.
         let mut sum_shares: Vec<(usize, usize)> = Vec::new();
-        // Told from rows: the SUM and AVG cells, and the contributors' row counts (cell, identifier).
-        let mut told_sums: Vec<usize> = Vec::new();
+        // Per SUM or AVG cell: its flattenings (one per identifier) and, for a mean, its values.
+        let mut perturbations: HashMap<usize, Vec<Expr>> = HashMap::new();
+        let mut mean_rows: HashMap<usize, Expr> = HashMap::new();
+        let flattening = self.disclosure.rules().flattening();
+        // Told from rows: the contributors' row counts (cell, identifier).
         let mut told_contributors: Vec<(String, usize)> = Vec::new();
         let most = |j: usize| most_rows[j].unwrap_or(1);
         for (i, e) in agg.aggr_expr.iter().enumerate() {
@@ -257,30 +262,25 @@ impl Rewriter {
             exact |= condition.is_some();
             if !is_count {
                 let arg = params.args.first().cloned().unwrap_or(lit(0));
-                if told {
-                    // The two largest totals are at most the 2m largest rows (see `largest`).
-                    // Without FILTER, a row that does not contribute has a zero or no value: it
-                    // adds nothing to the sum or the largest, so they are taken over the
-                    // values as they are, and the cell's own SUM is the same aggregate.
-                    let k = 2 * (0..ids.len()).map(most).max().unwrap_or(1) as usize;
-                    let value = match arg.get_type(schema.as_ref()) {
-                        Ok(DataType::Float64) => arg.clone(),
-                        _ => cast(arg.clone(), DataType::Float64),
-                    };
-                    aggr.push(sum(value.clone()).alias(format!("__sde_sum_{id}_{i}")));
-                    aggr.push(largest(value, k).alias(format!("__sde_largest_{id}_{i}")));
-                    told_sums.push(i);
-                } else {
-                    let value = match &condition {
-                        Some(c) => when(c.clone(), arg).end().map_err(df)?,
-                        None => arg,
-                    };
-                    let value = cast(value, DataType::Float64);
-                    let contributes = condition.clone().unwrap_or(lit(true));
-                    for j in 0..ids.len() {
-                        let k = share_of(j, value.clone(), contributes.clone());
-                        sum_shares.push((i, k));
-                    }
+                if self.disclosure.key().is_none() {
+                    return Err(PolicyError::Unsupported(
+                        "sums and means need the gateway's perturbation key, which this session lacks",
+                    ));
+                }
+                // A mean's noise is shared out over its values.
+                if name != "sum" {
+                    aggr.push(count(arg.clone()).alias(format!("__sde_rows_{id}_{i}")));
+                    mean_rows.insert(i, col(format!("__sde_rows_{id}_{i}")));
+                }
+                let value = match &condition {
+                    Some(c) => when(c.clone(), arg).end().map_err(df)?,
+                    None => arg,
+                };
+                let value = cast(value, DataType::Float64);
+                let contributes = condition.clone().unwrap_or(lit(true));
+                for j in 0..ids.len() {
+                    let k = share_of(j, value.clone(), contributes.clone());
+                    sum_shares.push((i, k));
                 }
             }
             let contributors = match condition {
@@ -337,7 +337,7 @@ impl Rewriter {
 
         let n_group = group_expr.len();
         for (k, (j, value, contributes)) in shares_of.into_iter().enumerate() {
-            aggr.push(shares(ids[j].clone(), value, contributes).alias(format!("__sde_shares_{id}_{k}")));
+            aggr.push(shares(ids[j].clone(), value, contributes, flattening).alias(format!("__sde_shares_{id}_{k}")));
         }
         let main = Aggregate::try_new(Arc::clone(&agg.input), group_expr.clone(), aggr).map_err(df)?;
         // Every index below assumes the keys then the cells, in both aggregates; fail closed
@@ -366,12 +366,10 @@ impl Rewriter {
             }
             plan = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan)).map_err(df)?);
         }
-        // A SUM or AVG cell is dominated if it is, judged by the people of any identifier.
-        let mut dominated: HashMap<usize, Expr> = HashMap::new();
         if told {
             self.told_from_rows = true;
             let rows = |j: usize| col(people_name(j));
-            let mut exprs = plan
+            let exprs = plan
                 .schema()
                 .iter()
                 .map(|(q, f)| {
@@ -387,26 +385,14 @@ impl Rewriter {
                     }
                 })
                 .collect::<Vec<_>>();
-            for i in told_sums {
-                let name = format!("__sde_dominated_{id}_{i}");
-                let verdict = self.disclosure.not_dominated_from_rows(
-                    col(format!("__sde_sum_{id}_{i}")),
-                    col(format!("__sde_largest_{id}_{i}")),
-                );
-                exprs.push(verdict.alias(name.clone()));
-                dominated.insert(i, col(name));
-            }
             plan = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan)).map_err(df)?);
         }
+        // Each SUM or AVG cell is flattened per identifier, from the shares' summaries.
         for (i, k) in sum_shares {
-            let verdict = self
-                .disclosure
-                .dominated(share(k, "total"), share(k, "top1"), share(k, "top2"));
-            let either = match dominated.remove(&i) {
-                Some(previous) => previous.or(verdict),
-                None => verdict,
-            };
-            dominated.insert(i, either);
+            perturbations
+                .entry(i)
+                .or_default()
+                .push(col(format!("__sde_shares_{id}_{k}")));
         }
         let keys: Vec<Expr> = group_expr
             .iter()
@@ -454,9 +440,14 @@ impl Rewriter {
                 self.disclosure
                     .count_cell(column, contributors.clone(), group_people.clone())
             } else {
-                let dominated = dominated.remove(&i).unwrap_or(lit(false));
-                self.disclosure
-                    .value_cell(column, dominated, contributors.clone(), group_people.clone())
+                let perturbations = perturbations.remove(&i).unwrap_or_default();
+                self.disclosure.value_cell(
+                    column,
+                    mean_rows.remove(&i),
+                    perturbations,
+                    contributors.clone(),
+                    group_people.clone(),
+                )
             };
             exprs.push(cell.alias_qualified(qualifier.cloned(), field.name()));
             self.checked.push(field.name().clone());

@@ -71,7 +71,9 @@ fn session() -> SessionContext {
         Arc::new(Schema::new(vec![Field::new("person_id", DataType::Utf8, false)])),
         vec![Arc::new(StringArray::from(vec!["c30"]))],
     );
-    let ctx = SessionContext::new();
+    // The key that seeds the noise of sums and means, as the engine gives every session.
+    let key = Arc::new(crate::disclosure::PerturbationKey::from_bytes([42; 32]));
+    let ctx = SessionContext::new_with_config(datafusion::prelude::SessionConfig::new().with_extension(key));
     ctx.register_table(
         "patients",
         // One row per person, as a served copy of the population table is: people are counted
@@ -191,6 +193,25 @@ async fn differencing(sql: &str) {
 fn assert_table(actual: &str, expected: &[&str]) {
     let actual: Vec<&str> = actual.lines().collect();
     assert_eq!(actual, expected, "\n{}", actual.join("\n"));
+}
+
+/// The values of column `c` of a pretty-printed table (NULL as None).
+fn column(table: &str, c: usize) -> Vec<Option<f64>> {
+    table
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .skip(1)
+        .map(|l| {
+            let cell = l.split('|').nth(c + 1).unwrap_or("").trim();
+            (!cell.is_empty()).then(|| cell.parse().unwrap_or_else(|e| panic!("{cell}: {e}")))
+        })
+        .collect()
+}
+
+/// Asserts `value` is released, within `spread` of `centre`.
+fn near(value: Option<f64>, centre: f64, spread: f64) {
+    let v = value.unwrap_or_else(|| panic!("withheld; expected about {centre}"));
+    assert!((v - centre).abs() <= spread, "{v} is not within {spread} of {centre}");
 }
 
 #[tokio::test]
@@ -342,23 +363,16 @@ async fn conditional_sums_count_only_selected_people() {
 
 #[tokio::test]
 async fn a_sum_and_conditional_counts_each_count_their_own_people() {
-    // One pass judges the sum (dominated by a0) and counts each cell's people: the costly
-    // visits are one person's (a0); every visit costs more than 5, so that cell has the
-    // group's 12 people (its 31 visits rounded to 30).
+    // One pass flattens the sum (a0's 20 000 counts as 10, the top group's mean) and counts
+    // each cell's people: the costly visits are one person's (a0); every visit costs more than
+    // 5, so that cell has the group's 12 people (its 31 visits rounded to 30).
     let out = run(
         "SELECT SUM(cost) AS s, COUNT(*) FILTER (WHERE cost > 100) AS costly, COUNT(*) FILTER (WHERE cost > 5) AS over5 FROM visits",
     )
     .await;
-    assert_table(
-        &out,
-        &[
-            "+---+--------+-------+",
-            "| s | costly | over5 |",
-            "+---+--------+-------+",
-            "|   |        | 30    |",
-            "+---+--------+-------+",
-        ],
-    );
+    // 11 × 10 + 10 for a0, with noise of half the top group's mean (sd 5, at most 9.5 sd).
+    near(column(&out, 0)[0], 120.0, 5.0 * 9.5);
+    assert_eq!((column(&out, 1)[0], column(&out, 2)[0]), (None, Some(30.0)), "{out}");
 }
 
 #[tokio::test]
@@ -406,32 +420,28 @@ async fn post_processing_of_safe_aggregates_is_allowed() {
 }
 
 #[tokio::test]
-async fn dominated_sums_and_means_are_suppressed() {
-    // a0's 20 visits at 1000 dwarf the other 11 people's 10 each.
+async fn one_persons_extreme_value_is_flattened_and_every_sum_perturbed() {
+    // a0's 20 visits at 1000 count as 10 (the mean of the next people's 10 each): the sum and
+    // the mean are released, and say nothing of a0's 20 000.
     let out = run("SELECT SUM(cost) AS s, AVG(cost) AS a, COUNT(*) AS n FROM visits").await;
-    assert_table(
-        &out,
-        &[
-            "+---+---+----+",
-            "| s | a | n  |",
-            "+---+---+----+",
-            "|   |   | 30 |",
-            "+---+---+----+",
-        ],
-    );
-    // Ages spread evenly: nobody dominates, so sums are released exactly (B is withheld).
-    let out = run("SELECT district, SUM(age) AS s FROM patients GROUP BY district ORDER BY district").await;
-    assert_table(
-        &out,
-        &[
-            "+----------+------+",
-            "| district | s    |",
-            "+----------+------+",
-            "| A        | 306  |",
-            "| C        | 1035 |",
-            "+----------+------+",
-        ],
-    );
+    let (s, a) = (column(&out, 0)[0], column(&out, 1)[0]);
+    near(s, 120.0, 47.5);
+    near(a, 120.0 / 31.0, 47.5 / 31.0);
+    assert_eq!(column(&out, 2)[0], Some(30.0));
+    // The same contributions give the same value however the SQL is spelled, in any session…
+    let sql = "SELECT district, SUM(age) AS s FROM patients GROUP BY district ORDER BY district";
+    let first = run(sql).await;
+    assert_eq!(run(sql).await, first);
+    let spelled = "SELECT p.district, SUM(p.age + 0) AS s FROM patients p GROUP BY 1 ORDER BY 1";
+    assert_eq!(column(&run(spelled).await, 1), column(&first, 1));
+    // …and other contributions other noise. B is withheld (9 people); A (ages 20…31, the two
+    // oldest counted as 28) and C (20…49) are near their sums, integers as the column is.
+    let sums = column(&first, 1);
+    near(sums[0], 301.0, 14.0 * 9.5);
+    near(sums[1], 1030.0, 23.0 * 9.5);
+    assert!(sums.iter().all(|v| v.is_some_and(|v| v.fract() == 0.0)), "{first}");
+    let doubled = "SELECT district, SUM(age * 2) / 2 AS s FROM patients GROUP BY district ORDER BY district";
+    assert_ne!(column(&run(doubled).await, 1), sums);
 }
 
 #[tokio::test]
@@ -450,17 +460,18 @@ async fn filters_that_exclude_a_few_people_are_refused() {
 }
 
 #[tokio::test]
-async fn cells_that_differ_from_their_group_by_a_few_people_are_suppressed() {
+async fn counts_that_differ_from_their_group_by_a_few_people_are_suppressed_sums_perturbed() {
     let out = run("SELECT COUNT(*) AS a, COUNT(*) FILTER (WHERE age <> 20) AS b FROM patients").await;
     assert_table(
         &out,
         &["+----+---+", "| a  | b |", "+----+---+", "| 50 |   |", "+----+---+"],
     );
+    // a0 is left out of this sum (a zero adds nothing): no NULL says so; the noise covers it.
     let out = run(
         "SELECT SUM(CASE WHEN cost < 100 THEN cost ELSE 0 END) AS s FROM visits v JOIN patients p USING (person_id)",
     )
     .await;
-    assert_table(&out, &["+---+", "| s |", "+---+", "|   |", "+---+"]);
+    near(column(&out, 0)[0], 110.0, 5.0 * 9.5);
 }
 
 #[tokio::test]
@@ -747,55 +758,32 @@ async fn assert_unsettled(sql: &str) {
 }
 
 #[tokio::test]
-async fn rows_settle_sums_only_where_they_prove_no_dominance_and_no_one_left_out() {
-    // Every ward's rows show 10 people or more; nobody dominates its hours, and every stay has
-    // some: settled from rows, released exactly as counting people one by one.
-    let sql = "SELECT ward, COUNT(*) AS n, SUM(hours) AS h, AVG(hours) AS a, COUNT(cost) AS c \
-               FROM stays GROUP BY ward ORDER BY ward";
-    let exact = [
-        "+------+----+------+-----+----+",
-        "| ward | n  | h    | a   | c  |",
-        "+------+----+------+-----+----+",
-        "| A    | 30 | 45.0 | 1.5 | 30 |",
-        "| B    | 20 | 30.0 | 1.5 | 20 |",
-        "| C    | 25 | 36.0 | 1.5 | 25 |",
-        "+------+----+------+-----+----+",
-    ];
-    assert_table(&run(sql).await, &exact);
-    assert_table(&execute_from_rows(sql).await.unwrap().unwrap(), &exact);
+async fn counts_are_told_from_rows_sums_and_means_flattened_per_person() {
+    // Every ward's rows show 10 people or more: counts are told from rows, exact.
+    let sql = "SELECT ward, COUNT(*) AS n, COUNT(cost) AS c FROM stays GROUP BY ward ORDER BY ward";
+    let out = execute_from_rows(sql).await.unwrap().unwrap();
+    assert_eq!(column(&out, 1), [Some(30.0), Some(20.0), Some(25.0)], "{out}");
+    assert_eq!(column(&out, 2), [Some(30.0), Some(20.0), Some(25.0)], "{out}");
     assert_reads_no_people(sql).await;
-    // B's two people with 200 each dominate its cost (400 of 408). Taking their 2 × 2 rows as
-    // the top two totals, the rows cannot rule that out; one person's rows alone could.
-    let sql = "SELECT ward, SUM(cost) AS s FROM stays GROUP BY ward ORDER BY ward";
-    assert_unsettled(sql).await;
-    assert_table(
-        &run(sql).await,
-        &[
-            "+------+------+",
-            "| ward | s    |",
-            "+------+------+",
-            "| A    | 90.0 |",
-            "| B    |      |",
-            "| C    | 72.0 |",
-            "+------+------+",
-        ],
-    );
-    // C0 has no days: one of C's 12 people is left out of its sum, which the difference with
-    // the ward would describe. Rows cannot tell how many people those without days are.
-    let sql = "SELECT ward, SUM(days) AS d FROM stays GROUP BY ward ORDER BY ward";
-    assert_unsettled(sql).await;
-    assert_table(
-        &run(sql).await,
-        &[
-            "+------+------+",
-            "| ward | d    |",
-            "+------+------+",
-            "| A    | 30.0 |",
-            "| B    | 20.0 |",
-            "| C    |      |",
-            "+------+------+",
-        ],
-    );
+    // Sums and means need each person's total: no plan from rows; 1.5 hours a stay, at most
+    // two a person, so the top group's mean is 3 and the noise's sd 1.5.
+    let sql = "SELECT ward, COUNT(*) AS n, SUM(hours) AS h, AVG(hours) AS a FROM stays GROUP BY ward ORDER BY ward";
+    assert!(execute_from_rows(sql).await.is_none());
+    let out = run(sql).await;
+    assert_eq!(column(&out, 1), [Some(30.0), Some(20.0), Some(25.0)], "{out}");
+    for (h, n) in column(&out, 2).into_iter().zip([30.0, 20.0, 24.0]) {
+        near(h, 1.5 * n, 1.5 * 9.5);
+    }
+    // B's two people with 200 each count as two at the next people's 0.5: B's sum is released
+    // near 9, and tells nothing of their 400.
+    let out = run("SELECT ward, SUM(cost) AS s FROM stays GROUP BY ward ORDER BY ward").await;
+    let s = column(&out, 1);
+    near(s[0], 90.0, 3.0 * 9.5);
+    near(s[1], 9.0, 0.25 * 9.5);
+    near(s[2], 72.0, 3.0 * 9.5);
+    // C0 has no days: C's sum is released all the same (no NULL marks who is left out).
+    let out = run("SELECT ward, SUM(days) AS d FROM stays GROUP BY ward ORDER BY ward").await;
+    assert!(column(&out, 1).iter().all(Option::is_some), "{out}");
 }
 
 #[tokio::test]
@@ -840,7 +828,7 @@ async fn names_the_rewrite_uses_are_reserved() {
 #[tokio::test]
 async fn a_key_repeated_in_group_by_is_one_key_and_its_cells_are_still_checked() {
     // The aggregate's output holds a repeated key once; its cells are still rounded, withheld
-    // and checked for dominance exactly as with the key given once.
+    // and flattened exactly as with the key given once.
     for (once, repeated) in [
         (
             "SELECT district, COUNT(*) AS n FROM patients GROUP BY district ORDER BY 1",

@@ -412,11 +412,11 @@ async fn grpc_health_reports_serving_without_a_token() {
     }
 }
 
-/// A released group: its keys, and its mean and total unless they are withheld.
+/// A released group: its keys, and its mean and total (None if withheld).
 type Released = (Vec<String>, Option<(f64, f64)>);
 
 #[tokio::test]
-async fn sums_over_several_rows_per_person_are_released_exactly_whether_rows_settle_them_or_not() {
+async fn sums_over_several_rows_per_person_are_released_near_the_truth_whether_rows_settle_them_or_not() {
     let gw = spawn_gateway().await;
     let mut client = gw.client("alice", PROJECT).await;
     // Every care episode has a cost, so every person of a group contributes to its cells.
@@ -426,8 +426,9 @@ async fn sums_over_several_rows_per_person_are_released_exactly_whether_rows_set
     )
     .await;
     assert_eq!(uncosted[0].column(0).as_primitive::<Int64Type>().value(0), 0);
-    // The whole table (its rows prove enough people and no dominance: told from rows), and
-    // groups some of which rows cannot settle (few rows, or a few large costs).
+    // The whole table (its rows prove enough people: told from rows), and groups some of
+    // which rows cannot settle (few rows).
+    let mut errors: Vec<f64> = vec![];
     for keys in [
         "",
         "service_type",
@@ -459,22 +460,32 @@ async fn sums_over_several_rows_per_person_are_released_exactly_whether_rows_set
                 group.1 += b.column(k + 2).as_primitive::<Int64Type>().value(r);
             }
         }
-        // A group with 10 people is released; its cells unless two people's totals make over
-        // 90 % of it, or what the rest contribute is under 10 % of the largest.
-        let want: Vec<Released> = groups
+        // A group with 10 people is released, its sum and mean always (no one person can
+        // withhold them): the truth, its flattening (the two largest people's totals counted as
+        // the mean of the next three) and that mean, the noise's scale; and the group's people.
+        let want: Vec<(Vec<String>, Truth)> = groups
             .iter()
             .filter(|(_, (people, _))| people.len() >= 10)
             .map(|(key, (people, rows))| {
-                let mut totals: Vec<f64> = people.iter().map(|t| t.abs()).collect();
-                totals.sort_by(|x, y| y.total_cmp(x));
-                let (all, top_two) = (totals.iter().sum::<f64>(), totals[0] + totals[1]);
-                let dominated = top_two > 0.9 * all || all - top_two < 0.1 * totals[0];
+                let mut totals = people.clone();
+                totals.sort_by(|x, y| y.abs().total_cmp(&x.abs()));
+                let top = totals[2..5].iter().map(|t| t.abs()).sum::<f64>() / 3.0;
+                let flattened = totals[2..].iter().sum::<f64>() + (totals[0].signum() + totals[1].signum()) * top;
                 let sum: f64 = people.iter().sum();
-                (key.clone(), (!dominated).then_some((sum / *rows as f64, sum)))
+                (
+                    key.clone(),
+                    Truth {
+                        sum,
+                        flattened,
+                        top,
+                        rows: *rows as f64,
+                        people: people.len(),
+                    },
+                )
             })
             .collect();
-        assert!(want.iter().any(|(_, cells)| cells.is_some()), "{sql}");
-        // Twice: the second run from the kept plan.
+        // Twice: the second run from the kept plan, which releases the same.
+        let mut runs = vec![];
         for run in 0..2 {
             let (schema, got) = query_described(&mut client, &sql).await.unwrap();
             let mut released: Vec<Released> = vec![];
@@ -485,29 +496,54 @@ async fn sums_over_several_rows_per_person_are_released_exactly_whether_rows_set
                 );
                 for r in 0..b.num_rows() {
                     let key = (0..k).map(|c| array_value_to_string(b.column(c), r).unwrap()).collect();
-                    assert_eq!(mean.is_null(r), total.is_null(r), "{sql}");
                     released.push((key, mean.is_valid(r).then(|| (mean.value(r), total.value(r)))));
                 }
             }
             released.sort_by(|a, b| a.0.cmp(&b.0));
             assert_eq!(released.len(), want.len(), "{sql} (run {run})");
-            for ((key, got), (want_key, want)) in released.iter().zip(&want) {
+            for ((key, got), (want_key, truth)) in released.iter().zip(&want) {
                 assert_eq!(key, want_key, "{sql} (run {run})");
-                match (got, want) {
-                    (Some((m, t)), Some((wm, wt))) => {
-                        assert!(
-                            (m - wm).abs() <= 1e-9 * wm.abs() && (t - wt).abs() <= 1e-9 * wt.abs(),
-                            "{sql}: {key:?}"
-                        )
-                    }
-                    (None, None) => {}
-                    _ => panic!("{sql} (run {run}): {key:?} released {got:?}, expected {want:?}"),
+                let (m, t) = got.unwrap_or_else(|| panic!("{sql}: {key:?} withheld"));
+                // Within the noise of the flattening (a draw is within 9.5 sd; sd half the mean).
+                let spread = 9.5 * 0.5 * truth.top + 1e-6;
+                assert!(
+                    (t - truth.flattened).abs() <= spread,
+                    "{sql}: {key:?} total {t}, {truth:?}"
+                );
+                assert!(
+                    (m - truth.flattened / truth.rows).abs() <= spread / truth.rows,
+                    "{sql}: {key:?} mean {m}, {truth:?}"
+                );
+                if truth.people >= 50 && run == 0 {
+                    errors.push(((t - truth.sum) / truth.sum).abs());
                 }
             }
             let withheld = (groups.len() - want.len()).to_string();
             assert_eq!(schema.metadata()["sde.groups_withheld"], withheld, "{sql} (run {run})");
+            runs.push(released);
         }
+        assert_eq!(runs[0], runs[1], "{sql}: the same cells, the same values");
     }
+    // How far from the truth flattening and noise leave cells of 50 people or more (reported:
+    // flattening takes off what the two largest people have beyond the next three).
+    errors.sort_by(f64::total_cmp);
+    let within = errors.iter().filter(|e| **e <= 0.02).count();
+    eprintln!(
+        "{} cells of 50 people or more: median relative error {:.4}, largest {:.4}, {within} within 2 %",
+        errors.len(),
+        errors[errors.len() / 2],
+        errors[errors.len() - 1]
+    );
+}
+
+/// A released group's figures from the raw data.
+#[derive(Debug)]
+struct Truth {
+    sum: f64,
+    flattened: f64,
+    top: f64,
+    rows: f64,
+    people: usize,
 }
 
 #[tokio::test]

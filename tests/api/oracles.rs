@@ -6,7 +6,7 @@
 //! Errors: a value that fails only on the target's row (a division by zero, a cast, a function,
 //! an overflow) must not fail the query, or the failure itself says the target is there.
 
-use datafusion::arrow::array::AsArray;
+use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::DataType;
 
 use crate::helpers::*;
@@ -104,4 +104,156 @@ async fn a_value_that_fails_on_one_persons_row_does_not_fail_the_query() {
     // Nothing fails, so the error oracle guesses "not a member" every time: right for the half
     // that are not, which is chance (members and non-members are equally many).
     assert_eq!(right * 2, guesses, "membership accuracy from errors is chance");
+}
+
+/// The first column of a one-row result as a number (None for NULL).
+fn number(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> Option<f64> {
+    let c = datafusion::arrow::compute::cast(batches[0].column(0), &DataType::Float64).unwrap();
+    let c = c.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+    c.is_valid(0).then(|| c.value(0))
+}
+
+/// Targets in adult social care, each alone on (age, district, sex, ethnicity), with their
+/// total weekly cost there (from the raw data).
+async fn members_with_costs(n: usize) -> Vec<(String, f64)> {
+    let rows = raw(
+        &world_data(),
+        "WITH p AS (SELECT * FROM patients WHERE person_id NOT IN (SELECT person_id FROM opt_outs)),
+              alone AS (SELECT age, district, sex, ethnicity FROM p GROUP BY 1, 2, 3, 4 HAVING COUNT(*) = 1)
+         SELECT CAST(p.age AS VARCHAR), CAST(p.district AS VARCHAR), CAST(p.sex AS VARCHAR),
+                CAST(p.ethnicity AS VARCHAR), SUM(a.weekly_cost) AS cost
+         FROM p JOIN alone ON p.age = alone.age AND p.district = alone.district AND p.sex = alone.sex
+              AND p.ethnicity = alone.ethnicity
+         JOIN asc_services a ON a.person_id = p.person_id
+         GROUP BY p.person_id, 1, 2, 3, 4 ORDER BY p.person_id",
+    )
+    .await;
+    let mut out = Vec::new();
+    for b in &rows {
+        let text = |c: usize| datafusion::arrow::compute::cast(b.column(c), &DataType::Utf8).unwrap();
+        let (age, district, sex, ethnicity) = (text(0), text(1), text(2), text(3));
+        let cost = datafusion::arrow::compute::cast(b.column(4), &DataType::Float64).unwrap();
+        let cost = cost.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+        for i in 0..b.num_rows() {
+            let condition = format!(
+                "p.age = {} AND p.district = '{}' AND p.sex = '{}' AND p.ethnicity = '{}'",
+                age.as_string::<i32>().value(i),
+                district.as_string::<i32>().value(i),
+                sex.as_string::<i32>().value(i),
+                ethnicity.as_string::<i32>().value(i)
+            );
+            out.push((condition, cost.value(i)));
+        }
+    }
+    out.truncate(n);
+    assert_eq!(out.len(), n, "enough isolated members");
+    out
+}
+
+#[tokio::test]
+async fn one_persons_value_is_not_recovered_from_sums_that_differ_by_them() {
+    let gw = spawn_gateway_with(|c| c.limits.user_queries_per_minute = 100_000).await;
+    let join = "FROM patients p JOIN asc_services a ON a.person_id = p.person_id";
+    let total = number(
+        &gw.query_as("alice", PROJECT, &format!("SELECT SUM(a.weekly_cost) {join}"))
+            .await
+            .unwrap(),
+    );
+    let total = total.expect("the total is released");
+    let targets = members_with_costs(50).await;
+    let (mut exact, mut within_1, mut within_10, mut released) = (0, 0, 0, 0);
+    for (p, cost) in &targets {
+        // "Everyone" minus "everyone but the target" (class 2), and the tracker (class 3):
+        // (P OR everyone else) against everyone else.
+        let without = format!("SELECT SUM(CASE WHEN NOT ({p}) THEN a.weekly_cost END) {join}");
+        let Some(without) = number(&gw.query_as("alice", PROJECT, &without).await.unwrap()) else {
+            continue;
+        };
+        released += 1;
+        let error = (total - without - cost).abs();
+        exact += usize::from(error < 0.005);
+        within_1 += usize::from(error < 0.01 * cost);
+        within_10 += usize::from(error < 0.1 * cost);
+    }
+    eprintln!(
+        "targets {}: released {released}, exact {exact}, within 1 % {within_1}, within 10 % {within_10}",
+        targets.len()
+    );
+    assert_eq!(released, targets.len(), "no NULL marks the difference");
+    // Exact recoveries at most 2 % of targets (one of 50).
+    assert!(exact <= 1, "{exact} exact recoveries of {}", targets.len());
+}
+
+#[tokio::test]
+async fn an_extreme_value_on_one_persons_row_says_nothing_of_their_membership() {
+    let gw = spawn_gateway_with(|c| c.limits.user_queries_per_minute = 100_000).await;
+    let targets = targets(25).await;
+    let join = "FROM patients p JOIN asc_services a ON a.person_id = p.person_id";
+    let baseline = number(
+        &gw.query_as("alice", PROJECT, &format!("SELECT SUM(1) {join}"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let (mut by_null, mut by_value, mut nulls) = (0, 0, 0);
+    for t in &targets {
+        let sql = format!("SELECT SUM(CASE WHEN {} THEN 1000000 ELSE 1 END) {join}", t.condition);
+        let s = number(&gw.query_as("alice", PROJECT, &sql).await.unwrap());
+        nulls += usize::from(s.is_none());
+        // Two attackers: "NULL means there" (dominance used to say so), and "a sum well above
+        // the rows' count means there".
+        by_null += usize::from(s.is_none() == t.member);
+        let above = s.is_some_and(|s| s - baseline > 1000.0);
+        by_value += usize::from(above == t.member);
+    }
+    let n = targets.len();
+    eprintln!("{n} targets: NULLs {nulls}; right by NULL {by_null}, by value {by_value}");
+    assert_eq!(nulls, 0, "no sum is withheld for one person");
+    // Chance is n / 2 (as many members as not); 95 % of guessing at random lands within
+    // 1.96 · √(n / 4) of it: 7 for 50 targets.
+    for right in [by_null, by_value] {
+        assert!(right <= n / 2 + 7, "{right} of {n} memberships guessed right");
+    }
+}
+
+#[tokio::test]
+async fn small_counts_packed_into_one_sum_are_not_readable() {
+    let gw = spawn_gateway_with(|c| c.limits.user_queries_per_minute = 100_000).await;
+    // Pairs of ages: the count at the first weighted 1024, at the second 1 (class 4).
+    let counts = raw(
+        &world_data(),
+        "SELECT CAST(age AS BIGINT), COUNT(*) FROM patients WHERE person_id NOT IN (SELECT person_id FROM opt_outs)
+         GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    let mut by_age = std::collections::BTreeMap::new();
+    for b in &counts {
+        let (a, n) = (
+            b.column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>(),
+            b.column(1).as_primitive::<datafusion::arrow::datatypes::Int64Type>(),
+        );
+        for i in 0..b.num_rows() {
+            by_age.insert(a.value(i), n.value(i));
+        }
+    }
+    let ages: Vec<i64> = by_age.keys().copied().collect();
+    let (mut tried, mut exact) = (0, 0);
+    for k in 0..50 {
+        let (high, low) = (ages[(k * 7) % ages.len()], ages[(k * 13 + 5) % ages.len()]);
+        if high == low {
+            continue;
+        }
+        let sql = format!(
+            "SELECT SUM(CASE WHEN age = {high} THEN 1024 ELSE 0 END + CASE WHEN age = {low} THEN 1 ELSE 0 END) FROM patients"
+        );
+        let Some(s) = number(&gw.query_as("alice", PROJECT, &sql).await.unwrap()) else {
+            continue;
+        };
+        tried += 1;
+        let low_count = (s.round() as i64).rem_euclid(1024);
+        exact += usize::from(low_count == by_age[&low]);
+    }
+    eprintln!("{tried} packed sums: the small count read exactly from {exact}");
+    assert!(tried >= 40, "most packed sums are released ({tried})");
+    assert!(exact * 50 <= tried, "{exact} of {tried} small counts read exactly");
 }
