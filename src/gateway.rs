@@ -19,7 +19,7 @@ use crate::audit::{AuditLog, Durability, Entry, Receipt};
 use crate::clock::SharedClock;
 use crate::config::LimitsConfig;
 use crate::disclosure::Overrides;
-use crate::disclosure::{DifferencingRefused, Rules};
+use crate::disclosure::Rules;
 use crate::engine::{Engine, EngineError};
 use crate::error::Error;
 use crate::identity::{IdentityError, Subject};
@@ -881,10 +881,6 @@ fn execution_error(e: datafusion::error::DataFusionError) -> Error {
         DF::ArrowError(inner, _) if matches!(**inner, ArrowError::ArithmeticOverflow(_)) => {
             Error::Limit(LimitError::Overflow)
         }
-        datafusion::error::DataFusionError::External(inner) => match inner.downcast_ref::<DifferencingRefused>() {
-            Some(refused) => Error::Policy(refused.clone().into()),
-            None => Error::Engine(EngineError::Execution(e)),
-        },
         _ => Error::Engine(EngineError::Execution(e)),
     }
 }

@@ -87,17 +87,6 @@ impl From<&DisclosureConfig> for Rules {
     }
 }
 
-/// Raised while a query runs when its filters single out a small group: the people a filter
-/// removes from a released group (or from the whole population) must be none, or at least the
-/// threshold, or "everyone" minus "everyone but X" would describe X.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-#[error(
-    "safe-outputs/differencing: the query's filters exclude fewer than {threshold} people from a group it would otherwise cover; remove the filter or make it exclude more people"
-)]
-pub struct DifferencingRefused {
-    pub threshold: u64,
-}
-
 /// Raised while a query runs when a group's rows alone cannot show that it has enough people
 /// (see [`Disclosure::people_from_rows`]). Never a refusal: the query runs again, counting the
 /// people themselves.
@@ -113,6 +102,8 @@ pub struct Withheld {
     cells_threshold: AtomicU64,
     /// Count cells withheld because their condition leaves a small set of the group's people out.
     cells_difference: AtomicU64,
+    /// Cells withheld because the query's filters leave a small set of their group's people out.
+    cells_differencing: AtomicU64,
 }
 
 impl Withheld {
@@ -120,14 +111,19 @@ impl Withheld {
         self.groups.load(Ordering::Relaxed)
     }
     pub fn cells(&self) -> u64 {
-        [&self.cells_threshold, &self.cells_difference]
+        [&self.cells_threshold, &self.cells_difference, &self.cells_differencing]
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .sum()
     }
     /// Back to nothing withheld, for another run of the same functions.
     fn reset(&self) {
-        for c in [&self.groups, &self.cells_threshold, &self.cells_difference] {
+        for c in [
+            &self.groups,
+            &self.cells_threshold,
+            &self.cells_difference,
+            &self.cells_differencing,
+        ] {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -138,6 +134,7 @@ impl Withheld {
             "safe-outputs/threshold (groups)": self.groups(),
             "safe-outputs/threshold (cells)": self.cells_threshold.load(Ordering::Relaxed),
             "safe-outputs/cell-difference": self.cells_difference.load(Ordering::Relaxed),
+            "safe-outputs/differencing": self.cells_differencing.load(Ordering::Relaxed),
         })
     }
 }
@@ -243,22 +240,24 @@ impl Disclosure {
         self.call(Kind::KeepGroup, people)
     }
 
-    /// A count, rounded; or NULL where it fails its own check. `contributors[j]` and
-    /// `group_people[j]` are, per identifier, the people behind the cell and behind its group.
-    pub fn count_cell(&self, value: Expr, contributors: Vec<Expr>, group_people: Vec<Expr>) -> Expr {
+    /// A count, rounded; or NULL where it fails its own check or `differs` (see
+    /// [`Disclosure::differs`]). `contributors[j]` and `group_people[j]` are, per identifier,
+    /// the people behind the cell and behind its group.
+    pub fn count_cell(&self, value: Expr, differs: Expr, contributors: Vec<Expr>, group_people: Vec<Expr>) -> Expr {
         self.call(
             Kind::CountCell,
-            [vec![value, lit(false)], contributors, group_people].concat(),
+            [vec![value, differs], contributors, group_people].concat(),
         )
     }
 
     /// A sum (`rows` None) or mean (`rows` its count of values), flattened and perturbed by
     /// the largest of `perturbations` (structs of `delta`, `scale`, `seed`, one per identifier,
-    /// from [`shares`]); or NULL where too few people contribute to it.
+    /// from [`shares`]); or NULL where too few people contribute to it, or its group `differs`.
     pub fn value_cell(
         &self,
         value: Expr,
         rows: Option<Expr>,
+        differs: Expr,
         perturbations: Vec<Expr>,
         contributors: Vec<Expr>,
         group_people: Vec<Expr>,
@@ -270,7 +269,7 @@ impl Disclosure {
         let rows = rows.unwrap_or(lit(ScalarValue::Int64(None)));
         self.call(
             kind,
-            [vec![value, rows], perturbations, contributors, group_people].concat(),
+            [vec![value, rows, differs], perturbations, contributors, group_people].concat(),
         )
     }
 
@@ -294,10 +293,12 @@ impl Disclosure {
         self.call(Kind::ContributorsFromRows(most.max(1)), vec![contributing, rows])
     }
 
-    /// True, or a [`DifferencingRefused`] error where a group's filtered people (`people[j]`)
-    /// fall short of its unfiltered people (`unfiltered[j]`) by fewer than the threshold.
-    pub fn no_differencing(&self, people: Vec<Expr>, unfiltered: Vec<Expr>) -> Expr {
-        self.call(Kind::NoDifferencing, [people, unfiltered].concat())
+    /// True where a group's filtered people (`people[j]`) fall short of its unfiltered people
+    /// (`unfiltered[j]`) by between 1 and threshold − 1: the query's filters leave a small set
+    /// out ("everyone" minus "everyone but X" would describe X), and the group's cells are
+    /// withheld. Per group, never the whole query.
+    pub fn differs(&self, people: Vec<Expr>, unfiltered: Vec<Expr>) -> Expr {
+        self.call(Kind::Differs, [people, unfiltered].concat())
     }
 
     /// Describes the rules and what was withheld, for the result's schema metadata.
@@ -331,7 +332,7 @@ enum Kind {
         mean: bool,
         perturbations: usize,
     },
-    NoDifferencing,
+    Differs,
     /// People told from rows, with the most rows one person has.
     PeopleFromRows(u64),
     /// A cell's contributors told from rows, with the most rows one person has.
@@ -386,7 +387,7 @@ impl ScalarUDFImpl for CellRule {
             Kind::KeepGroup => "sde_keep_group",
             Kind::CountCell => "sde_count_cell",
             Kind::ValueCell { .. } => "sde_value_cell",
-            Kind::NoDifferencing => "sde_no_differencing",
+            Kind::Differs => "sde_differs",
             Kind::PeopleFromRows(_) => "sde_people_from_rows",
             Kind::ContributorsFromRows(_) => "sde_contributors_from_rows",
         }
@@ -398,7 +399,7 @@ impl ScalarUDFImpl for CellRule {
 
     fn return_type(&self, arg_types: &[DataType]) -> DFResult<DataType> {
         Ok(match self.kind {
-            Kind::KeepGroup | Kind::NoDifferencing => DataType::Boolean,
+            Kind::KeepGroup | Kind::Differs => DataType::Boolean,
             Kind::CountCell | Kind::PeopleFromRows(_) | Kind::ContributorsFromRows(_) => DataType::Int64,
             Kind::ValueCell { .. } => arg_types
                 .first()
@@ -424,33 +425,30 @@ impl ScalarUDFImpl for CellRule {
             Kind::ContributorsFromRows(most) => {
                 Arc::new(people_from_rows(&arrays[1], Some(&arrays[0]), most, threshold)?)
             }
-            Kind::NoDifferencing => {
+            Kind::Differs => {
                 let (people, unfiltered) = arrays.split_at(arrays.len() / 2);
+                let mut differs = vec![false; rows];
                 for (p, u) in people.iter().zip(unfiltered) {
                     let p = cast(p, &DataType::Int64)?;
                     let u = cast(u, &DataType::Int64)?;
                     let (p, u) = (p.as_primitive::<Int64Type>(), u.as_primitive::<Int64Type>());
-                    for i in 0..rows {
+                    for (i, d) in differs.iter_mut().enumerate() {
                         let (p, u) = (p.value(i), if u.is_null(i) { 0 } else { u.value(i) });
                         let excluded = u - p;
-                        if p >= threshold && excluded > 0 && excluded < threshold {
-                            return Err(DataFusionError::External(Box::new(DifferencingRefused {
-                                threshold: self.rules.threshold,
-                            })));
-                        }
+                        *d |= p >= threshold && excluded > 0 && excluded < threshold;
                     }
                 }
-                Arc::new(BooleanArray::from(vec![true; rows]))
+                Arc::new(BooleanArray::from(differs))
             }
             Kind::CountCell => {
-                let value = &arrays[0];
+                let (value, differs) = (&arrays[0], arrays[1].as_boolean());
                 let (contributors, group_people) = arrays[2..].split_at((arrays.len() - 2) / 2);
                 let contributors = fewest_people(contributors, rows)?;
                 let group_people = fewest_people(group_people, rows)?;
                 // A count is withheld if few people contribute to it, or if the people its own
                 // condition leaves out of the group are a small (non-empty) set — that set is
                 // described by the difference with the group.
-                let mut tally = [0u64; 2];
+                let mut tally = [0u64; 3];
                 let withhold: Vec<bool> = (0..rows)
                     .map(|i| {
                         let (c, g) = (contributors.value(i), group_people.value(i));
@@ -459,6 +457,8 @@ impl ScalarUDFImpl for CellRule {
                             Some(0)
                         } else if left_out > 0 && left_out < threshold {
                             Some(1)
+                        } else if differs.is_valid(i) && differs.value(i) {
+                            Some(2)
                         } else {
                             None
                         };
@@ -470,6 +470,7 @@ impl ScalarUDFImpl for CellRule {
                     .collect();
                 self.withheld.cells_threshold.fetch_add(tally[0], Ordering::Relaxed);
                 self.withheld.cells_difference.fetch_add(tally[1], Ordering::Relaxed);
+                self.withheld.cells_differencing.fetch_add(tally[2], Ordering::Relaxed);
                 let value = cast(value, &DataType::Int64)?;
                 let value = value.as_primitive::<Int64Type>();
                 let base = self.rules.rounding as i64;
@@ -486,8 +487,9 @@ impl ScalarUDFImpl for CellRule {
 
 impl CellRule {
     /// Sums or means released flattened and perturbed ([`noise`]), NULL where fewer than
-    /// `threshold` people contribute. Arguments: the cell's values, its row counts (means), the
-    /// flattenings, then contributors and group people per identifier.
+    /// `threshold` people contribute or the group differs. Arguments: the cell's values, its
+    /// row counts (means), whether its group differs, the flattenings, then contributors and
+    /// group people per identifier.
     fn value_cells(&self, arrays: &[ArrayRef], rows: usize, mean: bool, perturbations: usize) -> DFResult<ArrayRef> {
         let Some(key) = &self.key else {
             return Err(DataFusionError::Internal(
@@ -498,7 +500,8 @@ impl CellRule {
         let values = values.as_primitive::<Float64Type>();
         let counts = cast(&arrays[1], &DataType::Int64)?;
         let counts = counts.as_primitive::<Int64Type>();
-        let flattenings = arrays[2..2 + perturbations]
+        let differs = arrays[2].as_boolean();
+        let flattenings = arrays[3..3 + perturbations]
             .iter()
             .map(|a| {
                 let s = a
@@ -518,16 +521,20 @@ impl CellRule {
                 ))
             })
             .collect::<DFResult<Vec<_>>>()?;
-        let people = &arrays[2 + perturbations..];
+        let people = &arrays[3 + perturbations..];
         let contributors = fewest_people(&people[..people.len() / 2], rows)?;
         let threshold = self.rules.threshold as i64;
         let sd = self.rules.noise_percent as f64 / 100.0;
         let salt = u64::from(mean);
-        let mut withheld = 0;
+        let (mut withheld, mut differencing) = (0, 0);
         let released: Float64Array = (0..rows)
             .map(|i| {
                 if contributors.value(i) < threshold {
                     withheld += 1;
+                    return None;
+                }
+                if differs.is_valid(i) && differs.value(i) {
+                    differencing += 1;
                     return None;
                 }
                 if values.is_null(i) {
@@ -548,6 +555,9 @@ impl CellRule {
             })
             .collect();
         self.withheld.cells_threshold.fetch_add(withheld, Ordering::Relaxed);
+        self.withheld
+            .cells_differencing
+            .fetch_add(differencing, Ordering::Relaxed);
         // Back to the cell's own type: integers to the nearest.
         let target = arrays[0].data_type();
         let released: Float64Array = match target.is_integer() {
@@ -647,7 +657,7 @@ mod tests {
         let args = ScalarFunctionArgs {
             args: vec![
                 ColumnarValue::Array(counts),
-                ColumnarValue::Scalar(false.into()),
+                ColumnarValue::Array(Arc::new(BooleanArray::from(vec![false; 4]))),
                 ColumnarValue::Array(people),
                 ColumnarValue::Array(group),
             ],

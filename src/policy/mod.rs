@@ -60,8 +60,6 @@ pub enum PolicyError {
     Identifier { column: String, place: &'static str },
     #[error("safe-outputs/unsupported: {0}")]
     Unsupported(&'static str),
-    #[error(transparent)]
-    Differencing(#[from] crate::disclosure::DifferencingRefused),
     #[error("safe-outputs/query-too-long: the SQL text is {0} bytes; the limit is {1}")]
     TooLong(usize, usize),
     #[error("safe-outputs/invalid-query: {0}")]

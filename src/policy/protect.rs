@@ -78,7 +78,7 @@ impl Rewriter {
     /// ```text
     /// Projection   cells → sde_count_cell / sde_value_cell (threshold, rounding; flattening, noise)
     ///   Filter     sde_keep_group (groups backed by too few people are withheld)
-    ///     Filter   sde_no_differencing (only if the input is filtered)
+    ///     Projection  sde_differs (only if the input is filtered: it withholds the cells)
     ///       Join   on group keys with the unfiltered people (only if the input is filtered)
     ///         Aggregate  the original aggregates + people per group and per cell
     ///                    + each person's share of each SUM and AVG cell (`sde_shares`, flattening)
@@ -401,6 +401,7 @@ impl Rewriter {
             .collect();
 
         // Differencing: the same groups without the query's filters, counting people.
+        let mut differs = lit(false);
         if unfiltered.transformed {
             let unfiltered = Arc::new(unfiltered.data);
             let counts: Vec<Expr> = ids
@@ -419,8 +420,13 @@ impl Rewriter {
             let unfiltered_people = (0..ids.len())
                 .map(|j| col(format!("__sde_unfiltered_{id}_{j}")))
                 .collect();
-            let check = self.disclosure.no_differencing(group_people.clone(), unfiltered_people);
-            plan = LogicalPlan::Filter(Filter::try_new(check, Arc::new(plan)).map_err(df)?);
+            // The verdict travels beside the cells, which it withholds (per group, never the
+            // whole query).
+            let verdict = self.disclosure.differs(group_people.clone(), unfiltered_people);
+            let mut exprs: Vec<Expr> = plan.schema().columns().into_iter().map(Expr::Column).collect();
+            exprs.push(verdict.alias(format!("__sde_differs_{id}")));
+            plan = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan)).map_err(df)?);
+            differs = col(format!("__sde_differs_{id}"));
         }
 
         if n_group > 0 {
@@ -438,12 +444,13 @@ impl Rewriter {
             let (is_count, contributors) = &cells[i];
             let cell = if *is_count {
                 self.disclosure
-                    .count_cell(column, contributors.clone(), group_people.clone())
+                    .count_cell(column, differs.clone(), contributors.clone(), group_people.clone())
             } else {
                 let perturbations = perturbations.remove(&i).unwrap_or_default();
                 self.disclosure.value_cell(
                     column,
                     mean_rows.remove(&i),
+                    differs.clone(),
                     perturbations,
                     contributors.clone(),
                     group_people.clone(),
