@@ -41,7 +41,7 @@ use crate::disclosure::Disclosure;
 
 /// Registers the rule that makes every expression of a plan total (see the module docs).
 pub fn register(ctx: &SessionContext) {
-    ctx.add_analyzer_rule(Arc::new(MakeTotal::new()));
+    ctx.add_analyzer_rule(Arc::new(MakeTotal));
 }
 
 /// `a op b` over integers of one type, per value, NULL where the checked operation fails.
@@ -280,12 +280,6 @@ fn total(e: Expr) -> Result<Transformed<Expr>> {
 /// The analyzer rule (after type coercion, so arithmetic operands have their final types).
 #[derive(Debug)]
 struct MakeTotal;
-
-impl MakeTotal {
-    fn new() -> Self {
-        Self
-    }
-}
 
 impl AnalyzerRule for MakeTotal {
     fn name(&self) -> &str {

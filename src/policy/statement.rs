@@ -110,10 +110,20 @@ pub fn admit(state: &SessionState, sql: &str, limits: &StatementLimits) -> Resul
 
 /// The complexity bounds and the function allowlist, on a parsed statement.
 pub fn gate(state: &SessionState, statement: &DFStatement, limits: &StatementLimits) -> Result<(), PolicyError> {
-    let DFStatement::Statement(inner) = statement else {
-        // CREATE EXTERNAL TABLE, COPY, EXPLAIN …: refused by the statement-kind check.
-        return Ok(());
+    // DataFusion's own statements are refused here, before its planner walks them: the query
+    // inside `COPY (…) TO` or `EXPLAIN` is not a sqlparser tree this walk could bound.
+    let kind = match statement {
+        DFStatement::Statement(inner) => return walk_statement(state, inner, limits),
+        DFStatement::CreateExternalTable(_) => "a definition (CREATE, DROP)",
+        DFStatement::CopyTo(_) => "COPY",
+        DFStatement::Explain(_) => "EXPLAIN",
+        DFStatement::Reset(_) => "a statement (SET, transactions, PREPARE)",
     };
+    Err(PolicyError::NotAQuery(kind.into()))
+}
+
+/// The complexity bounds and the function allowlist, on a sqlparser statement.
+fn walk_statement(state: &SessionState, inner: &ast::Statement, limits: &StatementLimits) -> Result<(), PolicyError> {
     let mut walk = Walk {
         state,
         limits,

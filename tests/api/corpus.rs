@@ -282,6 +282,19 @@ pub fn hostile() -> Vec<(String, String, Expect)> {
         ),
         Answered,
     );
+    // DataFusion's own statements around a query deeper than any limit admits (found by the
+    // fuzzer: COPY's query reached DataFusion's planner unbounded).
+    let deep = chain(" OR ", 60_000, |i| format!("age = {i}"));
+    add(
+        "COPY of a 60000-term OR chain",
+        format!("COPY (SELECT COUNT(*) FROM patients WHERE {deep}) TO '/tmp/leak.csv'"),
+        Refused("safe-outputs/single-query"),
+    );
+    add(
+        "EXPLAIN of a 400000-deep + chain",
+        format!("EXPLAIN SELECT SUM({}age) FROM patients", "1+".repeat(400_000)),
+        Refused("safe-outputs/single-query"),
+    );
     add(
         "statement past the size cap",
         format!(

@@ -79,6 +79,34 @@ fn the_longest_deepest_statement_is_walked_and_dropped_on_its_own_stack() {
 }
 
 #[test]
+fn copy_and_explain_around_the_deepest_query_are_refused_before_planning() {
+    // DataFusion's own statements wrap a query this walk does not see; they are refused by kind
+    // here, on the gate's stack, before DataFusion's planner could recurse through the query.
+    let limits = StatementLimits::default();
+    let body = "1+".repeat((limits.max_sql_bytes - 128) / 2);
+    for (sql, kind) in [
+        (format!("COPY (SELECT SUM({body}1) FROM t) TO '/tmp/x.csv'"), "COPY"),
+        (
+            format!("EXPLAIN COPY (SELECT SUM({body}1) FROM t) TO '/tmp/x.csv'"),
+            "EXPLAIN",
+        ),
+    ] {
+        assert!(sql.len() <= limits.max_sql_bytes);
+        let err = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || admit_on(&sql, &limits))
+            .unwrap()
+            .join()
+            .expect("no overflow")
+            .unwrap_err();
+        assert!(err.starts_with("safe-outputs/single-query"), "{err}");
+        assert!(err.ends_with(kind), "{err}");
+    }
+    let err = admit_on("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'", &limits).unwrap_err();
+    assert!(err.starts_with("safe-outputs/single-query"), "{err}");
+}
+
+#[test]
 fn flat_code_lists_stay_cheap() {
     let codes: Vec<String> = (0..10_000).map(|i| format!("'{:09}'", 100_000_000 + i)).collect();
     let sql = format!(
