@@ -3,6 +3,8 @@
 shared/attacks.md, one file each, into fuzz/corpus/plan_sql (raw SQL) and fuzz/corpus/plan
 (the same text behind a 0 byte, which the structured target reads as raw SQL).
 
+fuzz/findings/*.sql (statements that once crashed the harness) are seeds too.
+
 Statements are string literals (Rust "..." and r#"..."#, Python '...' and "...") and
 `backtick` spans that start like a query; `{...}` placeholders in code become 0. The corpus is
 made anew from the sources each time, so it is not kept in git.
@@ -37,6 +39,10 @@ def statements():
     for path in sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "bench").rglob("*.py")):
         for m in PY_STR.finditer(path.read_text(encoding="utf-8")):
             yield next(g for g in m.groups() if g is not None), True
+    # Inputs the fuzzer found that killed the process before libFuzzer could keep them: each
+    # is replayed first by every run, CI's included.
+    for path in sorted((ROOT / "fuzz" / "findings").glob("*.sql")):
+        yield path.read_text(encoding="utf-8"), False
     docs = [ROOT / "README.md", ROOT.parent / "shared" / "attacks.md", *sorted((ROOT / "docs").glob("*.md"))]
     for path in docs:
         if path.exists():
