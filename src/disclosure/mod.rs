@@ -17,6 +17,7 @@
 
 pub mod noise;
 mod people;
+pub mod ptable;
 mod shares;
 pub use noise::{Flattening, PerturbationKey};
 pub use people::people_at_least;
