@@ -5,6 +5,9 @@
 //! - it is at most `limits.max_sql_bytes` long and parses as one statement, in a number of
 //!   parser steps bounded by its length ([`parse`]: the parser backtracks, and nested
 //!   failures would otherwise cost it time exponential in their depth);
+//! - it is not one of DataFusion's own statements (`COPY … TO`, `EXPLAIN`, `CREATE EXTERNAL
+//!   TABLE`, `RESET`), whose inner query this gate cannot bound: those are refused here, before
+//!   DataFusion's planner walks them (`safe-outputs/single-query`);
 //! - its complexity is within the `limits.*` bounds ([`StatementLimits`]): expression depth,
 //!   expression nodes (the plain literals of an `IN (…)` list are not counted, so code lists of
 //!   tens of thousands of codes stay cheap), CASE branches, joins, subquery nesting, set
