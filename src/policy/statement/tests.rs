@@ -7,6 +7,16 @@ fn admit_on(sql: &str, limits: &StatementLimits) -> Result<(), String> {
     admit(&state, sql, limits).map(drop).map_err(|e| e.to_string())
 }
 
+/// [`admit_on`] on a thread with a small stack (256 KiB): it must not overflow it.
+fn admit_on_small_stack(sql: String, limits: StatementLimits) -> Result<(), String> {
+    std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(move || admit_on(&sql, &limits))
+        .unwrap()
+        .join()
+        .expect("no overflow")
+}
+
 fn refused(sql: &str, rule: &str, key: &str) {
     let err = admit_on(sql, &StatementLimits::default()).expect_err(sql.get(..80).unwrap_or(sql));
     assert!(err.starts_with(rule), "{err}");
@@ -68,13 +78,7 @@ fn the_longest_deepest_statement_is_walked_and_dropped_on_its_own_stack() {
     let body = "1+".repeat((limits.max_sql_bytes - 64) / 2);
     let sql = format!("SELECT SUM({body}1) FROM t");
     assert!(sql.len() <= limits.max_sql_bytes);
-    let result = std::thread::Builder::new()
-        .stack_size(256 * 1024)
-        .spawn(move || admit_on(&sql, &limits))
-        .unwrap()
-        .join()
-        .expect("no overflow");
-    let err = result.unwrap_err();
+    let err = admit_on_small_stack(sql, limits).unwrap_err();
     assert!(err.contains("limits.max_expression_depth"), "{err}");
 }
 
@@ -92,13 +96,7 @@ fn copy_and_explain_around_the_deepest_query_are_refused_before_planning() {
         ),
     ] {
         assert!(sql.len() <= limits.max_sql_bytes);
-        let err = std::thread::Builder::new()
-            .stack_size(256 * 1024)
-            .spawn(move || admit_on(&sql, &limits))
-            .unwrap()
-            .join()
-            .expect("no overflow")
-            .unwrap_err();
+        let err = admit_on_small_stack(sql, limits).unwrap_err();
         assert!(err.starts_with("safe-outputs/single-query"), "{err}");
         assert!(err.ends_with(kind), "{err}");
     }
