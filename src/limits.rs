@@ -10,7 +10,7 @@
 //! - **Rate**: each user may start `limits.user_queries_per_minute` queries a minute (a token
 //!   bucket, so a burst of that size is allowed and it refills continuously).
 //!
-//! The deadline and the result-size caps are applied by the walk (`gateway.rs`), which owns the
+//! The deadline and the result-size caps are applied by the walk (`src/gateway/`), which owns the
 //! query's future: dropping it (deadline, client gone) drops the DataFusion streams, which stops
 //! their tasks and returns their memory to the pool.
 

@@ -35,9 +35,13 @@ use crate::ingest::{scan, version};
 use crate::registry::ProjectAccess;
 
 pub mod capped;
+mod guarded;
 pub mod overflow;
 mod served;
+mod session;
 mod store;
+pub use guarded::GuardedTable;
+use guarded::join_people;
 pub mod total;
 
 pub use store::LocalStore;
@@ -459,111 +463,6 @@ impl Engine {
         self.perturbation_key = Some(Arc::new(key));
         self
     }
-
-    /// A session for one project: only granted tables and columns, each guarded.
-    /// The session carries the perturbation key as a config extension (see
-    /// [`crate::policy::plan_and_check`]), so that a plan built in it can release sums.
-    pub fn session(&self, access: &ProjectAccess) -> Result<SessionContext, EngineError> {
-        let partitions = SessionConfig::new().target_partitions();
-        self.session_with_runtime(access, Arc::new(RuntimeEnv::default()), partitions)
-    }
-
-    /// As [`Engine::session`], running under `runtime` (the query's memory pool) on
-    /// `partitions` partitions.
-    pub fn session_with_runtime(
-        &self,
-        access: &ProjectAccess,
-        runtime: Arc<RuntimeEnv>,
-        partitions: usize,
-    ) -> Result<SessionContext, EngineError> {
-        let mut config = SessionConfig::new()
-            .with_target_partitions(partitions)
-            .with_default_catalog_and_schema(CATALOG, SCHEMA)
-            .with_create_default_catalog_and_schema(true)
-            .with_information_schema(false);
-        if let Some(key) = &self.perturbation_key {
-            config = config.with_extension(Arc::clone(key));
-        }
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
-        capped::register(&ctx, self.max_value_bytes);
-        overflow::register(&ctx);
-        total::register(&ctx);
-        let cohort = match &access.cohort {
-            Some(sql) => Some(self.cohort_expr(&ctx, sql)?),
-            None => None,
-        };
-        let population = match access.grants.contains_key(POPULATION) {
-            true => Some(self.table_for(access, POPULATION)?.0),
-            false => self.datasets.get(POPULATION),
-        };
-        for (dataset, columns) in &access.grants {
-            let source = self.source_for(access, dataset)?;
-            let table = GuardedTable {
-                name: dataset.clone(),
-                schema: granted_schema(dataset, &source.table.schema(), columns)?,
-                source: source.table,
-                opt_outs: source.opt_outs,
-                most_rows_per_person: source.most_rows_per_person,
-                identifiers: self.identifiers.get(dataset).cloned().unwrap_or_default(),
-                cohort: match (&cohort, population) {
-                    (Some(expr), Some(population)) => Some(Cohort {
-                        expr: expr.clone(),
-                        population: Arc::clone(population) as Arc<dyn TableProvider>,
-                    }),
-                    (Some(_), None) => return Err(EngineError::UnknownDataset(POPULATION.into())),
-                    (None, _) => None,
-                },
-            };
-            ctx.register_table(dataset.as_str(), Arc::new(table))
-                .map_err(|e| EngineError::Dataset {
-                    dataset: dataset.clone(),
-                    source: e,
-                })?;
-        }
-        Ok(ctx)
-    }
-
-    /// Each granted table's schema (granted columns only), by name.
-    pub fn granted_schemas(&self, access: &ProjectAccess) -> Result<Vec<(String, SchemaRef)>, EngineError> {
-        access
-            .grants
-            .iter()
-            .map(|(dataset, columns)| {
-                let source = self.source_for(access, dataset)?;
-                Ok((
-                    dataset.clone(),
-                    granted_schema(dataset, &source.table.schema(), columns)?,
-                ))
-            })
-            .collect()
-    }
-
-    /// Every dataset's columns, for checking grants.
-    pub fn columns(&self) -> BTreeMap<String, Vec<String>> {
-        self.datasets
-            .iter()
-            .map(|(name, table)| {
-                let columns = table.schema().fields().iter().map(|f| f.name().clone()).collect();
-                (name.clone(), columns)
-            })
-            .collect()
-    }
-
-    /// Checks that a cohort predicate is a valid expression over the population table.
-    pub fn check_cohort(&self, sql: &str) -> Result<(), EngineError> {
-        self.cohort_expr(&SessionContext::new(), sql).map(|_| ())
-    }
-
-    fn cohort_expr(&self, ctx: &SessionContext, sql: &str) -> Result<Expr, EngineError> {
-        let population = self
-            .datasets
-            .get(POPULATION)
-            .ok_or_else(|| EngineError::UnknownDataset(POPULATION.into()))?;
-        let schema = DFSchema::try_from(population.schema().as_ref().clone()).map_err(EngineError::Cohort)?;
-        ctx.state()
-            .create_logical_expr(sql, &schema)
-            .map_err(EngineError::Cohort)
-    }
 }
 
 /// Refuses a config naming, per dataset, columns (identifiers, sort columns) of a dataset that
@@ -599,22 +498,6 @@ fn add_identifiers(identifiers: &mut BTreeMap<String, Vec<String>>, dataset: &st
     }
 }
 
-/// The columns of `full` that are granted, in grant order.
-fn granted_schema(dataset: &str, full: &SchemaRef, columns: &[String]) -> Result<SchemaRef, EngineError> {
-    let fields = columns
-        .iter()
-        .map(|column| {
-            full.field_with_name(column)
-                .cloned()
-                .map_err(|_| EngineError::UnknownColumn {
-                    dataset: dataset.to_owned(),
-                    column: column.clone(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Arc::new(Schema::new(fields)))
-}
-
 /// The Parquet files directly in `dir`, as a listing table to configure.
 fn listing(dir: &Path) -> DFResult<ListingTableConfig> {
     let url = ListingTableUrl::parse(dir.to_string_lossy())?;
@@ -645,179 +528,6 @@ struct Cohort {
     /// Predicate over the population table's columns.
     expr: Expr,
     population: Arc<dyn TableProvider>,
-}
-
-/// A granted dataset as a project sees it: granted columns only, opt-outs and people outside
-/// the cohort removed beneath every scan.
-#[derive(Debug)]
-pub struct GuardedTable {
-    name: String,
-    schema: SchemaRef,
-    source: Arc<dyn TableProvider>,
-    /// The opt-out register to remove beneath every scan; `None` when `source` is a served
-    /// copy that has none of its people.
-    opt_outs: Option<Arc<dyn TableProvider>>,
-    /// Where every row has a `person_id`: the most rows any one person has (known for served
-    /// copies; 1 where no two rows share one).
-    most_rows_per_person: Option<u64>,
-    /// Identifier columns besides `person_id`.
-    identifiers: Vec<String>,
-    cohort: Option<Cohort>,
-}
-
-impl GuardedTable {
-    /// Guards `source` (every column granted, no cohort); for tests and tools.
-    pub fn new(name: &str, source: Arc<dyn TableProvider>, opt_outs: Arc<dyn TableProvider>) -> Self {
-        Self {
-            name: name.to_owned(),
-            schema: source.schema(),
-            source,
-            opt_outs: Some(opt_outs),
-            most_rows_per_person: None,
-            identifiers: vec![],
-            cohort: None,
-        }
-    }
-
-    /// Marks more columns as identifiers.
-    pub fn with_identifiers(mut self, columns: &[&str]) -> Self {
-        self.identifiers.extend(columns.iter().map(|c| c.to_string()));
-        self
-    }
-
-    /// Marks the source as having one row per person, each with a `person_id` (so a count of
-    /// rows is a count of people); for tests and tools.
-    pub fn with_one_row_per_person(self) -> Self {
-        self.with_most_rows_per_person(1)
-    }
-
-    /// Marks the source as having a `person_id` on every row and at most `most` rows per
-    /// person (so a count of rows divided by `most` is at least the people); for tests and tools.
-    pub fn with_most_rows_per_person(mut self, most: u64) -> Self {
-        self.most_rows_per_person = Some(most.max(1));
-        self
-    }
-
-    /// Whether every row has a `person_id` and no two rows share one.
-    pub fn one_row_per_person(&self) -> bool {
-        self.most_rows_per_person == Some(1)
-    }
-
-    /// Where every row has a `person_id`: the most rows any one person has.
-    pub fn most_rows_per_person(&self) -> Option<u64> {
-        self.most_rows_per_person
-    }
-
-    /// The dataset name, as granted.
-    pub fn dataset(&self) -> &str {
-        &self.name
-    }
-
-    /// Whether `column` is the person identifier, or another identifier marked in the data
-    /// config; both are usable only as join keys or in COUNT(DISTINCT …).
-    pub fn is_identifier(&self, column: &str) -> bool {
-        column == PERSON_ID || self.identifiers.iter().any(|c| c == column)
-    }
-}
-
-/// Keeps (semi-join) or removes (anti-join) the rows of `plan` whose person is among the people
-/// of `people` (optionally filtered by `filter`).
-fn join_people(
-    plan: LogicalPlanBuilder,
-    name: &str,
-    people: &Arc<dyn TableProvider>,
-    filter: Option<&Expr>,
-    join_type: JoinType,
-) -> DFResult<LogicalPlanBuilder> {
-    const PEOPLE: &str = "__sde_people";
-    let key = |table: &str| Column::new(Some(table), PERSON_ID);
-    let mut people = LogicalPlanBuilder::scan(PEOPLE, provider_as_source(Arc::clone(people)), None)?;
-    if let Some(filter) = filter {
-        people = people.filter(filter.clone())?;
-    }
-    let people = people.project(vec![Expr::Column(key(PEOPLE))])?.build()?;
-    plan.join(people, join_type, (vec![key(name)], vec![key(PEOPLE)]), None)
-}
-
-/// Drops qualifiers: filters handed to a scan are qualified with the name the query used.
-fn unqualify(expr: &Expr) -> DFResult<Expr> {
-    expr.clone()
-        .transform(|e| match e {
-            Expr::Column(c) => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(c.name)))),
-            other => Ok(Transformed::no(other)),
-        })
-        .map(|t| t.data)
-}
-
-#[async_trait]
-impl TableProvider for GuardedTable {
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.schema)
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DFResult<Vec<TableProviderFilterPushDown>> {
-        // Inexact: filters are used to prune the read, and applied again above the scan.
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        let name = self.name.as_str();
-        if self.opt_outs.is_none() && self.cohort.is_none() {
-            // A served copy with nothing to remove: its own scan, with the granted columns
-            // mapped to the copy's (filters are used to prune; they are applied again above).
-            let source = self.source.schema();
-            let wanted: Vec<&str> = match projection {
-                Some(indices) => indices.iter().map(|&i| self.schema.field(i).name().as_str()).collect(),
-                None => self.schema.fields().iter().map(|f| f.name().as_str()).collect(),
-            };
-            let indices = wanted
-                .into_iter()
-                .map(|c| source.index_of(c))
-                .collect::<Result<Vec<_>, _>>()?;
-            let filters = filters.iter().map(unqualify).collect::<DFResult<Vec<_>>>()?;
-            return self.source.scan(state, Some(&indices), &filters, None).await;
-        }
-        let mut plan = LogicalPlanBuilder::scan(name, provider_as_source(Arc::clone(&self.source)), None)?;
-        if let Some(cohort) = &self.cohort {
-            plan = join_people(plan, name, &cohort.population, Some(&cohort.expr), JoinType::LeftSemi)?;
-        }
-        if let Some(opt_outs) = &self.opt_outs {
-            plan = join_people(plan, name, opt_outs, None, JoinType::LeftAnti)?;
-        }
-        for filter in filters {
-            plan = plan.filter(unqualify(filter)?)?;
-        }
-        let columns: Vec<Expr> = match projection {
-            Some(indices) => indices
-                .iter()
-                .map(|&i| Expr::Column(Column::new(Some(name), self.schema.field(i).name())))
-                .collect(),
-            None => self
-                .schema
-                .fields()
-                .iter()
-                .map(|f| Expr::Column(Column::new(Some(name), f.name())))
-                .collect(),
-        };
-        let plan = plan.project(columns)?.build()?;
-        state.create_physical_plan(&plan).await
-    }
-}
-
-impl GuardedTable {
-    pub fn as_guarded(provider: &dyn TableProvider) -> Option<&GuardedTable> {
-        (provider as &dyn Any).downcast_ref::<GuardedTable>()
-    }
 }
 
 #[cfg(test)]
