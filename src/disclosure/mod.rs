@@ -15,10 +15,12 @@
 //! The functions are volatile scalar UDFs built per query, never registered in a catalogue, so a
 //! researcher cannot call them; each counts what it withheld for the result's metadata.
 
+mod config;
 pub mod noise;
 mod people;
 pub mod ptable;
 mod shares;
+pub use config::DisclosureConfig;
 pub use noise::{Flattening, PerturbationKey};
 pub use people::people_at_least;
 pub use shares::shares;
@@ -38,8 +40,6 @@ use datafusion::logical_expr::{
     ColumnarValue, Expr, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, lit,
 };
 use serde::Serialize;
-
-use crate::config::DisclosureConfig;
 
 /// The disclosure rules in force for one query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]

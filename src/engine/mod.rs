@@ -46,8 +46,7 @@ pub mod total;
 
 pub use store::LocalStore;
 
-/// The privacy unit: the pseudonymised person identifier present in every dataset.
-pub const PERSON_ID: &str = "person_id";
+pub use crate::ingest::PERSON_ID;
 /// The dataset holding the opt-out register. Never queryable.
 pub const OPT_OUTS: &str = "opt_outs";
 /// The dataset a project's cohort predicate is written against.

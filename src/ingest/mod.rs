@@ -34,6 +34,9 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use sha2::{Digest, Sha256};
 
+/// The privacy unit: the pseudonymised person identifier that ingest writes into every dataset.
+pub const PERSON_ID: &str = "person_id";
+
 pub mod generalise;
 pub mod nhs;
 pub mod scan;

@@ -154,7 +154,7 @@ impl ColumnRule {
     pub fn output_name(&self) -> &str {
         match (&self.output, self.action) {
             (Some(name), _) => name,
-            (None, Action::Pseudonymise) => crate::engine::PERSON_ID,
+            (None, Action::Pseudonymise) => super::PERSON_ID,
             (None, Action::Generalise) => match self.to {
                 Some(Generalisation::YearOfBirth) => "year_of_birth",
                 Some(Generalisation::Age) => "age",
