@@ -34,6 +34,14 @@ pub enum ServerError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "{what} {path} may be read by others (mode {mode:o}); make it readable by its owner only: chmod 600 {path}"
+    )]
+    Exposed {
+        what: &'static str,
+        path: String,
+        mode: u32,
+    },
     #[error("cannot bind {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("TLS configuration is invalid: {0}")]
@@ -61,6 +69,32 @@ pub struct Gateway {
     client_auth: ClientAuth,
 }
 
+/// Refuses a secret file (a private key) that the file's group or others may read: whoever can
+/// read it can sign audit checkpoints, impersonate the server or undo the noise.
+pub(crate) fn owner_only(what: &'static str, path: &std::path::Path) -> Result<(), ServerError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(ServerError::Exposed {
+                    what,
+                    path: path.display().to_string(),
+                    mode,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a secret file, refusing it where others may read it ([`owner_only`]).
+fn read_secret(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    owner_only(what, path)?;
+    read(what, path)
+}
+
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
     std::fs::read(path).map_err(|source| ServerError::Read {
         what,
@@ -79,7 +113,9 @@ impl Gateway {
         // One crypto provider for the whole process (aws-lc-rs); a second install is harmless.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let cert = read("TLS certificate", &config.tls.cert)?;
-        let key = read("TLS key", &config.tls.key)?;
+        let key = read_secret("TLS key", &config.tls.key)?;
+        owner_only("audit signing key", &config.audit.signing_key)?;
+        owner_only("perturbation key", &config.disclosure.perturbation_key)?;
         let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
         if let Some(ca) = &config.tls.client_ca {
             let ca = Certificate::from_pem(read("TLS client CA", ca)?);

@@ -63,8 +63,12 @@ static SPAN_EXPORT: OnceLock<reload::Handle<Option<OtelLayer>, Registry>> = Once
 /// for the span exporter, filled by [`Telemetry::install`] once the config is known.
 pub fn init_logging() {
     let (spans, handle) = reload::Layer::new(None::<OtelLayer>);
+    // Colours only on a terminal, and never where NO_COLOR is set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
     tracing_subscriber::registry()
         .with(spans.with_filter(LevelFilter::INFO))

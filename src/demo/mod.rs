@@ -76,6 +76,26 @@ fn write(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), DemoError> {
     })
 }
 
+/// Writes a secret (a private key, a token): readable by its owner only. The gateway refuses
+/// to start with a secret that others can read.
+fn write_secret(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), DemoError> {
+    write(path, contents)?;
+    owner_only(path)
+}
+
+/// Makes an existing secret readable by its owner only (a world made by an older build).
+fn owner_only(path: &Path) -> Result<(), DemoError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| DemoError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 /// Creates whatever part of the demo world is missing in `opts.dir`, re-issues the tokens, and
 /// returns the config that serves it (also written to `<dir>/gateway.toml`).
 pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, DemoError> {
@@ -102,9 +122,11 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
     let public = keys.join("jwt-signing.pub.pem");
     if !private.exists() || !public.exists() {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        write(&private, key.serialize_pem())?;
+        write_secret(&private, key.serialize_pem())?;
         write(&public, key.public_key_pem())?;
     }
+    owner_only(&private)?;
+    owner_only(&tls.join("server.key"))?;
     // The demo serves the rules this binary ships, rewritten at every start.
     let policies = dir.join("policies");
     RuleSet::write_shipped(&policies).map_err(|source| DemoError::Io {
@@ -122,7 +144,7 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
     })?;
     let issuer = TokenIssuer::new(&private_pem, "ES256", DEMO_ISSUER, DEMO_AUDIENCE)?;
     for (user, _, _) in seed::DEMO_USERS {
-        write(
+        write_secret(
             &dir.join("tokens").join(format!("{user}.jwt")),
             issuer.issue(user, now.timestamp(), TOKEN_LIFETIME_SECS),
         )?;
@@ -178,8 +200,9 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
 fn demo_audit(dir: &Path) -> Result<AuditConfig, DemoError> {
     let signing_key = dir.join("audit-signing.key");
     if !signing_key.exists() {
-        write(&signing_key, crate::audit::SigningKey::generate_pem())?;
+        write_secret(&signing_key, crate::audit::SigningKey::generate_pem())?;
     }
+    owner_only(&signing_key)?;
     let pem = std::fs::read_to_string(&signing_key).map_err(|source| DemoError::Io {
         path: signing_key.clone(),
         source,
@@ -217,16 +240,8 @@ pub fn ensure_data(root: &Path, people: usize, seed: u64) -> Result<PathBuf, Dem
     let started = std::time::Instant::now();
     let key = root.join("keys").join(INGEST_KEY);
     if !key.exists() {
-        write(&key, crate::ingest::nhs::LinkageKey::generate_hex())?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Whoever holds the key can recompute pseudonyms: owner only.
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(|source| DemoError::Io {
-                path: key.clone(),
-                source,
-            })?;
-        }
+        // Whoever holds the key can recompute pseudonyms: owner only.
+        write_secret(&key, crate::ingest::nhs::LinkageKey::generate_hex())?;
     }
     let summary = data::generate(&root.join("raw"), people, seed)?;
     let generated_ms = started.elapsed().as_millis() as u64;
@@ -289,11 +304,11 @@ fn make_certificates(dir: &Path) -> Result<(), DemoError> {
 
     write(&dir.join("ca.pem"), ca_cert.pem())?;
     write(&dir.join("server.pem"), server_cert.pem())?;
-    write(&dir.join("server.key"), server_key.serialize_pem())?;
+    write_secret(&dir.join("server.key"), server_key.serialize_pem())?;
     for tool in DEMO_TOOLS {
         let (cert, key) = client_certificate(&issuer, tool)?;
         write(&dir.join("clients").join(format!("{tool}.pem")), cert)?;
-        write(&dir.join("clients").join(format!("{tool}.key")), key)?;
+        write_secret(&dir.join("clients").join(format!("{tool}.key")), key)?;
     }
     Ok(())
 }

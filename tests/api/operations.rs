@@ -324,3 +324,43 @@ async fn the_health_probe_passes_while_serving_and_fails_after_shutdown() {
     let down = probe(gw.addr, gw.path("tls/ca.pem")).await.unwrap();
     assert!(!down.status.success(), "the probe fails once the gateway is gone");
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn secrets_are_owner_only_and_a_gateway_refuses_to_start_with_one_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = demo_world(dir.path()).await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // The demo writes every private key and token readable by its owner only.
+    let tokens = dir.path().join("tokens");
+    let secrets = [
+        config.tls.key.clone(),
+        config.audit.signing_key.clone(),
+        dir.path().join("keys/jwt-signing.key"),
+        tokens.join("alice.jwt"),
+    ];
+    for secret in &secrets {
+        assert_eq!(mode(secret), 0o600, "{}", secret.display());
+    }
+    // Each secret the gateway reads, made readable by others, stops it at start with a message
+    // that names the file and the fix.
+    let perturbation = config.disclosure.perturbation_key.clone();
+    std::fs::write(&perturbation, "00".repeat(32)).unwrap();
+    for (secret, what) in [
+        (&config.tls.key, "TLS key"),
+        (&config.audit.signing_key, "audit signing key"),
+        (&perturbation, "perturbation key"),
+    ] {
+        std::fs::set_permissions(secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = match sde_gateway::Gateway::build(&config).await {
+            Ok(_) => panic!("a gateway started with a world-readable {what}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(what) && err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    sde_gateway::Gateway::build(&config)
+        .await
+        .expect("starts once every secret is owner only");
+}
