@@ -10,7 +10,7 @@
 
 /// mimalloc for every binary built on the crate (the gateway, its tests and benches): the query
 /// engine allocates and frees many small buffers per query from several threads, which glibc's
-/// allocator serves with more contention and fragmentation (see `docs/benchmarks.md`).
+/// allocator serves with more contention and fragmentation.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

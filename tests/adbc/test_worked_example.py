@@ -1,12 +1,17 @@
 """The README's worked example, run with the client researchers really use: the Python ADBC
 Flight SQL driver, unmodified, over TLS with the demo CA, a demo token and the project header.
+The tests also run `examples/worked_example.py` and the snippets of `docs/researcher.md`, and
+check that they print what those documents show.
 
 Needs a running gateway: SDE_ADDR (host:port) and SDE_DEMO_DIR (the demo world folder).
-`.ci/run` starts one with `sde-gateway serve --demo` and runs this file with pytest.
+`.ci/run` starts one with `sde-gateway serve --demo --people 20000` and runs this file with pytest.
 """
 
 import os
 import pathlib
+import re
+import subprocess
+import sys
 
 import adbc_driver_flightsql.dbapi as flightsql
 import pyarrow.parquet as pq
@@ -15,6 +20,7 @@ from adbc_driver_flightsql import DatabaseOptions
 
 ADDR = os.environ.get("SDE_ADDR", "127.0.0.1:50051")
 DEMO = pathlib.Path(os.environ.get("SDE_DEMO_DIR", ".sde-demo"))
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def connect(user="alice", project="ews-asc-linkage"):
@@ -26,7 +32,27 @@ def connect(user="alice", project="ews-asc-linkage"):
             DatabaseOptions.AUTHORIZATION_HEADER.value: f"Bearer {token}",
             f"{DatabaseOptions.RPC_CALL_HEADER_PREFIX.value}x-sde-project": project,
         },
+        autocommit=True,
     )
+
+
+def doc_block(path, name):
+    """The fenced block between `<!-- name:start -->` and `<!-- name:end -->` in a document."""
+    text = (ROOT / path).read_text(encoding="utf-8")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1, f"{path} needs one pair of {name} markers"
+    lines = text.split(start, 1)[1].split(end, 1)[0].strip().splitlines()
+    assert lines[0].startswith("```") and lines[-1] == "```", f"{path}: {name} is not one fenced block"
+    return "\n".join(lines[1:-1]) + "\n"
+
+
+def run_python(code):
+    """Runs `code` as a script in a fresh interpreter against the demo; returns its stdout."""
+    env = {**os.environ, "SDE_ADDR": ADDR, "SDE_DEMO_DIR": str(DEMO)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", f"unexpected output on stderr (warnings?):\n{result.stderr}"
+    return result.stdout
 
 
 def expected_worked_example():
@@ -51,6 +77,26 @@ def test_worked_example():
     assert len(want) < all_groups, "some groups should be withheld"
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     assert metadata["sde.groups_withheld"] == str(all_groups - len(want))
+
+
+def test_readme_shows_the_worked_example_file():
+    source = (ROOT / "examples" / "worked_example.py").read_text(encoding="utf-8")
+    assert doc_block("README.md", "worked-example") == source
+
+
+def test_worked_example_prints_what_the_readme_shows():
+    source = (ROOT / "examples" / "worked_example.py").read_text(encoding="utf-8")
+    assert run_python(source) == doc_block("README.md", "worked-example-output")
+
+
+def test_researcher_guide_dataframes_print_what_it_shows():
+    code = doc_block("docs/researcher.md", "connect") + doc_block("docs/researcher.md", "dataframes")
+    assert run_python(code) == doc_block("docs/researcher.md", "dataframes-output")
+
+
+def test_researcher_guide_reads_a_receipt():
+    out = run_python(doc_block("docs/researcher.md", "receipt"))
+    assert re.fullmatch(r"\[\{'sex': 'F', 'n': \d+\}, \{'sex': 'M', 'n': \d+\}\]\nreceipt: \d+ [0-9a-f]{64}\n", out), out
 
 
 def test_row_level_query_is_refused_with_the_rule():
