@@ -252,9 +252,16 @@ impl Gateway {
             health.set_not_serving::<FlightServiceServer<FlightSqlApi>>().await;
             let _ = began.send(true);
         };
-        // Reflection lists the sde.v1 services, so `grpcurl` can call them without the .proto files.
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(api::proto::FILE_DESCRIPTOR_SET)
+        // Reflection lists the sde.v1 services, so `grpcurl` can call them without the .proto
+        // files: `grpc.reflection.v1`, and `v1alpha` for older grpcurl and Postman.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(api::proto::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let reflection = reflection()
             .build_v1()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
         if let Some((listener, addr)) = self.metrics_listener {
@@ -278,6 +285,7 @@ impl Gateway {
             .map_err(|e| ServerError::Tls(e.to_string()))?
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(flight)
             .add_service(admin)
             .add_service(audit_service)

@@ -393,28 +393,40 @@ async fn the_admin_command_line_drives_the_same_service() {
     );
 }
 
+/// Lists the services through reflection version `$v` (`v1` or `v1alpha`).
+macro_rules! reflected_services {
+    ($v:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$v::ServerReflectionRequest;
+        use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new($channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("{response:?}");
+        };
+        list.service.into_iter().map(|s| s.name).collect::<Vec<String>>()
+    }};
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_the_services_as_grpcurl_sees_them() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
     let gw = spawn_gateway().await;
-    let mut client = ServerReflectionClient::new(gw.channel().await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("{response:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"sde.v1.AdminService".to_owned()), "{names:?}");
+    // v1, and v1alpha as older grpcurl and Postman ask for it.
+    for names in [
+        reflected_services!(v1, gw.channel().await),
+        reflected_services!(v1alpha, gw.channel().await),
+    ] {
+        assert!(names.contains(&"sde.v1.AdminService".to_owned()), "{names:?}");
+        assert!(names.contains(&"sde.v1.AuditService".to_owned()), "{names:?}");
+    }
 }
