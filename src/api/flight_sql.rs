@@ -1,16 +1,17 @@
 //! Arrow Flight SQL for researchers: statement queries (GetFlightInfo, then DoGet with the ticket
 //! authorised again), catalogue browsing limited to the project's grants, and SqlInfo so that
-//! JDBC/ODBC-style tools can connect. Everything else is refused as unimplemented.
+//! JDBC/ODBC-style tools can connect: type info, and the key calls DBeaver and JDBC make,
+//! which are empty. Everything else is refused as unimplemented.
 
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use arrow_flight::encode::FlightDataEncoderBuilder;
-use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
-    CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
+    CommandGetCatalogs, CommandGetCrossReference, CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys,
+    CommandGetPrimaryKeys, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
     CommandPreparedStatementQuery, CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{Action, IpcMessage, SchemaAsIpc};
@@ -23,26 +24,10 @@ use prost::Message;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::metadata::{SQL_INFO, XDBC_TYPES, foreign_keys_schema, no_rows, primary_keys_schema};
 use super::{RECEIPT_HASH_HEADER, RECEIPT_SEQ_HEADER, call_context, status};
 use crate::engine::{CATALOG, SCHEMA};
 use crate::gateway::{Core, Planned};
-
-static SQL_INFO: LazyLock<SqlInfoData> = LazyLock::new(|| {
-    let mut b = SqlInfoDataBuilder::new();
-    b.append(SqlInfo::FlightSqlServerName, "sde-gateway");
-    b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
-    b.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
-    b.append(SqlInfo::FlightSqlServerReadOnly, true);
-    b.append(SqlInfo::FlightSqlServerSql, true);
-    b.append(SqlInfo::FlightSqlServerSubstrait, false);
-    b.append(SqlInfo::FlightSqlServerTransaction, 0_i32);
-    b.append(SqlInfo::FlightSqlServerCancel, false);
-    b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
-    b.append(SqlInfo::SqlDdlCatalog, false);
-    b.append(SqlInfo::SqlDdlSchema, false);
-    b.append(SqlInfo::SqlDdlTable, false);
-    b.build().expect("static SqlInfo builds")
-});
 
 /// The Flight SQL service: a thin adapter over [`Core`].
 #[derive(Clone)]
@@ -53,6 +38,18 @@ pub struct FlightSqlApi {
 impl FlightSqlApi {
     pub fn new(core: Arc<Core>) -> Self {
         Self { core }
+    }
+
+    /// A metadata call: the caller must be known and allowed, and the call is audited.
+    async fn identify<T>(&self, request: &Request<T>, call: &str) -> Result<(), Status> {
+        self.core.identify(&call_context(request), call).await.map_err(status)?;
+        Ok(())
+    }
+
+    /// A key call's answer: no rows (served datasets have no primary or foreign keys).
+    async fn no_keys(&self, request: &Request<Ticket>, schema: SchemaRef) -> Result<Response<DoGetStream>, Status> {
+        self.identify(request, "metadata.keys").await?;
+        one_batch(Arc::clone(&schema), no_rows(&schema))
     }
 }
 
@@ -327,6 +324,111 @@ impl FlightSqlService for FlightSqlApi {
         let handle = handle_of(&query.prepared_statement_handle);
         self.core.close_prepared(&call, &handle);
         Ok(())
+    }
+
+    async fn get_flight_info_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request, "metadata.xdbc_type_info").await?;
+        let ticket = query.as_any().encode_to_vec();
+        let schema = query.into_builder(&XDBC_TYPES).schema();
+        info_for(request.into_inner(), ticket, &schema)
+    }
+
+    async fn do_get_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.identify(&request, "metadata.xdbc_type_info").await?;
+        let builder = query.into_builder(&XDBC_TYPES);
+        one_batch(builder.schema(), builder.build())
+    }
+
+    async fn get_flight_info_primary_keys(
+        &self,
+        query: CommandGetPrimaryKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request, "metadata.keys").await?;
+        info_for(
+            request.into_inner(),
+            query.as_any().encode_to_vec(),
+            &primary_keys_schema(),
+        )
+    }
+
+    async fn do_get_primary_keys(
+        &self,
+        _query: CommandGetPrimaryKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.no_keys(&request, primary_keys_schema()).await
+    }
+
+    async fn get_flight_info_exported_keys(
+        &self,
+        query: CommandGetExportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request, "metadata.keys").await?;
+        info_for(
+            request.into_inner(),
+            query.as_any().encode_to_vec(),
+            &foreign_keys_schema(),
+        )
+    }
+
+    async fn do_get_exported_keys(
+        &self,
+        _query: CommandGetExportedKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.no_keys(&request, foreign_keys_schema()).await
+    }
+
+    async fn get_flight_info_imported_keys(
+        &self,
+        query: CommandGetImportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request, "metadata.keys").await?;
+        info_for(
+            request.into_inner(),
+            query.as_any().encode_to_vec(),
+            &foreign_keys_schema(),
+        )
+    }
+
+    async fn do_get_imported_keys(
+        &self,
+        _query: CommandGetImportedKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.no_keys(&request, foreign_keys_schema()).await
+    }
+
+    async fn get_flight_info_cross_reference(
+        &self,
+        query: CommandGetCrossReference,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request, "metadata.keys").await?;
+        info_for(
+            request.into_inner(),
+            query.as_any().encode_to_vec(),
+            &foreign_keys_schema(),
+        )
+    }
+
+    async fn do_get_cross_reference(
+        &self,
+        _query: CommandGetCrossReference,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.no_keys(&request, foreign_keys_schema()).await
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

@@ -8,6 +8,7 @@ pub mod audit_client;
 pub mod auth;
 pub mod client;
 pub mod flight_sql;
+mod metadata;
 pub mod proto;
 
 use tonic::{Code, Status};

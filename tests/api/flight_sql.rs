@@ -244,6 +244,82 @@ async fn catalogue_shows_only_granted_tables() {
 }
 
 #[tokio::test]
+async fn the_metadata_calls_jdbc_and_dbeaver_make_are_answered() {
+    use arrow_flight::FlightInfo;
+    use arrow_flight::sql::{
+        CommandGetCrossReference, CommandGetExportedKeys, CommandGetImportedKeys, CommandGetPrimaryKeys,
+        CommandGetXdbcTypeInfo,
+    };
+    let gw = spawn_gateway().await;
+    let mut alice = gw.client("alice", PROJECT).await;
+    async fn fetch(
+        client: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+        info: FlightInfo,
+    ) -> Vec<RecordBatch> {
+        let stream = client.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap();
+        futures::TryStreamExt::try_collect(stream).await.unwrap()
+    }
+    // The SQL types results use, by name and JDBC code.
+    let info = alice
+        .get_xdbc_type_info(CommandGetXdbcTypeInfo::default())
+        .await
+        .unwrap();
+    let types = rows(&fetch(&mut alice, info).await);
+    let names: Vec<&str> = types.iter().map(|r| r[0].as_str()).collect();
+    for name in ["BIGINT", "DOUBLE", "VARCHAR", "DATE"] {
+        assert!(names.contains(&name), "{names:?}");
+    }
+    // Keys: none, in the schemas Flight SQL defines.
+    let table = "patients".to_owned();
+    let infos = [
+        alice
+            .get_primary_keys(CommandGetPrimaryKeys {
+                table: table.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        alice
+            .get_exported_keys(CommandGetExportedKeys {
+                table: table.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        alice
+            .get_imported_keys(CommandGetImportedKeys {
+                table: table.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        alice
+            .get_cross_reference(CommandGetCrossReference {
+                pk_table: table.clone(),
+                fk_table: "asc_services".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+    ];
+    for (info, first) in
+        infos
+            .into_iter()
+            .zip(["catalog_name", "pk_catalog_name", "pk_catalog_name", "pk_catalog_name"])
+    {
+        let schema = info.clone().try_decode_schema().unwrap();
+        assert_eq!(schema.field(0).name(), first);
+        let batches = fetch(&mut alice, info).await;
+        assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 0);
+    }
+    // Every one of them is on record.
+    let records = sde_gateway::audit::verify(&gw.audit_log()).expect("chain verifies");
+    let calls: Vec<&str> = records.iter().map(|r| r.entry.call.as_str()).collect();
+    assert!(calls.contains(&"metadata.xdbc_type_info"), "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| **c == "metadata.keys").count(), 8, "{calls:?}");
+}
+
+#[tokio::test]
 async fn every_call_is_audited_in_a_verified_chain_before_release() {
     let gw = spawn_gateway().await;
     gw.query_as("alice", PROJECT, "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
