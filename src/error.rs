@@ -22,7 +22,7 @@ pub enum Error {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Limit(#[from] LimitError),
-    #[error("unknown or expired statement handle; send the query again")]
+    #[error("protocol/unknown-statement: unknown or expired statement handle; send the query again")]
     UnknownStatement,
     #[error("safe-outputs/result-size: the result has more than {0} rows; aggregate further")]
     TooManyRows(usize),

@@ -114,3 +114,102 @@ pub(crate) fn call_context<T>(request: &tonic::Request<T>) -> crate::gateway::Ca
         client_tool,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::LimitError;
+    use crate::policy::PolicyError;
+
+    /// Every refusal and limit a caller can meet: its gRPC code, and a message that starts with
+    /// the rule it names (`family/rule: …`).
+    #[test]
+    fn the_error_map_gives_each_refusal_its_code_and_its_rule_first() {
+        let date = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+        let refused = |r: Refusal| Error::Registry(RegistryError::Refused(r));
+        let cases: Vec<(Error, Code)> = vec![
+            // Safe People: who is asking.
+            (IdentityError::Missing.into(), Code::Unauthenticated),
+            (IdentityError::Malformed.into(), Code::Unauthenticated),
+            (
+                IdentityError::Invalid("bad signature".into()).into(),
+                Code::Unauthenticated,
+            ),
+            (IdentityError::Expired.into(), Code::Unauthenticated),
+            (IdentityError::UnnamedTool.into(), Code::Unauthenticated),
+            (IdentityError::KeysUnavailable.into(), Code::Unavailable),
+            (refused(Refusal::UnknownUser("x".into())), Code::PermissionDenied),
+            (refused(Refusal::UserSuspended), Code::PermissionDenied),
+            (refused(Refusal::AccreditationExpired(date)), Code::PermissionDenied),
+            (refused(Refusal::TrainingLapsed(date, 12)), Code::PermissionDenied),
+            (refused(Refusal::MissingRole("admin")), Code::PermissionDenied),
+            // Safe Projects.
+            (refused(Refusal::NoProject), Code::InvalidArgument),
+            (refused(Refusal::NotAMember("p".into())), Code::PermissionDenied),
+            (
+                refused(Refusal::NotApproved("p".into(), "ccio".into())),
+                Code::PermissionDenied,
+            ),
+            (refused(Refusal::Ended("p".into(), date)), Code::PermissionDenied),
+            (refused(Refusal::InvalidChange("x".into())), Code::InvalidArgument),
+            (refused(Refusal::NotFound("x".into())), Code::NotFound),
+            // Safe Outputs and Safe Settings, before anything runs.
+            (PolicyError::RowLevel.into(), Code::InvalidArgument),
+            (PolicyError::NotAQuery("COPY".into()).into(), Code::InvalidArgument),
+            (PolicyError::TooLong(70_000, 65_536).into(), Code::InvalidArgument),
+            (
+                PolicyError::Complexity {
+                    what: "expression depth",
+                    value: 300,
+                    max: 250,
+                    key: "max_expression_depth",
+                    advice: "simplify it",
+                }
+                .into(),
+                Code::InvalidArgument,
+            ),
+            // Limits: always RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, never INTERNAL.
+            (
+                LimitError::RateLimited { per_minute: 60 }.into(),
+                Code::ResourceExhausted,
+            ),
+            (LimitError::QueueFull { running: 8 }.into(), Code::ResourceExhausted),
+            (
+                LimitError::QueueTimeout {
+                    running: 8,
+                    waited_seconds: 30,
+                }
+                .into(),
+                Code::ResourceExhausted,
+            ),
+            (LimitError::UserBusy(4).into(), Code::ResourceExhausted),
+            (LimitError::ResultTooLarge(1 << 20).into(), Code::ResourceExhausted),
+            (Error::TooManyRows(10_000), Code::ResourceExhausted),
+            (LimitError::Deadline(60).into(), Code::DeadlineExceeded),
+            (
+                Error::Engine(crate::engine::EngineError::Execution(
+                    datafusion::error::DataFusionError::ResourcesExhausted("pool".into()),
+                )),
+                Code::ResourceExhausted,
+            ),
+            (LimitError::ShuttingDown.into(), Code::Unavailable),
+            (LimitError::Overflow.into(), Code::InvalidArgument),
+            // The protocol.
+            (Error::UnknownStatement, Code::NotFound),
+        ];
+        for (error, code) in cases {
+            let shown = format!("{error:?}");
+            let status = status(error);
+            assert_eq!(status.code(), code, "{shown}: {}", status.message());
+            let (rule, _) = status
+                .message()
+                .split_once(": ")
+                .unwrap_or_else(|| panic!("{shown}: no rule in {:?}", status.message()));
+            assert!(
+                rule.contains('/') && !rule.contains(' ') && rule.len() > 3,
+                "{shown}: the message does not start with its rule: {:?}",
+                status.message()
+            );
+        }
+    }
+}

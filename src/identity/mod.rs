@@ -23,24 +23,24 @@ use crate::recent::{self, Recent};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum IdentityError {
-    #[error("no bearer token: send `authorization: Bearer <token>`")]
+    #[error("safe-people/authentication: no bearer token; send `authorization: Bearer <token>`")]
     Missing,
-    #[error("the authorization header is not of the form `Bearer <token>`")]
+    #[error("safe-people/authentication: the authorization header is not of the form `Bearer <token>`")]
     Malformed,
-    #[error("the token is not valid: {0}")]
+    #[error("safe-people/authentication: the token is not valid: {0}")]
     Invalid(String),
-    #[error("the token has expired; request a new one")]
+    #[error("safe-people/authentication: the token has expired; request a new one")]
     Expired,
     #[error("cannot load the token verification key {path}: {message}")]
     Key { path: String, message: String },
     #[error("cannot use the identity provider's key set: {0}")]
     Jwks(String),
     #[error(
-        "the identity provider's signing keys cannot be fetched just now, so no token can be checked; try again later"
+        "safe-people/authentication: the identity provider's signing keys cannot be fetched just now, so no token can be checked; try again later"
     )]
     KeysUnavailable,
     #[error(
-        "the client certificate names no tool (subject CN); ask the platform team for an approved tool's certificate"
+        "safe-people/authentication: the client certificate names no tool (subject CN); ask the platform team for an approved tool's certificate"
     )]
     UnnamedTool,
 }
