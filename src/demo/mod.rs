@@ -127,6 +127,9 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
     }
     owner_only(&private)?;
     owner_only(&tls.join("server.key"))?;
+    for tool in DEMO_TOOLS {
+        owner_only(&tls.join("clients").join(format!("{tool}.key")))?;
+    }
     // The demo serves the rules this binary ships, rewritten at every start.
     let policies = dir.join("policies");
     RuleSet::write_shipped(&policies).map_err(|source| DemoError::Io {

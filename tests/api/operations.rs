@@ -339,6 +339,7 @@ async fn secrets_are_owner_only_and_a_gateway_refuses_to_start_with_one_others_c
         config.audit.signing_key.clone(),
         dir.path().join("keys/jwt-signing.key"),
         tokens.join("alice.jwt"),
+        dir.path().join("tls/clients/adbc-python.key"),
     ];
     for secret in &secrets {
         assert_eq!(mode(secret), 0o600, "{}", secret.display());
