@@ -1,4 +1,5 @@
-//! The command line: `serve` (the demo world or a production config), `ingest` and `demo-data`.
+//! The command line: `serve` (the demo world or a production config), `admin`, `audit`,
+//! `health`, `issue-token`, `ingest` and `demo-data`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -66,6 +67,23 @@ pub enum Command {
         #[arg(long, default_value = "localhost")]
         domain: String,
     },
+    /// Sign a token for a user, for deployments without an identity provider: with the private
+    /// half of `identity.public_key`, for the issuer and audience the config names, checked by
+    /// the gateway's own verifier before it is printed (to stdout).
+    IssueToken {
+        /// The gateway's configuration file (its `[identity]` section is read).
+        #[arg(long)]
+        config: PathBuf,
+        /// The private signing key (PEM), readable by its owner only.
+        #[arg(long)]
+        signing_key: PathBuf,
+        /// The user the token names (`sub`), as registered.
+        #[arg(long)]
+        user: String,
+        /// How long the token lives: `8h`, `30m`, `90s` or seconds; at most 24h.
+        #[arg(long, default_value = "8h", value_parser = crate::identity::issue::parse_ttl)]
+        ttl: i64,
+    },
     /// Pseudonymise a raw extract (CSV or Parquet) into a new dataset version, as its spec says
     /// (see config/ingest.example.toml). SDE_INGEST__KEY_FILE overrides the spec's key file.
     Ingest {
@@ -124,6 +142,17 @@ pub const UNSIGNED_TAIL_EXIT: i32 = 2;
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::IssueToken {
+            config,
+            signing_key,
+            user,
+            ttl,
+        } => {
+            crate::server::owner_only("signing key", &signing_key)?;
+            let config = GatewayConfig::load(&config)?;
+            let token = crate::identity::issue::issue_token(&config.identity, &signing_key, &user, ttl).await?;
+            println!("{token}");
+        }
         Command::Serve {
             demo: true,
             dir,

@@ -9,6 +9,7 @@
 //! mutual-TLS certificate ([`client_tool`]).
 
 pub mod client_tool;
+pub mod issue;
 pub mod jwks;
 
 use std::path::Path;

@@ -345,3 +345,56 @@ async fn when_the_provider_cannot_be_reached_tokens_are_refused_as_unavailable()
     let last = records(&gw).pop().unwrap();
     assert_eq!(last.entry.decision, "refused");
 }
+
+#[tokio::test]
+async fn issue_token_signs_a_token_the_gateway_accepts_and_refuses_what_it_would_not() {
+    let gw = spawn_gateway().await;
+    let issue = |key: &std::path::Path, user: &str, ttl: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sde-gateway"))
+            .args(["issue-token", "--config"])
+            .arg(gw.path("gateway.toml"))
+            .arg("--signing-key")
+            .arg(key)
+            .args(["--user", user, "--ttl", ttl])
+            .output()
+            .unwrap()
+    };
+    // With the deployment's key: a token alice can query with.
+    let out = issue(&gw.path("keys/jwt-signing.key"), "alice", "10m");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let mut client = gw.client_with(Some(token), Some(PROJECT)).await;
+    query(&mut client, "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
+        .await
+        .expect("the issued token is accepted");
+    // Another key, a lifetime past a day, a key others can read: nothing is printed.
+    let other = gw.path("other.key");
+    std::fs::write(
+        &other,
+        KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap().serialize_pem(),
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    for (key, ttl, says) in [
+        (other.clone(), "10m", "does not pass this gateway's check"),
+        (gw.path("keys/jwt-signing.key"), "2d", "a lifetime"),
+        (gw.path("keys/jwt-signing.key"), "25h", "at most 24h"),
+    ] {
+        let out = issue(&key, "alice", ttl);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && out.stdout.is_empty(), "{ttl}: {stderr}");
+        assert!(stderr.contains(says), "{ttl}: {stderr}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = issue(&other, "alice", "10m");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("chmod 600"), "{stderr}");
+    }
+}
