@@ -25,6 +25,11 @@ pub struct Connection {
     pub token_file: PathBuf,
 }
 
+/// The decisions an audit record can hold: a call accepted, refused by a rule or failed; a query
+/// received (on record before it runs); a call cancelled by its client; a record recovered at
+/// start.
+pub const DECISIONS: [&str; 6] = ["accepted", "refused", "failed", "received", "cancelled", "recovered"];
+
 /// Filters for `audit show`; every one given must match.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ShowFilter {
@@ -34,8 +39,8 @@ pub struct ShowFilter {
     pub organisation: Option<String>,
     #[arg(long)]
     pub project: Option<String>,
-    /// accepted, refused, failed or recovered.
-    #[arg(long)]
+    /// What the gateway decided: one of the values below.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(DECISIONS))]
     pub decision: Option<String>,
     /// RFC 3339 lower bound on the record time.
     #[arg(long)]

@@ -302,3 +302,16 @@ async fn a_query_abandoned_while_running_is_recorded_as_cancelled() {
     assert_eq!(last.user.as_deref(), Some("alice"));
     assert_eq!(last.sql.as_deref(), Some(sql));
 }
+
+#[test]
+fn audit_show_refuses_an_unknown_decision_naming_the_valid_ones() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sde-gateway"))
+        .args(["audit", "show", "--decision", "acepted"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for valid in sde_gateway::api::audit_client::DECISIONS {
+        assert!(stderr.contains(valid), "{stderr}");
+    }
+}
