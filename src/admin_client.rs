@@ -14,17 +14,22 @@ use crate::api::proto::{self as pb};
 /// Where the gateway is and who is calling.
 #[derive(Debug, Args)]
 pub struct Connection {
-    /// Gateway address.
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    /// Gateway address (`host:port`, or `https://host:port`).
+    #[arg(long, visible_alias = "server", default_value = "127.0.0.1:50051", global = true)]
     pub addr: String,
     /// CA certificate that signed the gateway's TLS certificate.
-    #[arg(long, default_value = ".sde-demo/tls/ca.pem")]
+    #[arg(long, default_value = ".sde-demo/tls/ca.pem", global = true)]
     pub ca: PathBuf,
     /// File holding the caller's bearer token.
-    #[arg(long, default_value = ".sde-demo/tokens/admin.jwt")]
+    #[arg(
+        long,
+        visible_alias = "token-file",
+        default_value = ".sde-demo/tokens/admin.jwt",
+        global = true
+    )]
     pub token: PathBuf,
     /// Name the server certificate must carry.
-    #[arg(long, default_value = "localhost")]
+    #[arg(long, visible_alias = "domain", default_value = "localhost", global = true)]
     pub server_name: String,
 }
 
@@ -32,7 +37,10 @@ impl Connection {
     /// An AdminService client over TLS carrying the caller's token.
     pub async fn open(&self) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
         let bearer = Bearer::from_file(&self.token)?;
-        let url = format!("https://{}", self.addr);
+        let url = match self.addr.starts_with("https://") {
+            true => self.addr.clone(),
+            false => format!("https://{}", self.addr),
+        };
         let channel = tls_channel(&url, &self.ca, &self.server_name, None).await?;
         Ok(AdminServiceClient::with_interceptor(channel, bearer))
     }

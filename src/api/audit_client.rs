@@ -11,17 +11,17 @@ use super::proto::{self, audit_service_client::AuditServiceClient};
 /// Where the server is and who the auditor is. The defaults fit the demo world.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
-    /// Gateway address.
-    #[arg(long, default_value = "https://127.0.0.1:50051")]
+    /// Gateway address (`https://host:port`, or `host:port`).
+    #[arg(long, visible_alias = "addr", default_value = "https://127.0.0.1:50051")]
     pub server: String,
     /// CA certificate (PEM) that signed the server's certificate.
     #[arg(long, default_value = ".sde-demo/tls/ca.pem")]
     pub ca: PathBuf,
     /// Name the server's certificate is checked against.
-    #[arg(long, default_value = "localhost")]
+    #[arg(long, visible_alias = "server-name", default_value = "localhost")]
     pub domain: String,
     /// File holding the auditor's token (JWT).
-    #[arg(long, default_value = ".sde-demo/tokens/auditor.jwt")]
+    #[arg(long, visible_alias = "token", default_value = ".sde-demo/tokens/auditor.jwt")]
     pub token_file: PathBuf,
 }
 
@@ -60,7 +60,11 @@ pub type Client = AuditServiceClient<InterceptedService<Channel, Bearer>>;
 
 async fn connect(c: &Connection) -> anyhow::Result<Client> {
     let bearer = Bearer::from_file(&c.token_file)?;
-    let channel = tls_channel(&c.server, &c.ca, &c.domain, None).await?;
+    let server = match c.server.starts_with("https://") {
+        true => c.server.clone(),
+        false => format!("https://{}", c.server),
+    };
+    let channel = tls_channel(&server, &c.ca, &c.domain, None).await?;
     Ok(AuditServiceClient::with_interceptor(channel, bearer))
 }
 

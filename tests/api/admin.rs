@@ -430,3 +430,66 @@ async fn reflection_lists_the_services_as_grpcurl_sees_them() {
         assert!(names.contains(&"sde.v1.AuditService".to_owned()), "{names:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_and_audit_take_the_same_connection_flags_anywhere() {
+    let gw = spawn_gateway().await;
+    let addr = gw.addr.to_string();
+    let ca = gw.path("tls/ca.pem");
+    let run = |args: Vec<std::ffi::OsString>| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_sde-gateway"))
+                .args(args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let os = |parts: &[&dyn AsRef<std::ffi::OsStr>]| parts.iter().map(|p| p.as_ref().to_owned()).collect::<Vec<_>>();
+    let admin_token = gw.path("tokens/admin.jwt");
+    let auditor_token = gw.path("tokens/auditor.jwt");
+    // admin with audit's names, after the subcommand; audit with admin's names, and an address
+    // without its scheme.
+    for args in [
+        os(&[
+            &"admin",
+            &"orgs",
+            &"--server",
+            &addr,
+            &"--ca",
+            &ca,
+            &"--token-file",
+            &admin_token,
+        ]),
+        os(&[
+            &"admin",
+            &"--addr",
+            &addr,
+            &"orgs",
+            &"--ca",
+            &ca,
+            &"--token",
+            &admin_token,
+        ]),
+        os(&[
+            &"audit",
+            &"show",
+            &"--addr",
+            &addr,
+            &"--ca",
+            &ca,
+            &"--token",
+            &auditor_token,
+            &"--limit",
+            &"1",
+        ]),
+    ] {
+        let out = run(args.clone()).await;
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
