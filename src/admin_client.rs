@@ -37,11 +37,7 @@ impl Connection {
     /// An AdminService client over TLS carrying the caller's token.
     pub async fn open(&self) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
         let bearer = Bearer::from_file(&self.token)?;
-        let url = match self.addr.starts_with("https://") {
-            true => self.addr.clone(),
-            false => format!("https://{}", self.addr),
-        };
-        let channel = tls_channel(&url, &self.ca, &self.server_name, None).await?;
+        let channel = tls_channel(&self.addr, &self.ca, &self.server_name, None).await?;
         Ok(AdminServiceClient::with_interceptor(channel, bearer))
     }
 }

@@ -60,11 +60,7 @@ pub type Client = AuditServiceClient<InterceptedService<Channel, Bearer>>;
 
 async fn connect(c: &Connection) -> anyhow::Result<Client> {
     let bearer = Bearer::from_file(&c.token_file)?;
-    let server = match c.server.starts_with("https://") {
-        true => c.server.clone(),
-        false => format!("https://{}", c.server),
-    };
-    let channel = tls_channel(&server, &c.ca, &c.domain, None).await?;
+    let channel = tls_channel(&c.server, &c.ca, &c.domain, None).await?;
     Ok(AuditServiceClient::with_interceptor(channel, bearer))
 }
 

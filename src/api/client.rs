@@ -12,11 +12,16 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// the server certificate against `domain`. With `timeout`, connecting and each call are bounded.
 pub async fn tls_channel(url: &str, ca: &Path, domain: &str, timeout: Option<Duration>) -> anyhow::Result<Channel> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // An address without its scheme (`host:port`, as people type it) is reached over TLS too.
+    let url = match url.starts_with("https://") {
+        true => url.to_owned(),
+        false => format!("https://{url}"),
+    };
     let ca_pem = std::fs::read(ca).with_context(|| format!("reading CA certificate {}", ca.display()))?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(domain);
-    let mut endpoint = Endpoint::from_shared(url.to_owned())?.tls_config(tls)?;
+    let mut endpoint = Endpoint::from_shared(url.clone())?.tls_config(tls)?;
     if let Some(t) = timeout {
         endpoint = endpoint.connect_timeout(t).timeout(t);
     }

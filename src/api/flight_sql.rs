@@ -29,6 +29,10 @@ use super::{RECEIPT_HASH_HEADER, RECEIPT_SEQ_HEADER, call_context, status};
 use crate::engine::{CATALOG, SCHEMA};
 use crate::gateway::{Core, Planned};
 
+/// The audited name of the key calls (GetPrimaryKeys, GetExportedKeys, GetImportedKeys,
+/// GetCrossReference).
+const KEYS_CALL: &str = "metadata.keys";
+
 /// The Flight SQL service: a thin adapter over [`Core`].
 #[derive(Clone)]
 pub struct FlightSqlApi {
@@ -46,9 +50,20 @@ impl FlightSqlApi {
         Ok(())
     }
 
+    /// A key call's FlightInfo: `schema`, and a ticket for [`Self::no_keys`].
+    async fn key_info(
+        &self,
+        request: Request<FlightDescriptor>,
+        ticket: Vec<u8>,
+        schema: SchemaRef,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request, KEYS_CALL).await?;
+        info_for(request.into_inner(), ticket, &schema)
+    }
+
     /// A key call's answer: no rows (served datasets have no primary or foreign keys).
     async fn no_keys(&self, request: &Request<Ticket>, schema: SchemaRef) -> Result<Response<DoGetStream>, Status> {
-        self.identify(request, "metadata.keys").await?;
+        self.identify(request, KEYS_CALL).await?;
         one_batch(Arc::clone(&schema), no_rows(&schema))
     }
 }
@@ -352,12 +367,8 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetPrimaryKeys,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "metadata.keys").await?;
-        info_for(
-            request.into_inner(),
-            query.as_any().encode_to_vec(),
-            &primary_keys_schema(),
-        )
+        self.key_info(request, query.as_any().encode_to_vec(), primary_keys_schema())
+            .await
     }
 
     async fn do_get_primary_keys(
@@ -373,12 +384,8 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetExportedKeys,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "metadata.keys").await?;
-        info_for(
-            request.into_inner(),
-            query.as_any().encode_to_vec(),
-            &foreign_keys_schema(),
-        )
+        self.key_info(request, query.as_any().encode_to_vec(), foreign_keys_schema())
+            .await
     }
 
     async fn do_get_exported_keys(
@@ -394,12 +401,8 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetImportedKeys,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "metadata.keys").await?;
-        info_for(
-            request.into_inner(),
-            query.as_any().encode_to_vec(),
-            &foreign_keys_schema(),
-        )
+        self.key_info(request, query.as_any().encode_to_vec(), foreign_keys_schema())
+            .await
     }
 
     async fn do_get_imported_keys(
@@ -415,12 +418,8 @@ impl FlightSqlService for FlightSqlApi {
         query: CommandGetCrossReference,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "metadata.keys").await?;
-        info_for(
-            request.into_inner(),
-            query.as_any().encode_to_vec(),
-            &foreign_keys_schema(),
-        )
+        self.key_info(request, query.as_any().encode_to_vec(), foreign_keys_schema())
+            .await
     }
 
     async fn do_get_cross_reference(

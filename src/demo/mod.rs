@@ -64,27 +64,38 @@ pub struct DemoOptions {
 }
 
 fn write(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), DemoError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| DemoError::Io {
-            path: parent.to_owned(),
-            source,
-        })?;
-    }
-    std::fs::write(path, contents).map_err(|source| DemoError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    write_as(path, contents.as_ref(), 0o666)
 }
 
-/// Writes a secret (a private key, a token): readable by its owner only. The gateway refuses
-/// to start with a secret that others can read.
+/// Writes a secret (a private key, a token): readable by its owner only, from the moment the
+/// file is made. The gateway refuses to start with a secret that others can read.
 fn write_secret(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), DemoError> {
-    write(path, contents)?;
-    owner_only(path)
+    write_as(path, contents.as_ref(), 0o600)?;
+    // A file that existed already keeps its mode when opened: made owner-only too.
+    make_owner_only(path)
+}
+
+/// Writes `contents` to `path`, creating its folder, and the file with `mode` (Unix).
+fn write_as(path: &Path, contents: &[u8], mode: u32) -> Result<(), DemoError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DemoError::Io { path, source }
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(path).map_err(io(path))?;
+    std::io::Write::write_all(&mut file, contents).map_err(io(path))
 }
 
 /// Makes an existing secret readable by its owner only (a world made by an older build).
-fn owner_only(path: &Path) -> Result<(), DemoError> {
+fn make_owner_only(path: &Path) -> Result<(), DemoError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -125,10 +136,10 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         write_secret(&private, key.serialize_pem())?;
         write(&public, key.public_key_pem())?;
     }
-    owner_only(&private)?;
-    owner_only(&tls.join("server.key"))?;
+    make_owner_only(&private)?;
+    make_owner_only(&tls.join("server.key"))?;
     for tool in DEMO_TOOLS {
-        owner_only(&tls.join("clients").join(format!("{tool}.key")))?;
+        make_owner_only(&tls.join("clients").join(format!("{tool}.key")))?;
     }
     // The demo serves the rules this binary ships, rewritten at every start.
     let policies = dir.join("policies");
@@ -205,7 +216,7 @@ fn demo_audit(dir: &Path) -> Result<AuditConfig, DemoError> {
     if !signing_key.exists() {
         write_secret(&signing_key, crate::audit::SigningKey::generate_pem())?;
     }
-    owner_only(&signing_key)?;
+    make_owner_only(&signing_key)?;
     let pem = std::fs::read_to_string(&signing_key).map_err(|source| DemoError::Io {
         path: signing_key.clone(),
         source,
