@@ -61,6 +61,17 @@ impl GatewayConfig {
         if d.noise_percent == 0 || d.noise_percent > 1000 {
             return invalid("disclosure.noise_percent", "must be between 1 and 1000".into());
         }
+        // Counts are always perturbed, and by less than the threshold, so a released count
+        // stays above zero.
+        if d.count_noise_max == 0 || d.count_noise_max >= d.floor_threshold {
+            return invalid(
+                "disclosure.count_noise_max",
+                format!("must be at least 1 and below floor_threshold ({})", d.floor_threshold),
+            );
+        }
+        if let Err(e) = crate::disclosure::PTable::new(d.count_noise_max as u32, d.count_noise_variance) {
+            return invalid("disclosure.count_noise_variance", e.to_string());
+        }
         if !matches!(self.identity.algorithm.as_str(), "ES256" | "RS256") {
             return invalid("identity.algorithm", "must be ES256 or RS256".into());
         }

@@ -137,6 +137,19 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         write(&public, key.public_key_pem())?;
     }
     make_owner_only(&private)?;
+    // The perturbation key, derived from the world's seed so that the demo's perturbed figures
+    // are the same on every machine (the README and guides print them). A real deployment's
+    // key is random, made at first start.
+    let perturbation = dir.join("perturbation.key");
+    if !perturbation.exists() {
+        use sha2::{Digest, Sha256};
+        let key = Sha256::new()
+            .chain_update(b"sde-gateway demo perturbation key")
+            .chain_update(opts.seed.to_le_bytes())
+            .finalize();
+        write_secret(&perturbation, hex::encode(key))?;
+    }
+    make_owner_only(&perturbation)?;
     make_owner_only(&tls.join("server.key"))?;
     for tool in DEMO_TOOLS {
         make_owner_only(&tls.join("clients").join(format!("{tool}.key")))?;
@@ -198,7 +211,7 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
         },
         audit: demo_audit(dir)?,
         disclosure: DisclosureConfig {
-            perturbation_key: dir.join("perturbation.key"),
+            perturbation_key: perturbation,
             ..Default::default()
         },
         limits: LimitsConfig::default(),

@@ -19,6 +19,10 @@ pub struct DisclosureConfig {
     pub flatten_group: u64,
     /// Noise added to sums and means: its standard deviation in percent of the top group's mean.
     pub noise_percent: u64,
+    /// Counts: the maximum noise D of the p-table (cell-key perturbation; 0 for none)…
+    pub count_noise_max: u64,
+    /// …and the noise's variance V (above 0, below D(D+1)/3).
+    pub count_noise_variance: f64,
     /// The secret that seeds the noise (64 hex digits), made at first start if missing.
     pub perturbation_key: PathBuf,
     /// No configuration (gateway, dataset or project) may set `threshold` below this.
@@ -39,6 +43,8 @@ impl Default for DisclosureConfig {
             flatten_outliers: 2,
             flatten_group: 3,
             noise_percent: 50,
+            count_noise_max: 3,
+            count_noise_variance: 2.0,
             perturbation_key: PathBuf::from("perturbation.key"),
             floor_threshold: 10,
             floor_rounding: 5,

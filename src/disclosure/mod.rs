@@ -15,6 +15,8 @@
 //! The functions are volatile scalar UDFs built per query, never registered in a catalogue, so a
 //! researcher cannot call them; each counts what it withheld for the result's metadata.
 
+pub mod cellkey;
+mod cells;
 mod config;
 pub mod noise;
 mod people;
@@ -23,12 +25,15 @@ mod shares;
 pub use config::DisclosureConfig;
 pub use noise::{Flattening, PerturbationKey};
 pub use people::people_at_least;
+pub use ptable::PTable;
 pub use shares::shares;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use cells::people_from_rows;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StructArray};
 use datafusion::arrow::compute::cast;
@@ -54,18 +59,36 @@ pub struct Rules {
     pub flatten_group: u64,
     /// The noise's standard deviation, in percent of the top group's mean.
     pub noise_percent: u64,
+    /// Counts: the p-table's maximum noise D ([`ptable`]); 0 for none (records written before
+    /// counts were perturbed).
+    #[serde(default)]
+    pub count_noise_max: u64,
+    /// …and its variance V, in hundredths.
+    #[serde(default)]
+    pub count_noise_variance_hundredths: u64,
 }
 
 impl Rules {
-    /// The defaults: 10 people, rounding to 5; sums and means flattened (2 outliers to the mean
-    /// of the next 3) with noise of half that mean (docs/disclosure.md says why).
+    /// The defaults: 10 people, rounding to 5; counts perturbed by a p-table of D 3, V 2;
+    /// sums and means flattened (2 outliers to the mean of the next 3) with noise of half that
+    /// mean (docs/disclosure.md says why).
     pub const DEFAULT: Rules = Rules {
         threshold: 10,
         rounding: 5,
         flatten_outliers: 2,
         flatten_group: 3,
         noise_percent: 50,
+        count_noise_max: 3,
+        count_noise_variance_hundredths: 200,
     };
+
+    /// The p-table of counts, or None where counts are not perturbed (D 0).
+    pub fn ptable(&self) -> Result<Option<PTable>, ptable::PTableError> {
+        match self.count_noise_max {
+            0 => Ok(None),
+            d => PTable::new(d as u32, self.count_noise_variance_hundredths as f64 / 100.0).map(Some),
+        }
+    }
 
     /// The flattening of a person's contributions.
     pub fn flattening(&self) -> Flattening {
@@ -84,6 +107,8 @@ impl From<&DisclosureConfig> for Rules {
             flatten_outliers: c.flatten_outliers,
             flatten_group: c.flatten_group,
             noise_percent: c.noise_percent,
+            count_noise_max: c.count_noise_max,
+            count_noise_variance_hundredths: (c.count_noise_variance * 100.0).round() as u64,
         }
     }
 }
@@ -99,12 +124,8 @@ pub struct Unsettled;
 #[derive(Debug, Default)]
 pub struct Withheld {
     groups: AtomicU64,
-    /// Cells withheld because too few people contribute to them.
+    /// Released cells that are NULL (too few people contribute to them).
     cells_threshold: AtomicU64,
-    /// Count cells withheld because their condition leaves a small set of the group's people out.
-    cells_difference: AtomicU64,
-    /// Cells withheld because the query's filters leave a small set of their group's people out.
-    cells_differencing: AtomicU64,
 }
 
 impl Withheld {
@@ -112,19 +133,11 @@ impl Withheld {
         self.groups.load(Ordering::Relaxed)
     }
     pub fn cells(&self) -> u64 {
-        [&self.cells_threshold, &self.cells_difference, &self.cells_differencing]
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum()
+        self.cells_threshold.load(Ordering::Relaxed)
     }
     /// Back to nothing withheld, for another run of the same functions.
     fn reset(&self) {
-        for c in [
-            &self.groups,
-            &self.cells_threshold,
-            &self.cells_difference,
-            &self.cells_differencing,
-        ] {
+        for c in [&self.groups, &self.cells_threshold] {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -134,8 +147,6 @@ impl Withheld {
         serde_json::json!({
             "safe-outputs/threshold (groups)": self.groups(),
             "safe-outputs/threshold (cells)": self.cells_threshold.load(Ordering::Relaxed),
-            "safe-outputs/cell-difference": self.cells_difference.load(Ordering::Relaxed),
-            "safe-outputs/differencing": self.cells_differencing.load(Ordering::Relaxed),
         })
     }
 }
@@ -161,6 +172,8 @@ impl Rules {
             flatten_outliers: self.flatten_outliers.max(o.flatten_outliers.unwrap_or(0)),
             flatten_group: self.flatten_group,
             noise_percent: self.noise_percent.max(o.noise_percent.unwrap_or(0)),
+            count_noise_max: self.count_noise_max,
+            count_noise_variance_hundredths: self.count_noise_variance_hundredths,
         }
     }
 }
@@ -170,7 +183,12 @@ impl Rules {
 pub struct Disclosure {
     rules: Rules,
     key: Option<Arc<PerturbationKey>>,
+    /// The counts' p-table (None: not perturbed), or why the rules make none.
+    ptable: Arc<Result<Option<PTable>, ptable::PTableError>>,
     withheld: Arc<Withheld>,
+    /// Whether its functions tally into `withheld` (not for the alternatives a query computes
+    /// and does not release, see [`Disclosure::untallied`]).
+    tally: bool,
 }
 
 impl Disclosure {
@@ -180,7 +198,20 @@ impl Disclosure {
         Self {
             rules,
             key,
+            ptable: Arc::new(rules.ptable()),
             withheld: Arc::default(),
+            tally: true,
+        }
+    }
+
+    /// The same rules, for cells that are computed but released only if chosen: their
+    /// functions tally nowhere the result's metadata reads (what is released is tallied by
+    /// [`Disclosure::released`]).
+    pub fn untallied(&self) -> Self {
+        Self {
+            withheld: Arc::default(),
+            tally: false,
+            ..self.clone()
         }
     }
 
@@ -190,6 +221,11 @@ impl Disclosure {
 
     pub fn key(&self) -> Option<&Arc<PerturbationKey>> {
         self.key.as_ref()
+    }
+
+    /// The record keys of counts' cell keys (none without a perturbation key).
+    pub fn record_keys(&self) -> Option<cellkey::RecordKeys> {
+        self.key.as_ref().map(|k| k.record_keys())
     }
 
     pub fn withheld(&self) -> Arc<Withheld> {
@@ -205,8 +241,10 @@ impl Disclosure {
     fn call(&self, kind: Kind, args: Vec<Expr>) -> Expr {
         let udf = CellRule {
             kind,
+            tally: self.tally,
             rules: self.rules,
             key: self.key.clone(),
+            ptable: Arc::clone(&self.ptable),
             withheld: Arc::clone(&self.withheld),
             signature: Signature::variadic_any(Volatility::Volatile),
         };
@@ -220,8 +258,8 @@ impl Disclosure {
             node.map_expressions(|e| {
                 e.transform_up(|e| match e {
                     Expr::ScalarFunction(f) => match f.func.inner().downcast_ref::<CellRule>() {
-                        Some(rule) => Ok(Transformed::yes(self.call(rule.kind, f.args))),
-                        None => Ok(Transformed::no(Expr::ScalarFunction(f))),
+                        Some(rule) if rule.tally => Ok(Transformed::yes(self.call(rule.kind, f.args))),
+                        _ => Ok(Transformed::no(Expr::ScalarFunction(f))),
                     },
                     other => Ok(Transformed::no(other)),
                 })
@@ -241,24 +279,42 @@ impl Disclosure {
         self.call(Kind::KeepGroup, people)
     }
 
-    /// A count, rounded; or NULL where it fails its own check or `differs` (see
-    /// [`Disclosure::differs`]). `contributors[j]` and `group_people[j]` are, per identifier,
-    /// the people behind the cell and behind its group.
-    pub fn count_cell(&self, value: Expr, differs: Expr, contributors: Vec<Expr>, group_people: Vec<Expr>) -> Expr {
+    /// A count, perturbed by the p-table at its cell key (the sum of `keys`, one per
+    /// identifier, from [`cellkey::cell_key`]) and rounded; NULL where fewer than `threshold`
+    /// people contribute. `contributors[j]` and `group_people[j]` are, per identifier, the
+    /// people behind the cell and behind its group. A count with a condition of its own (a
+    /// FILTER, `COUNT(x)`) also has the count and keys `unconditioned`: where the condition
+    /// leaves out of the group between 1 and threshold − 1 people, it is of low effect and the
+    /// unconditioned count is released instead, as if the condition were not there.
+    pub fn count_cell(
+        &self,
+        value: Expr,
+        keys: Vec<Expr>,
+        contributors: Vec<Expr>,
+        group_people: Vec<Expr>,
+        unconditioned: Option<(Expr, Vec<Expr>)>,
+    ) -> Expr {
+        let kind = Kind::CountCell {
+            keys: keys.len(),
+            unconditioned: unconditioned.is_some(),
+        };
+        let (u_value, u_keys) = match unconditioned {
+            Some((v, k)) => (vec![v], k),
+            None => (vec![], vec![]),
+        };
         self.call(
-            Kind::CountCell,
-            [vec![value, differs], contributors, group_people].concat(),
+            kind,
+            [vec![value], keys, contributors, group_people, u_value, u_keys].concat(),
         )
     }
 
     /// A sum (`rows` None) or mean (`rows` its count of values), flattened and perturbed by
     /// the largest of `perturbations` (structs of `delta`, `scale`, `seed`, one per identifier,
-    /// from [`shares`]); or NULL where too few people contribute to it, or its group `differs`.
+    /// from [`shares`]); or NULL where too few people contribute to it.
     pub fn value_cell(
         &self,
         value: Expr,
         rows: Option<Expr>,
-        differs: Expr,
         perturbations: Vec<Expr>,
         contributors: Vec<Expr>,
         group_people: Vec<Expr>,
@@ -270,8 +326,13 @@ impl Disclosure {
         let rows = rows.unwrap_or(lit(ScalarValue::Int64(None)));
         self.call(
             kind,
-            [vec![value, rows, differs], perturbations, contributors, group_people].concat(),
+            [vec![value, rows], perturbations, contributors, group_people].concat(),
         )
+    }
+
+    /// A released cell, as it is: counted in the result's tally of withheld cells where NULL.
+    pub fn released(&self, cell: Expr) -> Expr {
+        self.call(Kind::Released, vec![cell])
     }
 
     /// The people behind each group of an aggregate over rows each with a person, no person
@@ -294,14 +355,6 @@ impl Disclosure {
         self.call(Kind::ContributorsFromRows(most.max(1)), vec![contributing, rows])
     }
 
-    /// True where a group's filtered people (`people[j]`) fall short of its unfiltered people
-    /// (`unfiltered[j]`) by between 1 and threshold − 1: the query's filters leave a small set
-    /// out ("everyone" minus "everyone but X" would describe X), and the group's cells are
-    /// withheld. Per group, never the whole query.
-    pub fn differs(&self, people: Vec<Expr>, unfiltered: Vec<Expr>) -> Expr {
-        self.call(Kind::Differs, [people, unfiltered].concat())
-    }
-
     /// Describes the rules and what was withheld, for the result's schema metadata.
     pub fn report(&self, checked_columns: &[String]) -> HashMap<String, String> {
         HashMap::from([
@@ -316,8 +369,8 @@ impl Disclosure {
             (
                 "sde.withheld_rule".to_owned(),
                 format!(
-                    "safe-outputs/threshold: groups and cells backed by fewer than {} people are withheld; counts rounded to the nearest {}",
-                    self.rules.threshold, self.rules.rounding
+                    "safe-outputs/threshold: groups and cells backed by fewer than {} people are withheld; counts perturbed by at most {} (cell key) and rounded to the nearest {}",
+                    self.rules.threshold, self.rules.count_noise_max, self.rules.rounding
                 ),
             ),
         ])
@@ -327,13 +380,18 @@ impl Disclosure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     KeepGroup,
-    CountCell,
+    /// A count, perturbed at the sum of this many cell keys; with its unconditioned count.
+    CountCell {
+        keys: usize,
+        unconditioned: bool,
+    },
+    /// A released cell, tallied where NULL.
+    Released,
     /// A sum or a mean, perturbed by the largest of this many flattenings.
     ValueCell {
         mean: bool,
         perturbations: usize,
     },
-    Differs,
     /// People told from rows, with the most rows one person has.
     PeopleFromRows(u64),
     /// A cell's contributors told from rows, with the most rows one person has.
@@ -343,8 +401,10 @@ enum Kind {
 #[derive(Debug)]
 struct CellRule {
     kind: Kind,
+    tally: bool,
     rules: Rules,
     key: Option<Arc<PerturbationKey>>,
+    ptable: Arc<Result<Option<PTable>, ptable::PTableError>>,
     withheld: Arc<Withheld>,
     signature: Signature,
 }
@@ -386,9 +446,9 @@ impl ScalarUDFImpl for CellRule {
     fn name(&self) -> &str {
         match self.kind {
             Kind::KeepGroup => "sde_keep_group",
-            Kind::CountCell => "sde_count_cell",
+            Kind::CountCell { .. } => "sde_count_cell",
             Kind::ValueCell { .. } => "sde_value_cell",
-            Kind::Differs => "sde_differs",
+            Kind::Released => "sde_released",
             Kind::PeopleFromRows(_) => "sde_people_from_rows",
             Kind::ContributorsFromRows(_) => "sde_contributors_from_rows",
         }
@@ -400,9 +460,9 @@ impl ScalarUDFImpl for CellRule {
 
     fn return_type(&self, arg_types: &[DataType]) -> DFResult<DataType> {
         Ok(match self.kind {
-            Kind::KeepGroup | Kind::Differs => DataType::Boolean,
-            Kind::CountCell | Kind::PeopleFromRows(_) | Kind::ContributorsFromRows(_) => DataType::Int64,
-            Kind::ValueCell { .. } => arg_types
+            Kind::KeepGroup => DataType::Boolean,
+            Kind::CountCell { .. } | Kind::PeopleFromRows(_) | Kind::ContributorsFromRows(_) => DataType::Int64,
+            Kind::ValueCell { .. } | Kind::Released => arg_types
                 .first()
                 .cloned()
                 .ok_or_else(|| DataFusionError::Internal("sde_value_cell needs a value".into()))?,
@@ -411,193 +471,40 @@ impl ScalarUDFImpl for CellRule {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
         let rows = args.number_rows;
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        // Every argument as an array of the batch's rows (a constant one included).
+        let arrays = args
+            .args
+            .iter()
+            .map(|a| a.to_array(rows))
+            .collect::<DFResult<Vec<_>>>()?;
         let threshold = self.rules.threshold as i64;
         let out: ArrayRef = match self.kind {
             Kind::KeepGroup => {
                 let people = fewest_people(&arrays, rows)?;
                 let keep = BooleanArray::from_iter(people.values().iter().map(|&n| Some(n >= threshold)));
-                self.withheld
-                    .groups
-                    .fetch_add((rows - keep.true_count()) as u64, Ordering::Relaxed);
+                if self.tally {
+                    self.withheld
+                        .groups
+                        .fetch_add((rows - keep.true_count()) as u64, Ordering::Relaxed);
+                }
                 Arc::new(keep)
             }
             Kind::PeopleFromRows(most) => Arc::new(people_from_rows(&arrays[0], None, most, threshold)?),
             Kind::ContributorsFromRows(most) => {
                 Arc::new(people_from_rows(&arrays[1], Some(&arrays[0]), most, threshold)?)
             }
-            Kind::Differs => {
-                let (people, unfiltered) = arrays.split_at(arrays.len() / 2);
-                let mut differs = vec![false; rows];
-                for (p, u) in people.iter().zip(unfiltered) {
-                    let p = cast(p, &DataType::Int64)?;
-                    let u = cast(u, &DataType::Int64)?;
-                    let (p, u) = (p.as_primitive::<Int64Type>(), u.as_primitive::<Int64Type>());
-                    for (i, d) in differs.iter_mut().enumerate() {
-                        let (p, u) = (p.value(i), if u.is_null(i) { 0 } else { u.value(i) });
-                        let excluded = u - p;
-                        *d |= p >= threshold && excluded > 0 && excluded < threshold;
-                    }
+            Kind::Released => {
+                if self.tally {
+                    let nulls = arrays[0].null_count() as u64;
+                    self.withheld.cells_threshold.fetch_add(nulls, Ordering::Relaxed);
                 }
-                Arc::new(BooleanArray::from(differs))
+                Arc::clone(&arrays[0])
             }
-            Kind::CountCell => {
-                let (value, differs) = (&arrays[0], arrays[1].as_boolean());
-                let (contributors, group_people) = arrays[2..].split_at((arrays.len() - 2) / 2);
-                let contributors = fewest_people(contributors, rows)?;
-                let group_people = fewest_people(group_people, rows)?;
-                // A count is withheld if few people contribute to it, or if the people its own
-                // condition leaves out of the group are a small (non-empty) set — that set is
-                // described by the difference with the group.
-                let mut tally = [0u64; 3];
-                let withhold: Vec<bool> = (0..rows)
-                    .map(|i| {
-                        let (c, g) = (contributors.value(i), group_people.value(i));
-                        let left_out = g - c;
-                        let reason = if c < threshold {
-                            Some(0)
-                        } else if left_out > 0 && left_out < threshold {
-                            Some(1)
-                        } else if differs.is_valid(i) && differs.value(i) {
-                            Some(2)
-                        } else {
-                            None
-                        };
-                        if let Some(r) = reason {
-                            tally[r] += 1;
-                        }
-                        reason.is_some()
-                    })
-                    .collect();
-                self.withheld.cells_threshold.fetch_add(tally[0], Ordering::Relaxed);
-                self.withheld.cells_difference.fetch_add(tally[1], Ordering::Relaxed);
-                self.withheld.cells_differencing.fetch_add(tally[2], Ordering::Relaxed);
-                let value = cast(value, &DataType::Int64)?;
-                let value = value.as_primitive::<Int64Type>();
-                let base = self.rules.rounding as i64;
-                let rounded: Int64Array = (0..rows)
-                    .map(|i| (!withhold[i] && !value.is_null(i)).then(|| round_to(value.value(i), base)))
-                    .collect();
-                Arc::new(rounded)
-            }
+            Kind::CountCell { keys, unconditioned } => self.count_cells(&arrays, rows, keys, unconditioned)?,
             Kind::ValueCell { mean, perturbations } => self.value_cells(&arrays, rows, mean, perturbations)?,
         };
         Ok(ColumnarValue::Array(out))
     }
-}
-
-impl CellRule {
-    /// Sums or means released flattened and perturbed ([`noise`]), NULL where fewer than
-    /// `threshold` people contribute or the group differs. Arguments: the cell's values, its
-    /// row counts (means), whether its group differs, the flattenings, then contributors and
-    /// group people per identifier.
-    fn value_cells(&self, arrays: &[ArrayRef], rows: usize, mean: bool, perturbations: usize) -> DFResult<ArrayRef> {
-        let Some(key) = &self.key else {
-            return Err(DataFusionError::Internal(
-                "a value cell without a perturbation key".into(),
-            ));
-        };
-        let values = cast(&arrays[0], &DataType::Float64)?;
-        let values = values.as_primitive::<Float64Type>();
-        let counts = cast(&arrays[1], &DataType::Int64)?;
-        let counts = counts.as_primitive::<Int64Type>();
-        let differs = arrays[2].as_boolean();
-        let flattenings = arrays[3..3 + perturbations]
-            .iter()
-            .map(|a| {
-                let s = a
-                    .as_any()
-                    .downcast_ref::<StructArray>()
-                    .ok_or_else(|| DataFusionError::Internal("a flattening is a struct".into()))?;
-                let field = |name: &str| -> DFResult<ArrayRef> {
-                    s.column_by_name(name)
-                        .cloned()
-                        .ok_or_else(|| DataFusionError::Internal(format!("a flattening without {name}")))
-                };
-                let (d, sc, se) = (field("delta")?, field("scale")?, field("seed")?);
-                Ok((
-                    d.as_primitive::<Float64Type>().clone(),
-                    sc.as_primitive::<Float64Type>().clone(),
-                    se.as_primitive::<UInt64Type>().clone(),
-                ))
-            })
-            .collect::<DFResult<Vec<_>>>()?;
-        let people = &arrays[3 + perturbations..];
-        let contributors = fewest_people(&people[..people.len() / 2], rows)?;
-        let threshold = self.rules.threshold as i64;
-        let sd = self.rules.noise_percent as f64 / 100.0;
-        let salt = u64::from(mean);
-        let (mut withheld, mut differencing) = (0, 0);
-        let released: Float64Array = (0..rows)
-            .map(|i| {
-                if contributors.value(i) < threshold {
-                    withheld += 1;
-                    return None;
-                }
-                if differs.is_valid(i) && differs.value(i) {
-                    differencing += 1;
-                    return None;
-                }
-                if values.is_null(i) {
-                    return None;
-                }
-                // The flattening with the most noise (one per identifier) governs.
-                let (delta, scale, seed) = flattenings
-                    .iter()
-                    .map(|(d, sc, se)| (d.value(i), sc.value(i), se.value(i)))
-                    .max_by(|a, b| a.1.total_cmp(&b.1))
-                    .unwrap_or((0.0, 0.0, 0));
-                let noise = sd * scale * key.normal(seed, salt);
-                let n = match mean {
-                    true => counts.value(i).max(1) as f64,
-                    false => 1.0,
-                };
-                Some(values.value(i) + (noise - delta) / n)
-            })
-            .collect();
-        self.withheld.cells_threshold.fetch_add(withheld, Ordering::Relaxed);
-        self.withheld
-            .cells_differencing
-            .fetch_add(differencing, Ordering::Relaxed);
-        // Back to the cell's own type: integers to the nearest.
-        let target = arrays[0].data_type();
-        let released: Float64Array = match target.is_integer() {
-            true => released.iter().map(|v| v.map(f64::round)).collect(),
-            false => released,
-        };
-        Ok(cast(&(Arc::new(released) as ArrayRef), target)?)
-    }
-}
-
-/// People told from a group's `rows` where no person has more than `most` of them: at least
-/// `rows / most`, rounded up. With `contributing` rows, those of a cell: the same, where every
-/// row contributes. Fails with [`Unsettled`] wherever that does not settle the threshold.
-fn people_from_rows(
-    rows: &ArrayRef,
-    contributing: Option<&ArrayRef>,
-    most: u64,
-    threshold: i64,
-) -> DFResult<Int64Array> {
-    let count = |a: &ArrayRef| -> DFResult<Vec<i64>> {
-        let a = cast(a, &DataType::Int64)?;
-        let a = a.as_primitive::<Int64Type>();
-        Ok((0..a.len())
-            .map(|i| if a.is_null(i) { 0 } else { a.value(i).max(0) })
-            .collect())
-    };
-    let rows = count(rows)?;
-    let contributing = contributing.map(count).transpose()?;
-    rows.iter()
-        .enumerate()
-        .map(|(i, &r)| {
-            let people = (r as u64).div_ceil(most) as i64;
-            let all_contribute = contributing.as_ref().is_none_or(|c| c[i] == r);
-            match all_contribute && people >= threshold {
-                true => Ok(Some(people)),
-                false => Err(DataFusionError::External(Box::new(Unsettled))),
-            }
-        })
-        .collect()
 }
 
 /// Rounds a non-negative count to the nearest multiple of `base` (halves round up).

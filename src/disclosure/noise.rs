@@ -52,6 +52,15 @@ impl PerturbationKey {
         })
     }
 
+    /// The secrets of the record keys of counts ([`super::cellkey`]), derived from this key.
+    pub fn record_keys(&self) -> super::cellkey::RecordKeys {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"sde-gateway record keys");
+        let out = mac.finalize().into_bytes();
+        let word = |i: usize| u64::from_le_bytes(out[i..i + 8].try_into().expect("8 bytes"));
+        super::cellkey::RecordKeys::new([word(0), word(8)])
+    }
+
     /// A standard normal draw for `seed` and `salt` (which part of a cell it perturbs).
     pub fn normal(&self, seed: u64, salt: u64) -> f64 {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");

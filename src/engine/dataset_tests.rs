@@ -158,7 +158,8 @@ async fn manifest_marked_identifiers_are_identifiers_for_the_policy() {
         .create_logical_plan("SELECT sex, COUNT(*) FROM people GROUP BY sex")
         .await
         .unwrap();
-    assert!(crate::policy::check(plan, crate::disclosure::Rules::DEFAULT, None).is_ok());
+    let key = std::sync::Arc::new(crate::disclosure::PerturbationKey::from_bytes([1; 32]));
+    assert!(crate::policy::check(plan, crate::disclosure::Rules::DEFAULT, Some(key)).is_ok());
 }
 
 #[tokio::test]

@@ -250,7 +250,7 @@ impl Checker {
             }
             LogicalPlan::Aggregate(a) => {
                 if has_person(&masks[0]) {
-                    let plan = self.rewriter.protect(a, &masks[0])?;
+                    let plan = self.rewriter.protect_judged(a, &masks[0])?;
                     let mask = none(&plan);
                     Ok((plan, mask))
                 } else {

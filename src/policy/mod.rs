@@ -340,9 +340,11 @@ fn output_names(plan: &LogicalPlan, checked: &[String]) -> Vec<String> {
 }
 
 mod checker;
+mod conditions;
 mod lineage;
 mod people;
 mod protect;
+mod variants;
 
 use checker::Checker;
 use lineage::Id;

@@ -1,13 +1,10 @@
 //! Safe Outputs, counting people: which identifier columns of a plan name the same person on
-//! every row, how many rows a person may have, and the population a query would cover without
-//! its filters (the differencing baseline).
+//! every row, and how many rows a person may have.
 //!
 //! Pure questions about plans; nothing here rewrites the researcher's query.
 
-use std::sync::Arc;
-
 use datafusion::common::Column;
-use datafusion::common::tree_node::{Transformed, TreeNode};
+
 use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, Operator};
@@ -32,8 +29,8 @@ pub(super) fn one_per_person(plan: &LogicalPlan, ids: Vec<Column>, counted: &[Co
 
 /// Whether `a` and `b` hold the same value on every row of `plan` because an inner join made
 /// them equal (`ON a.person_id = b.person_id`), through projections, renames and filters. Only
-/// the join's own equalities count: they are what [`without_filters`] keeps, so the same holds
-/// in the unfiltered plan of the differencing check. Anything else (outer joins, a WHERE
+/// the join's own equalities count: they are what [`super::conditions::strip`] keeps, so the
+/// same holds in every variant of the plan. Anything else (outer joins, a WHERE
 /// equality, a chain of joins) is not known.
 #[recursive::recursive]
 pub(super) fn same_person(plan: &LogicalPlan, a: &Column, b: &Column) -> bool {
@@ -87,6 +84,7 @@ pub(super) fn column_at(plan: &LogicalPlan, index: usize) -> Column {
 }
 
 /// Whether every row of `plan` has a different, non-NULL `column` (see [`most_rows_per_person`]).
+#[cfg(test)]
 pub(super) fn one_row_per_person(plan: &LogicalPlan, column: &Column) -> bool {
     most_rows_per_person(plan, column) == Some(1)
 }
@@ -117,25 +115,4 @@ pub(super) fn most_rows_per_person(plan: &LogicalPlan, column: &Column) -> Optio
         }
         _ => None,
     }
-}
-
-/// The plan without its row filters (WHERE, HAVING below this point, IN-subquery filters and
-/// the extra conditions of inner joins): the population the query would otherwise cover.
-pub(super) fn without_filters(plan: LogicalPlan) -> datafusion::error::Result<Transformed<LogicalPlan>> {
-    plan.transform_up(|node| match node {
-        LogicalPlan::Filter(f) => Ok(Transformed::yes(Arc::unwrap_or_clone(f.input))),
-        LogicalPlan::Join(mut j) if j.join_type == JoinType::Inner && j.filter.is_some() => {
-            // Keep the join itself (column = column, as in `ON a.person_id = b.person_id`); drop
-            // the conditions that only filter rows.
-            let filter = j.filter.take().expect("checked");
-            let conjuncts = split_conjunction(&filter);
-            let (keys, filters): (Vec<&Expr>, Vec<&Expr>) = conjuncts.into_iter().partition(|c| {
-                matches!(c, Expr::BinaryExpr(b) if b.op == Operator::Eq
-                    && matches!(*b.left, Expr::Column(_)) && matches!(*b.right, Expr::Column(_)))
-            });
-            j.filter = keys.into_iter().cloned().reduce(Expr::and);
-            Ok(Transformed::new_transformed(LogicalPlan::Join(j), !filters.is_empty()))
-        }
-        other => Ok(Transformed::no(other)),
-    })
 }

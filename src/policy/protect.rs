@@ -10,20 +10,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
-use datafusion::common::NullEquality;
 use datafusion::common::utils::expr::COUNT_STAR_EXPANSION;
 use datafusion::common::{Column, ScalarValue};
 use datafusion::functions::core::expr_fn::get_field;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::logical_expr::expr::AggregateFunction;
-use datafusion::logical_expr::{Aggregate, Expr, Filter, JoinType, LogicalPlan, Projection, lit, when};
-use datafusion::logical_expr::{LogicalPlanBuilder, cast};
+use datafusion::logical_expr::{Aggregate, Expr, Filter, LogicalPlan, Projection, cast, lit, when};
 
+use crate::disclosure::cellkey::{Counted, cell_key};
 use crate::disclosure::{Disclosure, people_at_least, shares};
 
 use super::PolicyError;
 use super::lineage::{Id, Mask, bare_identifier, no_identifier};
-use super::people::{most_rows_per_person, one_per_person, one_row_per_person, without_filters};
+use super::people::{most_rows_per_person, one_per_person};
 
 fn refuse_function(name: &str) -> PolicyError {
     let advice = match name {
@@ -47,6 +46,25 @@ fn refuse_function(name: &str) -> PolicyError {
         function: name.to_uppercase(),
         advice,
     }
+}
+
+/// `expr` as a column of the aggregate `aggr`: pushed as `name` unless an aggregate computes it
+/// already (one computation, and no two columns the optimiser would see as one).
+fn push_once(aggr: &mut Vec<Expr>, expr: Expr, name: String) -> Expr {
+    let same = aggr.iter().find_map(|e| match e {
+        Expr::Alias(a) if *a.expr == expr => Some(a.name.clone()),
+        _ => None,
+    });
+    let name = same.unwrap_or_else(|| {
+        aggr.push(expr.alias(name.clone()));
+        name
+    });
+    Expr::Column(Column::new_unqualified(name))
+}
+
+/// The name of a variant's people column for identifier `j`.
+pub(super) fn variant_people(j: usize) -> String {
+    format!("__sde_vpeople_{j}")
 }
 
 /// The rewrite's state over one plan: the rules, the next fresh name, the cells it made.
@@ -76,14 +94,22 @@ impl Rewriter {
     /// output. The result has the aggregate's columns, names and order (values may be NULL):
     ///
     /// ```text
-    /// Projection   cells → sde_count_cell / sde_value_cell (threshold, rounding; flattening, noise)
+    /// Projection   cells → sde_count_cell / sde_value_cell (threshold, rounding, cell keys;
+    ///                                                       flattening, noise)
     ///   Filter     sde_keep_group (groups backed by too few people are withheld)
-    ///     Projection  sde_differs (only if the input is filtered: it withholds the cells)
-    ///       Join   on group keys with the unfiltered people (only if the input is filtered)
-    ///         Aggregate  the original aggregates + people per group and per cell
-    ///                    + each person's share of each SUM and AVG cell (`sde_shares`, flattening)
+    ///     Aggregate  the original aggregates + people per group and per cell + cell keys
+    ///                + each person's share of each SUM and AVG cell (`sde_shares`, flattening)
     /// ```
-    pub(super) fn protect(&mut self, agg: Aggregate, in_mask: &Mask) -> Result<LogicalPlan, PolicyError> {
+    ///
+    /// A `variant` (one of the alternatives [`super::variants`] chooses from per group) has no
+    /// Filter, counts its groups' people exactly, and ends with them: `variant_people(j)` per
+    /// identifier.
+    pub(super) fn protect(
+        &mut self,
+        agg: Aggregate,
+        in_mask: &Mask,
+        variant: bool,
+    ) -> Result<LogicalPlan, PolicyError> {
         let schema = Arc::clone(agg.input.schema());
         let ids: Vec<Column> = schema
             .iter()
@@ -146,8 +172,7 @@ impl Rewriter {
         // Whether exact people counts per group are needed: for the differencing check (a
         // filtered input) and for cells with their own condition (people left out of the
         // group). Otherwise the rules only ask whether a group has `threshold` people.
-        let unfiltered = without_filters(Arc::unwrap_or_clone(Arc::clone(&agg.input))).map_err(df)?;
-        let mut exact = unfiltered.transformed;
+        let mut exact = variant;
         // Flattening needs each person's total of each SUM and AVG cell: `sde_shares` keeps them
         // in the main aggregate's own pass. With one identifier and no differencing check, the
         // people of the group and the contributors of each cell with a condition are counted
@@ -164,7 +189,7 @@ impl Rewriter {
         // person (their people's totals), so an aggregate with one is never told from rows.
         let told = self.from_rows
             && !has_sums
-            && !unfiltered.transformed
+            && !variant
             && !ids.is_empty()
             && most_rows.iter().all(|m| m.is_some_and(|m| m > 1))
             && agg.aggr_expr.iter().all(|e| {
@@ -172,7 +197,7 @@ impl Rewriter {
                     if params.filter.is_none()
                         && !(params.distinct && params.args.iter().any(|a| bare_identifier(a, &schema, in_mask))))
             });
-        let per_person_counts = has_sums && ids.len() == 1 && !unique[0] && !unfiltered.transformed && !told;
+        let per_person_counts = has_sums && ids.len() == 1 && !unique[0] && !variant && !told;
         // People counted as rows: all of them where each row is a different person; told from
         // rows, a count of rows the projection below judges.
         let as_rows: Vec<bool> = unique.iter().map(|u| *u || told).collect();
@@ -199,7 +224,8 @@ impl Rewriter {
             false => (0..ids.len()).map(|j| col(people_name(j))).collect(),
         };
 
-        // Per aggregate: whether it is a count and the people who contribute to it.
+        // Per aggregate: its cell keys (a count's; None for a sum or mean) and the people who
+        // contribute to it.
         let mut cells = Vec::with_capacity(agg.aggr_expr.len());
         // Whether a cell counts the group's people exactly (then so does the group, in one count).
         let mut group_counted = false;
@@ -260,6 +286,37 @@ impl Rewriter {
             }
             let condition = conditions.into_iter().reduce(Expr::and);
             exact |= condition.is_some();
+            // A count's cell key, per identifier, over what it counts: distinct people for
+            // COUNT(DISTINCT …) (where one person can have several rows), else rows. A count
+            // with a condition of its own also has its count and keys without it, released
+            // where the condition is of low effect ([`Disclosure::count_cell`]).
+            let mut keys = None;
+            let mut unconditioned = None;
+            if is_count {
+                let people: Vec<bool> = unique.iter().map(|u| params.distinct && !u).collect();
+                let contributes = condition.clone().unwrap_or(lit(true));
+                keys = Some(self.count_keys(&mut aggr, &ids, &people, contributes, |j| {
+                    format!("__sde_key_{id}_{i}_{j}")
+                })?);
+                if condition.is_some() {
+                    let Expr::AggregateFunction(mut whole) = e.clone().unalias_nested().data else {
+                        unreachable!("matched above")
+                    };
+                    whole.params.filter = None;
+                    let (value, contributes) = match params.distinct {
+                        true => {
+                            let arg = params.args.first().cloned().unwrap_or(lit(1));
+                            (Expr::AggregateFunction(whole), arg.is_not_null())
+                        }
+                        false => (count(lit(1)), lit(true)),
+                    };
+                    let value = push_once(&mut aggr, value, format!("__sde_uvalue_{id}_{i}"));
+                    let u_keys = self.count_keys(&mut aggr, &ids, &people, contributes, |j| {
+                        format!("__sde_ukey_{id}_{i}_{j}")
+                    })?;
+                    unconditioned = Some((value, u_keys));
+                }
+            }
             if !is_count {
                 let arg = params.args.first().cloned().unwrap_or(lit(0));
                 if self.disclosure.key().is_none() {
@@ -305,7 +362,7 @@ impl Rewriter {
                     cols
                 }
             };
-            cells.push((is_count, contributors));
+            cells.push((keys, contributors, unconditioned));
         }
 
         // Where people are counted as rows, a COUNT(*) of the query's own is that count: the
@@ -350,12 +407,6 @@ impl Rewriter {
                 "this GROUP BY cannot be checked; group by each key once, by plain columns or expressions",
             ));
         }
-        let group_cols: Vec<Column> = agg
-            .schema
-            .iter()
-            .take(n_group)
-            .map(|(q, f)| Column::new(q.cloned(), f.name()))
-            .collect();
         let mut plan = LogicalPlan::Aggregate(main);
         if !people_as_counted.is_empty() {
             let schema = Arc::clone(plan.schema());
@@ -394,42 +445,9 @@ impl Rewriter {
                 .or_default()
                 .push(col(format!("__sde_shares_{id}_{k}")));
         }
-        let keys: Vec<Expr> = group_expr
-            .iter()
-            .enumerate()
-            .map(|(k, g)| g.clone().alias(format!("__k{k}")))
-            .collect();
 
-        // Differencing: the same groups without the query's filters, counting people.
-        let mut differs = lit(false);
-        if unfiltered.transformed {
-            let unfiltered = Arc::new(unfiltered.data);
-            let counts: Vec<Expr> = ids
-                .iter()
-                .enumerate()
-                .map(|(j, p)| {
-                    let people = match p {
-                        Expr::Column(c) if one_row_per_person(&unfiltered, c) => count(lit(1)),
-                        _ => count_distinct(p.clone()),
-                    };
-                    people.alias(format!("__sde_unfiltered_{id}_{j}"))
-                })
-                .collect();
-            let side = Aggregate::try_new(unfiltered, keys, counts).map_err(df)?;
-            plan = self.join_side(plan, LogicalPlan::Aggregate(side), &group_cols, id, 0, "u")?;
-            let unfiltered_people = (0..ids.len())
-                .map(|j| col(format!("__sde_unfiltered_{id}_{j}")))
-                .collect();
-            // The verdict travels beside the cells, which it withholds (per group, never the
-            // whole query).
-            let verdict = self.disclosure.differs(group_people.clone(), unfiltered_people);
-            let mut exprs: Vec<Expr> = plan.schema().columns().into_iter().map(Expr::Column).collect();
-            exprs.push(verdict.alias(format!("__sde_differs_{id}")));
-            plan = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan)).map_err(df)?);
-            differs = col(format!("__sde_differs_{id}"));
-        }
-
-        if n_group > 0 {
+        // A variant is judged with the others before its groups are kept or withheld.
+        if n_group > 0 && !variant {
             let keep = self.disclosure.keep_group(group_people.clone());
             plan = LogicalPlan::Filter(Filter::try_new(keep, Arc::new(plan)).map_err(df)?);
         }
@@ -441,61 +459,67 @@ impl Rewriter {
                 continue;
             }
             let i = idx - n_group;
-            let (is_count, contributors) = &cells[i];
-            let cell = if *is_count {
-                self.disclosure
-                    .count_cell(column, differs.clone(), contributors.clone(), group_people.clone())
+            let (keys, contributors, unconditioned) = &cells[i];
+            let cell = if let Some(keys) = keys {
+                self.disclosure.count_cell(
+                    column,
+                    keys.clone(),
+                    contributors.clone(),
+                    group_people.clone(),
+                    unconditioned.clone(),
+                )
             } else {
                 let perturbations = perturbations.remove(&i).unwrap_or_default();
                 self.disclosure.value_cell(
                     column,
                     mean_rows.remove(&i),
-                    differs.clone(),
                     perturbations,
                     contributors.clone(),
                     group_people.clone(),
                 )
             };
             exprs.push(cell.alias_qualified(qualifier.cloned(), field.name()));
-            self.checked.push(field.name().clone());
+            if !variant {
+                self.checked.push(field.name().clone());
+            }
+        }
+        if variant {
+            for (j, people) in group_people.iter().enumerate() {
+                exprs.push(people.clone().alias(variant_people(j)));
+            }
         }
         let projection = Projection::try_new(exprs, Arc::new(plan)).map_err(df)?;
         Ok(LogicalPlan::Projection(projection))
     }
 
-    /// Left-joins a side aggregate (group keys `__k0…` first) to the main aggregate on its group
-    /// keys, NULL matching NULL; without group keys both have one row and are cross-joined.
-    fn join_side(
-        &mut self,
-        main: LogicalPlan,
-        side: LogicalPlan,
-        group_cols: &[Column],
-        id: usize,
-        j: usize,
-        tag: &str,
-    ) -> Result<LogicalPlan, PolicyError> {
-        let df = PolicyError::from_df;
-        let alias = format!("__sde_side_{id}_{tag}{j}");
-        let side = LogicalPlanBuilder::from(side)
-            .alias(alias.clone())
-            .map_err(df)?
-            .build()
-            .map_err(df)?;
-        let builder = LogicalPlanBuilder::from(main);
-        let joined = if group_cols.is_empty() {
-            builder.cross_join(side)
-        } else {
-            let side_keys: Vec<Column> = (0..group_cols.len())
-                .map(|k| Column::new(Some(alias.as_str()), format!("__k{k}")))
-                .collect();
-            builder.join_detailed(
-                side,
-                JoinType::Left,
-                (group_cols.to_vec(), side_keys),
-                None,
-                NullEquality::NullEqualsNull,
-            )
+    /// Pushes onto `aggr` the cell key of a count per identifier (`people[j]`: counting distinct
+    /// people, else rows) over the rows where `contributes`, named by `name`; returns their
+    /// columns. None are computed where counts are not perturbed.
+    fn count_keys(
+        &self,
+        aggr: &mut Vec<Expr>,
+        ids: &[Expr],
+        people: &[bool],
+        contributes: Expr,
+        name: impl Fn(usize) -> String,
+    ) -> Result<Vec<Expr>, PolicyError> {
+        if self.disclosure.rules().count_noise_max == 0 {
+            return Ok(vec![]);
+        }
+        let Some(record_keys) = self.disclosure.record_keys() else {
+            return Err(PolicyError::Unsupported(
+                "counts need the gateway's perturbation key, which this session lacks",
+            ));
         };
-        joined.map_err(df)?.build().map_err(df)
+        let mut keys = Vec::with_capacity(ids.len());
+        for (j, person) in ids.iter().enumerate() {
+            let counted = match people[j] {
+                true => Counted::People,
+                false => Counted::Rows,
+            };
+            let key = cell_key(person.clone(), contributes.clone(), record_keys, counted);
+            keys.push(push_once(aggr, key, name(j)));
+        }
+        Ok(keys)
     }
 }

@@ -15,5 +15,6 @@ mod identity;
 mod matrix;
 mod operations;
 mod oracles;
+mod perturbation;
 mod property;
 mod versions;

@@ -17,16 +17,19 @@ struct Target {
     member: bool,
 }
 
-/// `per_class` members and `per_class` non-members, each alone on (age, district, sex) among
-/// the people not opted out, in pseudonym order (pseudonyms are keyed hashes: no pattern).
+/// `per_class` members and `per_class` non-members, each alone on (age, district, sex,
+/// ethnicity) among the people not opted out, in pseudonym order (pseudonyms are keyed hashes:
+/// no pattern).
 async fn targets(per_class: usize) -> Vec<Target> {
     let rows = raw(
         &world_data(),
         "WITH p AS (SELECT * FROM patients WHERE person_id NOT IN (SELECT person_id FROM opt_outs)),
-              alone AS (SELECT age, district, sex FROM p GROUP BY 1, 2, 3 HAVING COUNT(*) = 1),
+              alone AS (SELECT age, district, sex, ethnicity FROM p GROUP BY 1, 2, 3, 4 HAVING COUNT(*) = 1),
               asc AS (SELECT DISTINCT person_id FROM asc_services)
-         SELECT p.age, p.district, p.sex, asc.person_id IS NOT NULL AS member
+         SELECT CAST(p.age AS VARCHAR), CAST(p.district AS VARCHAR), CAST(p.sex AS VARCHAR),
+                CAST(p.ethnicity AS VARCHAR), asc.person_id IS NOT NULL AS member
          FROM p JOIN alone ON p.age = alone.age AND p.district = alone.district AND p.sex = alone.sex
+              AND p.ethnicity = alone.ethnicity
          LEFT JOIN asc ON asc.person_id = p.person_id
          ORDER BY p.person_id",
     )
@@ -34,17 +37,9 @@ async fn targets(per_class: usize) -> Vec<Target> {
     let mut out = Vec::new();
     let (mut members, mut others) = (0, 0);
     for b in &rows {
-        let (age, district, sex) = (
-            datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap(),
-            datafusion::arrow::compute::cast(b.column(1), &DataType::Utf8).unwrap(),
-            datafusion::arrow::compute::cast(b.column(2), &DataType::Utf8).unwrap(),
-        );
-        let (age, district, sex) = (
-            age.as_string::<i32>(),
-            district.as_string::<i32>(),
-            sex.as_string::<i32>(),
-        );
-        let member = b.column(3).as_boolean();
+        let text = |c: usize| datafusion::arrow::compute::cast(b.column(c), &DataType::Utf8).unwrap();
+        let (age, district, sex, ethnicity) = (text(0), text(1), text(2), text(3));
+        let member = b.column(4).as_boolean();
         for i in 0..b.num_rows() {
             let m = member.value(i);
             let count = if m { &mut members } else { &mut others };
@@ -54,10 +49,11 @@ async fn targets(per_class: usize) -> Vec<Target> {
             *count += 1;
             out.push(Target {
                 condition: format!(
-                    "p.age = {} AND p.district = '{}' AND p.sex = '{}'",
-                    age.value(i),
-                    district.value(i),
-                    sex.value(i)
+                    "p.age = {} AND p.district = '{}' AND p.sex = '{}' AND p.ethnicity = '{}'",
+                    age.as_string::<i32>().value(i),
+                    district.as_string::<i32>().value(i),
+                    sex.as_string::<i32>().value(i),
+                    ethnicity.as_string::<i32>().value(i)
                 ),
                 member: m,
             });
@@ -266,4 +262,56 @@ async fn small_counts_packed_into_one_sum_are_not_readable() {
     // (1 each) and the sum is a count of both ages with noise of sd 0.5: read exactly only when
     // the noise cancels the first age's people. At most 5 % of the pairs.
     assert!(exact * 20 <= tried, "{exact} of {tried} small counts read exactly");
+}
+
+/// A cell over everyone, and a query for the same cell leaving out the people of a condition.
+type Spelling = (&'static str, fn(&str) -> String);
+
+#[tokio::test]
+async fn membership_is_not_read_from_a_cell_that_leaves_the_target_out() {
+    let gw = spawn_gateway_with(|c| c.limits.user_queries_per_minute = 100_000).await;
+    let targets = targets(50).await;
+    let join = "FROM patients p JOIN asc_services a ON a.person_id = p.person_id";
+    // Each spelling: the cell over everyone in the join, and the same cell leaving the target
+    // out (a WHERE, a FILTER). The two are the same set of people exactly when the
+    // target is not in the join: the attacker guesses "member" when the answers differ.
+    let spellings: [Spelling; 4] = [
+        ("COUNT(DISTINCT p.person_id)", |p| {
+            format!("COUNT(DISTINCT p.person_id) AS n {{join}} WHERE NOT ({p})")
+        }),
+        ("COUNT(*)", |p| format!("COUNT(*) AS n {{join}} WHERE NOT ({p})")),
+        ("COUNT(*)", |p| {
+            format!("COUNT(*) FILTER (WHERE NOT ({p})) AS n {{join}}")
+        }),
+        ("SUM(a.weekly_cost)", |p| {
+            format!("SUM(a.weekly_cost) AS s {{join}} WHERE NOT ({p})")
+        }),
+    ];
+    let n = targets.len();
+    let mut scores = Vec::new();
+    for (whole, leaving_out) in spellings {
+        let base = number(
+            &gw.query_as("alice", PROJECT, &format!("SELECT {whole} {join}"))
+                .await
+                .unwrap(),
+        );
+        assert!(base.is_some(), "{whole} over the join is released");
+        let (mut right, mut nulls) = (0, 0);
+        for t in &targets {
+            let sql = format!("SELECT {}", leaving_out(&t.condition).replace("{join}", join));
+            let answer = number(&gw.query_as("alice", PROJECT, &sql).await.unwrap());
+            nulls += usize::from(answer.is_none());
+            right += usize::from((answer != base) == t.member);
+        }
+        scores.push((leaving_out("P").replace("{join}", "…"), right, nulls));
+    }
+    eprintln!("{n} targets, right guesses and NULLs per spelling: {scores:#?}");
+    // Chance is n / 2; 95 % of random guessing lands within 1.96 · √(n / 4) of it: 10 for 100.
+    for (spelling, right, nulls) in &scores {
+        assert_eq!(*nulls, 0, "{spelling}: no cell is withheld for leaving one person out");
+        assert!(
+            *right <= n / 2 + 10,
+            "{spelling}: {right} of {n} memberships guessed right"
+        );
+    }
 }

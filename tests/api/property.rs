@@ -14,7 +14,6 @@ use datafusion::arrow::util::display::array_value_to_string;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sde_gateway::Error;
-use sde_gateway::disclosure::round_to;
 use sde_gateway::gateway::CallContext;
 use sde_gateway::identity::Subject;
 
@@ -31,6 +30,12 @@ const FILTERS: [&str; 8] = [
     "p.district = 'Maldon'",
     "p.age >= 95",
 ];
+/// Whether `released` is what a true count of `truth` may be released as: perturbed by at most
+/// the p-table's D (3), then rounded to 5 (at most 2 more).
+fn released_for(released: i64, truth: i64) -> bool {
+    (released - truth).abs() <= 5
+}
+
 /// Joins and the distinct-person column they make available.
 const FROMS: [(&str, &str); 3] = [
     ("patients p", "p.person_id"),
@@ -137,13 +142,31 @@ async fn random_aggregates_never_release_small_or_unrounded_cells() {
         );
         let condition = match filter {
             Some(f) => format!("({f}) AND {not_opted_out}"),
-            None => not_opted_out,
+            None => not_opted_out.clone(),
         };
         let raw_sql = format!(
             "SELECT {select_keys}COUNT(*) AS n, COUNT(DISTINCT {person}) AS people, COUNT(DISTINCT p.person_id) AS pp
              FROM {from} WHERE {condition}{group_by}"
         );
-        let truth = rows_by_key(&raw(&world_data(), &raw_sql).await, keys.len());
+        let filtered = rows_by_key(&raw(&world_data(), &raw_sql).await, keys.len());
+        // Without the filter: where it leaves out 1 to 9 of a group's people it is of low
+        // effect, and the group is answered as if it were not there.
+        let raw_all = format!(
+            "SELECT {select_keys}COUNT(*) AS n, COUNT(DISTINCT {person}) AS people, COUNT(DISTINCT p.person_id) AS pp
+             FROM {from} WHERE {not_opted_out}{group_by}"
+        );
+        let unfiltered = rows_by_key(&raw(&world_data(), &raw_all).await, keys.len());
+        let people_of = |t: Option<&Vec<Option<i64>>>| t.map_or(0, |t| t[1].unwrap().min(t[2].unwrap()));
+        let truth: HashMap<Vec<String>, Vec<Option<i64>>> = unfiltered
+            .iter()
+            .filter_map(|(key, all)| {
+                let low = filter.is_some() && (1..10).contains(&(people_of(Some(all)) - people_of(filtered.get(key))));
+                match low {
+                    true => Some((key.clone(), all.clone())),
+                    false => filtered.get(key).map(|t| (key.clone(), t.clone())),
+                }
+            })
+            .collect();
         let got = rows_by_key(&got, keys.len());
         for (key, values) in &got {
             // Without GROUP BY the one row is always there; its cells carry the verdict.
@@ -167,10 +190,9 @@ async fn random_aggregates_never_release_small_or_unrounded_cells() {
                 if let Some(v) = value {
                     cells += 1;
                     assert_eq!(v % 5, 0, "case {case}: {sql}: unrounded count");
-                    assert_eq!(
-                        *v,
-                        round_to(raw_value, 5),
-                        "case {case}: {sql}: wrong count for {key:?}"
+                    assert!(
+                        released_for(*v, raw_value),
+                        "case {case}: {sql}: {v} released for {raw_value} ({key:?})"
                     );
                 }
             }
@@ -247,14 +269,13 @@ async fn random_counts_over_several_rows_per_person_release_exactly_the_groups_w
         let got = rows_by_key(&got, keys.len());
         for (key, t) in &truth {
             let (n, people) = (t[0].unwrap(), t[1].unwrap());
-            let want = (people >= 10).then(|| [n, people].map(|v| Some(round_to(v, 5))));
+            let want = (people >= 10).then_some([n, people]);
             match (got.get(key), want) {
                 (Some(values), Some(want)) => {
-                    assert_eq!(
-                        values[..],
-                        want[..values.len()],
-                        "case {case}: {sql}: {key:?} with {t:?}"
-                    )
+                    for (v, w) in values.iter().zip(want) {
+                        let ok = v.is_some_and(|v| v % 5 == 0 && released_for(v, w));
+                        assert!(ok, "case {case}: {sql}: {key:?} with {t:?} released as {values:?}");
+                    }
                 }
                 (None, None) => withheld += 1,
                 // Without GROUP BY the one row is always there, its cells NULL when small.
