@@ -29,8 +29,8 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, Expr, GroupsAccumulator, Signature, Volatility,
 };
 
+use super::fingerprint::hash_rows;
 use super::noise::mix;
-use super::people::hash_rows;
 
 /// The secrets that turn a person's fingerprint into their record key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,6 +18,7 @@
 pub mod cellkey;
 mod cells;
 mod config;
+mod fingerprint;
 pub mod noise;
 mod people;
 pub mod ptable;

@@ -4,21 +4,23 @@
 //! the rest of its rows, so the cost is a comparison per row instead of a hash-set insert of
 //! every identifier.
 //!
-//! People are told apart by a fixed 64-bit hash of their identifier. Two people whose hashes
-//! collide count as one, so the count can only fall short (more is withheld, never less), and
-//! the same data always gives the same count (replays match).
+//! People are told apart by their fingerprint ([`super::fingerprint`]), a fixed 64-bit hash of
+//! their identifier. Two people whose fingerprints collide count as one, so the count can only
+//! fall short (more is withheld, never less), and the same data always gives the same count
+//! (replays match).
 
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, ListArray, UInt32Array};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, UInt64Type};
 use datafusion::common::ScalarValue;
-use datafusion::common::hash_utils::{RandomState, create_hashes};
 use datafusion::error::Result as DFResult;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, Expr, GroupsAccumulator, Signature, Volatility,
 };
+
+use super::fingerprint::hash_rows;
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct PeopleAtLeast {
@@ -96,13 +98,6 @@ fn merge_row(set: &mut Vec<u64>, cap: usize, lists: &ListArray, row: usize) {
             insert(set, cap, hash);
         }
     }
-}
-
-pub(super) fn hash_rows(values: &ArrayRef, hashes: &mut Vec<u64>) -> DFResult<()> {
-    hashes.clear();
-    hashes.resize(values.len(), 0);
-    create_hashes([values], &RandomState::with_seed(0), hashes)?;
-    Ok(())
 }
 
 fn as_lists(sets: &[Vec<u64>]) -> ArrayRef {

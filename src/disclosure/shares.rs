@@ -30,8 +30,8 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, Expr, GroupsAccumulator, Signature, Volatility,
 };
 
+use super::fingerprint::hash_rows;
 use super::noise::{Flattened, Flattening, flatten, term};
-use super::people::hash_rows;
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Shares {
