@@ -1,13 +1,14 @@
-//! Differencing baselines, computed once and reused.
+//! Baselines, computed once and reused.
 //!
-//! Disclosure control compares every filtered aggregate with the same groups *without* the
-//! query's filters (the differencing check, see `policy`). That baseline depends on the
-//! project's data (dataset versions, cohort) and on the shape of the query, never on its
-//! filters, so many different queries share it; computing it anew each time would scan the
-//! whole population for every filtered query. Here it is computed once per scope (project and
-//! data snapshot) and plan, kept in memory (bounded), and put into later plans in place of the
-//! aggregate. A baseline whose plan calls anything but immutable functions (the disclosure
-//! functions, which tally what they withhold, are volatile) is always computed afresh.
+//! Disclosure control judges each condition of an aggregate against the same groups *without*
+//! the query's conditions (conditions of low effect, see `policy::variants`). That baseline
+//! depends on the project's data (dataset versions, cohort) and on the shape of the query,
+//! never on its conditions, so many different queries share it; computing it anew each time
+//! would scan the whole population for every filtered query. Here it is computed once per scope
+//! (project and data snapshot) and plan, kept in memory (bounded), and put into later plans in
+//! place of the aggregate. Its cells are released only if chosen, so its disclosure functions
+//! tally nothing and are pure; a baseline whose plan calls any other function that is not
+//! immutable is always computed afresh.
 
 use std::sync::Arc;
 
@@ -18,7 +19,8 @@ use datafusion::error::Result as DFResult;
 use datafusion::execution::{SessionState, TaskContext};
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, ScalarUDF, SubqueryAlias, Volatility};
 
-use crate::policy::is_differencing_baseline;
+use crate::disclosure::Disclosure;
+use crate::policy::is_baseline;
 use crate::recent::{self, Recent};
 
 /// Baselines kept at most; beyond it the least recently used half is forgotten. With
@@ -58,8 +60,8 @@ impl Baselines {
         let mut wanted: Vec<LogicalPlan> = Vec::new();
         plan.apply(|node| {
             if let LogicalPlan::SubqueryAlias(a) = node
-                && is_differencing_baseline(a.alias.table())
-                && only_immutable(&a.input, |_| false)?
+                && is_baseline(a.alias.table())
+                && only_immutable(&a.input, Disclosure::is_untallied_cell_rule)?
             {
                 wanted.push(a.input.as_ref().clone());
                 return Ok(TreeNodeRecursion::Jump);
@@ -87,7 +89,7 @@ impl Baselines {
             tables.push((input, table));
         }
         plan.transform_up(|node| match node {
-            LogicalPlan::SubqueryAlias(a) if is_differencing_baseline(a.alias.table()) => {
+            LogicalPlan::SubqueryAlias(a) if is_baseline(a.alias.table()) => {
                 match tables.iter().find(|(input, _)| input == a.input.as_ref()) {
                     Some((_, table)) => {
                         let scan = LogicalPlanBuilder::scan(

@@ -1,5 +1,5 @@
 //! A bounded map that forgets the least recently used half of its entries when it is full:
-//! the differencing baselines, the plans of repeated statements, the projects' sessions and the
+//! the baselines, the plans of repeated statements, the projects' sessions and the
 //! verified tokens are kept in one each.
 
 use std::collections::HashMap;

@@ -274,6 +274,12 @@ impl Disclosure {
         f.inner().downcast_ref::<CellRule>().is_some()
     }
 
+    /// Whether `f` is a disclosure function that tallies nothing ([`Disclosure::untallied`]):
+    /// a pure function of its arguments, so a plan calling it can be computed once and reused.
+    pub fn is_untallied_cell_rule(f: &ScalarUDF) -> bool {
+        f.inner().downcast_ref::<CellRule>().is_some_and(|rule| !rule.tally)
+    }
+
     /// True where the group is backed by at least `threshold` people. `people` holds one
     /// distinct-person count per identifier in the aggregate's input; the smallest governs.
     pub fn keep_group(&self, people: Vec<Expr>) -> Expr {

@@ -129,7 +129,7 @@ pub struct Core {
     /// Load limits: memory pools, query slots, per-user rates.
     pub limiter: Arc<Limits>,
     pub metrics: Metrics,
-    /// Differencing baselines computed once and reused across queries.
+    /// Baselines (`crate::baselines`) computed once and reused across queries.
     pub baselines: crate::baselines::Baselines,
     /// The plans of repeated statements.
     pub plans: Plans,

@@ -257,11 +257,14 @@ fn check_statement_kind(plan: &LogicalPlan) -> Result<(), PolicyError> {
 /// Prefix of every name the rewrite adds; queries may not use it.
 const RESERVED: &str = "__sde_";
 
-/// Whether a side aggregate's alias names a differencing baseline: the query's groups counted
-/// without its filters (see [`Checker::protect`]).
-pub fn is_differencing_baseline(alias: &str) -> bool {
-    alias.starts_with("__sde_side_") && alias.ends_with("_u0")
+/// Whether an alias names a baseline: an aggregate's variant without any of its conditions
+/// ([`variants`]), which depends on the query's groups and data, never on its conditions.
+pub fn is_baseline(alias: &str) -> bool {
+    alias.starts_with(BASELINE)
 }
+
+/// Prefix of a baseline's alias.
+const BASELINE: &str = "__sde_baseline_";
 
 /// Refuses a query that names a relation or column with the rewrite's reserved prefix.
 fn check_reserved_names(plan: &LogicalPlan) -> Result<(), PolicyError> {

@@ -58,7 +58,11 @@ impl Rewriter {
             let variant =
                 Aggregate::try_new(Arc::new(stripped), agg.group_expr.clone(), agg.aggr_expr.clone()).map_err(df)?;
             let plan = self.protect(variant, in_mask, true)?;
-            let alias = format!("__sde_variant_{id}_{removed}");
+            // The variant without any condition is the baseline, reused across queries.
+            let alias = match removed == all {
+                true => format!("{}{id}", super::BASELINE),
+                false => format!("__sde_variant_{id}_{removed}"),
+            };
             let plan = LogicalPlanBuilder::from(plan)
                 .alias(alias.clone())
                 .and_then(|b| b.build());

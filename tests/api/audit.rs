@@ -315,3 +315,30 @@ fn audit_show_refuses_an_unknown_decision_naming_the_valid_ones() {
         assert!(stderr.contains(valid), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn a_baseline_computed_once_serves_other_conditions_and_replays_as_computed_afresh() {
+    let gw = spawn_gateway().await;
+    let mut auditor = audit_client(&gw, Some("auditor")).await;
+    // The same groups under different conditions share the baseline (the groups without them).
+    let first = "SELECT district, sex, COUNT(*) AS n FROM patients WHERE age >= 65 GROUP BY 1, 2";
+    let second = "SELECT district, sex, COUNT(*) AS n FROM patients WHERE age < 30 GROUP BY 1, 2";
+    assert!(gw.core.baselines.is_empty());
+    let (seq, _) = released(&gw, first).await;
+    assert_eq!(gw.core.baselines.len(), 1, "the baseline is kept");
+    let (second_seq, _) = released(&gw, second).await;
+    assert_eq!(gw.core.baselines.len(), 1, "and used again, not computed twice");
+    // Replays compute every baseline afresh: the released results are what fresh ones give.
+    for seq in [seq, second_seq] {
+        let replay = auditor.replay(ReplayRequest { seq }).await.unwrap().into_inner();
+        assert!(replay.confirmed, "{replay:?}");
+        assert_eq!(replay.recorded_result_hash, replay.replayed_result_hash);
+    }
+    // Other groups make another baseline.
+    released(
+        &gw,
+        "SELECT district, COUNT(*) AS n FROM patients WHERE age >= 65 GROUP BY 1",
+    )
+    .await;
+    assert_eq!(gw.core.baselines.len(), 2);
+}
