@@ -48,7 +48,7 @@ impl std::fmt::Debug for Baselines {
 }
 
 impl Baselines {
-    /// Replaces each differencing baseline in the optimised `plan` by its result for `scope`,
+    /// Replaces each baseline in the optimised `plan` by its result for `scope`,
     /// computing (and keeping) those not yet known; transformed if any was replaced.
     pub async fn substitute(
         &self,

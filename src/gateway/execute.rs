@@ -305,7 +305,7 @@ fn baseline_scope(engine: &Engine, access: &ProjectAccess) -> Option<String> {
 }
 
 /// An execution error as the caller sees it: disclosure control can refuse while the query
-/// runs (differencing); anything else is the engine's.
+/// runs (rows that cannot tell a group's people); anything else is the engine's.
 fn execution_error(e: datafusion::error::DataFusionError) -> Error {
     use datafusion::arrow::error::ArrowError;
     use datafusion::error::DataFusionError as DF;

@@ -169,12 +169,12 @@ impl Rewriter {
             })
             .collect();
         let unique: Vec<bool> = most_rows.iter().map(|m| *m == Some(1)).collect();
-        // Whether exact people counts per group are needed: for the differencing check (a
+        // Whether exact people counts per group are needed: for conditions of low effect (a
         // filtered input) and for cells with their own condition (people left out of the
         // group). Otherwise the rules only ask whether a group has `threshold` people.
         let mut exact = variant;
         // Flattening needs each person's total of each SUM and AVG cell: `sde_shares` keeps them
-        // in the main aggregate's own pass. With one identifier and no differencing check, the
+        // in the main aggregate's own pass. With one identifier and outside a variant, the
         // people of the group and the contributors of each cell with a condition are counted
         // from those shares too, rather than by distinct counts beside them.
         let has_sums = agg.aggr_expr.iter().any(|e| {
@@ -183,7 +183,7 @@ impl Rewriter {
         });
         // Told from rows (in the plan that may, [`Permit::from_rows`]): over a table whose people
         // each have at most a known number of rows, without a WHERE (which needs people counted
-        // for differencing), FILTER (which leaves rows out of a cell) or cell counting people
+        // for conditions of low effect), FILTER (which leaves rows out of a cell) or cell counting people
         // (which reads every identifier anyway), the groups' people and the cells' contributors
         // are bounded by rows, never reading who they belong to. Sums and means are flattened per
         // person (their people's totals), so an aggregate with one is never told from rows.

@@ -689,8 +689,8 @@ async fn identifiers_are_one_person_only_where_an_inner_join_makes_them_equal() 
         )
         .await
     );
-    // Outer joins leave one side NULL; a WHERE equality is dropped by the differencing check's
-    // unfiltered plan; other keys do not make the people the same.
+    // Outer joins leave one side NULL; a WHERE equality is dropped by the baseline (the
+    // variant without conditions); other keys do not make the people the same.
     assert!(
         !same(
             "SELECT * FROM episodes e LEFT JOIN stays s ON e.person_id = s.person_id",
@@ -841,7 +841,8 @@ async fn counts_are_told_from_rows_sums_and_means_flattened_per_person() {
 #[tokio::test]
 async fn people_are_told_from_rows_only_where_rows_can_tell() {
     for sql in [
-        // Filters and cells with conditions need people counted exactly (differencing).
+        // Filters and cells with conditions need people counted exactly (conditions of
+        // low effect).
         "SELECT kind, COUNT(*) AS n FROM episodes WHERE kind <> 'Z' GROUP BY kind",
         "SELECT kind, COUNT(*) FILTER (WHERE kind = 'X') AS n FROM episodes GROUP BY kind",
         // A table whose most rows per person is not known; a join that can repeat a person.

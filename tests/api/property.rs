@@ -111,7 +111,7 @@ async fn random_aggregates_never_release_small_or_unrounded_cells() {
     let cases = cases();
     let (gw, call) = busy_gateway().await;
     let mut rng = SmallRng::seed_from_u64(7);
-    let (mut released, mut refused, mut cells) = (0, 0, 0);
+    let (mut released, mut cells) = (0, 0);
     for case in 0..cases {
         let n_keys = rng.random_range(0..=2);
         let keys = pick(&mut rng, &KEYS, n_keys);
@@ -129,10 +129,6 @@ async fn random_aggregates_never_release_small_or_unrounded_cells() {
         );
         let got = match through_gateway(&gw, &call, &sql).await {
             Ok(batches) => batches,
-            Err(Error::Policy(e)) if e.to_string().contains("differencing") => {
-                refused += 1;
-                continue;
-            }
             Err(e) => panic!("case {case}: {sql}: {e}"),
         };
         released += 1;
@@ -208,9 +204,7 @@ async fn random_aggregates_never_release_small_or_unrounded_cells() {
             }
         }
     }
-    eprintln!(
-        "{cases} random queries: {released} released ({cells} non-NULL cells checked), {refused} refused for differencing"
-    );
+    eprintln!("{cases} random queries: {released} released ({cells} non-NULL cells checked)");
     assert!(released > cases / 3, "most random queries should be answerable");
 }
 
