@@ -16,8 +16,8 @@
 //! is used by one run at a time, with its own disclosure functions whose tally is reset
 //! before each run, and its operators' state reset by DataFusion ([`reset_plan_states`]). Only
 //! plans made of operators that reset completely are kept, none with a dynamic filter (whose
-//! state a reset would not reach), none holding a baseline's result (kept, and
-//! bounded, by [`crate::baselines`]); each for [`MAX_RUNS`] runs at most, fewer where its
+//! state a reset would not reach), none holding a baseline's result (kept, and bounded, by
+//! [`crate::baselines`]); each for [`MAX_RUNS`] runs at most, fewer where its
 //! scans gather many metrics ([`MAX_METRICS`]), and [`MAX_IDLE`] across all statements.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -87,8 +87,7 @@ pub struct Physical {
 
 impl Physical {
     /// A plan just made for `variant` on `partitions` partitions, calling `permit`'s
-    /// disclosure functions. `reusable` is false where the plan holds a
-    /// baseline's result.
+    /// disclosure functions. `reusable` is false where the plan holds a baseline's result.
     pub fn new(
         plan: Arc<dyn ExecutionPlan>,
         permit: Permit,

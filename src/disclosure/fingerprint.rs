@@ -11,7 +11,7 @@ use datafusion::error::Result as DFResult;
 use twox_hash::XxHash3_64;
 
 /// The fingerprint of one identifier's text.
-pub fn fingerprint(text: &[u8]) -> u64 {
+fn fingerprint(text: &[u8]) -> u64 {
     XxHash3_64::oneshot(text)
 }
 

@@ -131,9 +131,8 @@ impl Core {
 
     /// Runs `ready`'s `variant` (interruptible, so a deadline or a departed client stops it):
     /// a physical plan kept from an earlier run if one is free, else one planned now with
-    /// disclosure functions of its own. With a `baselines` scope, baselines
-    /// already computed in that scope are reused ([`crate::baselines`]); replays compute
-    /// everything afresh. Returns the plan (with the permit that reports what it withheld) to
+    /// disclosure functions of its own. With a `baselines` scope, baselines already computed
+    /// in that scope are reused ([`crate::baselines`]); replays compute everything afresh. Returns the plan (with the permit that reports what it withheld) to
     /// be given back once the result is shaped.
     pub(super) async fn run_plan(
         &self,
@@ -296,8 +295,8 @@ impl Core {
     }
 }
 
-/// What a project's baselines ([`crate::baselines`]) depend on besides the query: the project, the
-/// version and content hash of every dataset it reads, and its cohort.
+/// What a project's baselines ([`crate::baselines`]) depend on besides the query: the
+/// project, the version and content hash of every dataset it reads, and its cohort.
 /// `None` (nothing reused) if they cannot be named.
 fn baseline_scope(engine: &Engine, access: &ProjectAccess) -> Option<String> {
     let data = engine.fingerprints(access).ok()?;

@@ -183,9 +183,9 @@ impl Rewriter {
         });
         // Told from rows (in the plan that may, [`Permit::from_rows`]): over a table whose people
         // each have at most a known number of rows, without a WHERE (which needs people counted
-        // for conditions of low effect), FILTER (which leaves rows out of a cell) or cell counting people
-        // (which reads every identifier anyway), the groups' people and the cells' contributors
-        // are bounded by rows, never reading who they belong to. Sums and means are flattened per
+        // for conditions of low effect), FILTER (which leaves rows out of a cell) or cell
+        // counting people (which reads every identifier anyway), the groups' people and the
+        // cells' contributors are bounded by rows, never reading who they belong to. Sums and means are flattened per
         // person (their people's totals), so an aggregate with one is never told from rows.
         let told = self.from_rows
             && !has_sums
