@@ -254,22 +254,23 @@ pub const INGEST_KEY: &str = "ingest-hmac.key";
 
 /// Builds the demo's data under `root` unless it already holds data of the same size and seed:
 /// raw extracts in `root/raw/`, one ingest spec per dataset in `root/ingest/`, a linkage key
-/// made once in `root/keys/`, then the real ingest into `root/versions/`, published to
+/// derived from the seed in `root/keys/`, then the real ingest into `root/versions/`, published to
 /// `root/data/`. Returns the data folder.
 pub fn ensure_data(root: &Path, people: usize, seed: u64) -> Result<PathBuf, DemoError> {
     let data_dir = root.join("data");
     let marker = data_dir.join(".demo-world");
     // The stamp names the generator version, so data from an older generator is remade.
-    let stamp = format!("generator=2 people={people} seed={seed}\n");
+    let stamp = format!("generator=3 people={people} seed={seed}\n");
     if std::fs::read_to_string(&marker).is_ok_and(|s| s == stamp) {
         return Ok(data_dir);
     }
     let started = std::time::Instant::now();
     let key = root.join("keys").join(INGEST_KEY);
-    if !key.exists() {
-        // Whoever holds the key can recompute pseudonyms: owner only.
-        write_secret(&key, crate::ingest::nhs::LinkageKey::generate_hex())?;
-    }
+    // Derived from the seed, like the perturbation key, so that the demo's pseudonyms, and so
+    // its record keys and perturbed figures, are the same on every machine. A real deployment's
+    // linkage key is random (`LinkageKey::generate_hex`). Whoever holds the key can recompute
+    // pseudonyms: owner only.
+    write_secret(&key, demo_linkage_key(seed))?;
     let summary = data::generate(&root.join("raw"), people, seed)?;
     let generated_ms = started.elapsed().as_millis() as u64;
     let versions = root.join("versions");
@@ -298,6 +299,16 @@ pub fn ensure_data(root: &Path, people: usize, seed: u64) -> Result<PathBuf, Dem
     );
     write(&marker, stamp)?;
     Ok(data_dir)
+}
+
+/// The demo world's linkage key: 32 bytes, in hex, derived from the world's seed.
+fn demo_linkage_key(seed: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let key = Sha256::new()
+        .chain_update(b"sde-gateway demo linkage key")
+        .chain_update(seed.to_le_bytes())
+        .finalize();
+    hex::encode(key)
 }
 
 /// Removes a dataset's old versions (their files are read-only, as versions are immutable).
