@@ -111,8 +111,10 @@ def start(binary, people):
     port = s.getsockname()[1]
     s.close()
     env = dict(os.environ)
-    # One demo researcher plays every client: lift the per-user limits, keep every other one.
+    # One demo researcher plays every client: lift the per-user limits and the project's release
+    # budget (a day's exploration, spent in seconds here), keep every other one.
     env.update({
+        "SDE_DISCLOSURE__RELEASE_BUDGET_CELLS": "1000000000000",
         "SDE_LIMITS__USER_QUERIES_PER_MINUTE": "1000000",
         "SDE_LIMITS__MAX_CONCURRENT_QUERIES_PER_USER": "64",
         "SDE_LIMITS__QUERY_TIMEOUT_SECONDS": "30",

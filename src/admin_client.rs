@@ -143,6 +143,17 @@ pub enum AdminCommand {
         #[arg(long, default_value = "")]
         comment: String,
     },
+    /// Grant an approved or active project more release budget (cells), in one of your board
+    /// roles.
+    GrantBudget {
+        id: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        cells: u64,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// approved -> active.
     Activate { id: String },
     /// Suspend an approved or active project.
@@ -301,6 +312,20 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
             };
             client.reject_project(m).await?
         }
+        AdminCommand::GrantBudget {
+            id,
+            role,
+            cells,
+            comment,
+        } => {
+            let m = pb::BudgetGrant {
+                project: id,
+                role,
+                cells,
+                comment,
+            };
+            client.grant_release_budget(m).await?
+        }
         AdminCommand::Activate { id } => client.activate_project(state(id)).await?,
         AdminCommand::SuspendProject { id } => client.suspend_project(state(id)).await?,
         AdminCommand::End { id } => client.end_project(state(id)).await?,
@@ -383,6 +408,17 @@ fn print_project(p: &pb::Project) {
     println!("members       {}", p.members.join(", "));
     for g in &p.grants {
         println!("grant         {}: {}", g.dataset, g.columns.join(", "));
+    }
+    if p.release_budget_cells > 0 {
+        let waiting = if p.budget_requested {
+            "; a request for more waits for the board"
+        } else {
+            ""
+        };
+        println!(
+            "budget        {} of {} cells released{waiting}",
+            p.cells_released, p.release_budget_cells
+        );
     }
     for a in &p.approvals {
         let comment = if a.comment.is_empty() {

@@ -22,6 +22,8 @@ pub enum Error {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Limit(#[from] LimitError),
+    #[error(transparent)]
+    Budget(#[from] crate::budget::Exhausted),
     #[error("protocol/unknown-statement: unknown or expired statement handle; send the query again")]
     UnknownStatement,
     #[error("safe-outputs/result-size: the result has more than {0} rows; aggregate further")]
@@ -58,6 +60,7 @@ impl Error {
                 | Error::Policy(_)
                 | Error::UnknownStatement
                 | Error::TooManyRows(_)
+                | Error::Budget(_)
                 | Error::Replay(_)
                 | Error::Limit(_)
         ) || self.is_memory_exhausted()

@@ -19,6 +19,7 @@ pub mod api;
 pub mod audit;
 pub mod auditor;
 pub mod baselines;
+pub mod budget;
 pub mod cli;
 pub mod clock;
 pub mod config;

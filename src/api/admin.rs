@@ -167,16 +167,21 @@ impl AdminService for AdminApi {
             admin::project(c, &id)
         })
         .await
+        .map(|p| p.map(|p| self.budgeted(p)))
     }
 
     async fn list_projects(
         &self,
         r: Request<pb::ListProjectsRequest>,
     ) -> Result<Response<pb::ListProjectsResponse>, Status> {
-        self.call(r, "list_projects", Action::Administer, None, |c, _, _| {
-            admin::list_projects(c)
-        })
-        .await
+        let mut listed: Response<pb::ListProjectsResponse> = self
+            .call(r, "list_projects", Action::Administer, None, |c, _, _| {
+                admin::list_projects(c)
+            })
+            .await?;
+        let projects = std::mem::take(&mut listed.get_mut().projects);
+        listed.get_mut().projects = projects.into_iter().map(|p| self.budgeted(p)).collect();
+        Ok(listed)
     }
 
     async fn submit_project(&self, r: Request<pb::ProjectRef>) -> Result<Response<pb::Project>, Status> {
@@ -193,6 +198,31 @@ impl AdminService for AdminApi {
 
     async fn reject_project(&self, r: Request<pb::DecisionRequest>) -> Result<Response<pb::Project>, Status> {
         self.decision(r, false).await
+    }
+
+    async fn grant_release_budget(&self, r: Request<pb::BudgetGrant>) -> Result<Response<pb::Project>, Status> {
+        let g = r.get_ref().clone();
+        let role = match board_role(&g.role) {
+            Ok(role) => role,
+            Err(e) => {
+                return self
+                    .call(r, "grant_release_budget", Action::Connect, None, |_, _, _| {
+                        Err::<pb::Project, _>(e)
+                    })
+                    .await;
+            }
+        };
+        self.call(
+            r,
+            "grant_release_budget",
+            Action::GrantBudget(role),
+            Some(&g.project),
+            |c, principal, today| {
+                crate::registry::budget::grant(c, &g.project, role, &principal.user, g.cells, &g.comment, today)
+            },
+        )
+        .await
+        .map(|p| p.map(|p| self.budgeted(p)))
     }
 
     async fn activate_project(&self, r: Request<pb::ProjectStateRequest>) -> Result<Response<pb::Project>, Status> {
@@ -254,6 +284,17 @@ impl AdminService for AdminApi {
 }
 
 impl AdminApi {
+    /// A project as the registry has it, with its release budget as the gateway counts it.
+    fn budgeted(&self, mut p: pb::Project) -> pb::Project {
+        let budgets = &self.core.budgets;
+        if budgets.enabled() {
+            let granted = self.core.registry.budget_granted(&p.id).unwrap_or(0);
+            p.release_budget_cells = budgets.base().saturating_add(granted);
+            p.cells_released = budgets.used(&p.id);
+        }
+        p
+    }
+
     fn check_cohort(&self, cohort: &str) -> Result<(), RegistryError> {
         if cohort.trim().is_empty() {
             return Ok(());
@@ -414,6 +455,9 @@ impl From<Project> for pb::Project {
             grants: grants_to(p.grants),
             approvals: p.approvals.into_iter().map(Into::into).collect(),
             requested: grants_to(p.requested),
+            release_budget_cells: 0,
+            cells_released: 0,
+            budget_requested: p.budget_requested,
         }
     }
 }

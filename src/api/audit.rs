@@ -65,6 +65,7 @@ fn record(r: crate::audit::Record) -> proto::AuditRecord {
         rows: e.rows,
         groups_withheld: e.groups_withheld,
         cells_withheld: e.cells_withheld,
+        cells_released: e.cells_released,
         duration_ms: e.duration_ms,
         json,
     }

@@ -72,7 +72,7 @@ pub fn status(error: Error) -> Status {
             "the audit log is unavailable, so nothing was released; try again later".to_owned(),
         ),
         Error::UnknownStatement => (Code::NotFound, error.to_string()),
-        Error::TooManyRows(_) => (Code::ResourceExhausted, error.to_string()),
+        Error::TooManyRows(_) | Error::Budget(_) => (Code::ResourceExhausted, error.to_string()),
         Error::Limit(LimitError::Deadline(_)) => (Code::DeadlineExceeded, error.to_string()),
         Error::Limit(LimitError::ShuttingDown) => (Code::Unavailable, error.to_string()),
         Error::Limit(LimitError::Overflow) => (Code::InvalidArgument, error.to_string()),

@@ -92,6 +92,10 @@ pub struct Entry {
     pub rows: Option<u64>,
     pub groups_withheld: Option<u64>,
     pub cells_withheld: Option<u64>,
+    /// Cells an executed query released (or, refused for not fitting in its project's release
+    /// budget, spent), charged to that budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cells_released: Option<u64>,
     pub duration_ms: Option<u64>,
     /// What an administrative change asked for (its request, as JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,6 +118,20 @@ pub struct Record {
 pub struct Receipt {
     pub seq: u64,
     pub hash: String,
+}
+
+/// Cells charged per project by the `query.execute` records among `records`: released by the
+/// accepted ones, spent by those refused for not fitting. The release records that repeat an
+/// execution at DoGet are not counted again.
+fn released_cells(records: &[Record]) -> std::collections::BTreeMap<String, u64> {
+    let mut released = std::collections::BTreeMap::new();
+    for r in records {
+        let e = &r.entry;
+        if let ("query.execute", Some(project), Some(cells)) = (e.call.as_str(), &e.project, e.cells_released) {
+            *released.entry(project.clone()).or_insert(0u64) += cells;
+        }
+    }
+    released
 }
 
 fn record_hash(seq: u64, time: &str, prev_hash: &str, entry: &Entry) -> String {
@@ -187,6 +205,8 @@ pub struct AuditLog {
     state: Arc<Mutex<State>>,
     tx: mpsc::Sender<writer::Msg>,
     public_key: PublicKey,
+    /// Cells charged to each project's executed queries, as the log stood when opened.
+    released: Arc<std::collections::BTreeMap<String, u64>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -226,6 +246,7 @@ impl AuditLog {
             set_aside(&ckpt_path, ckpts.end, t)?;
         }
         check_checkpoints(&ckpt_path, &scan.tree, &ckpts.checkpoints, Some(&public_key))?;
+        let released = Arc::new(released_cells(&scan.records));
         let (next_seq, last_hash) = scan
             .records
             .last()
@@ -253,6 +274,7 @@ impl AuditLog {
             state,
             tx,
             public_key,
+            released,
         })
     }
 
@@ -321,6 +343,12 @@ impl AuditLog {
     /// Signs a final checkpoint and stops the writer; later appends fail (nothing is released).
     pub async fn close(&self) -> Result<Option<Checkpoint>, AuditError> {
         self.request_async(writer::Msg::Close).await
+    }
+
+    /// Cells charged to each project (`cells_released` of its `query.execute` records), as the
+    /// log stood when opened: what the release budgets ([`crate::budget`]) start from.
+    pub fn released_cells(&self) -> &std::collections::BTreeMap<String, u64> {
+        &self.released
     }
 
     /// Number of records written (deferred ones may not be durable yet).

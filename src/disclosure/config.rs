@@ -29,6 +29,9 @@ pub struct DisclosureConfig {
     pub floor_threshold: u64,
     /// No configuration may set `rounding` below this.
     pub floor_rounding: u64,
+    /// Cells each project may release (the release budget) before more need a board grant;
+    /// 0 for no budget.
+    pub release_budget_cells: u64,
     /// Stricter rules for particular datasets, e.g. `[disclosure.datasets.gp_events]` with
     /// `threshold = 20`. A query runs under the strictest rules of the datasets it reads.
     #[serde(default)]
@@ -48,6 +51,7 @@ impl Default for DisclosureConfig {
             perturbation_key: PathBuf::from("perturbation.key"),
             floor_threshold: 10,
             floor_rounding: 5,
+            release_budget_cells: 250_000,
             datasets: Default::default(),
         }
     }

@@ -247,9 +247,10 @@ impl Core {
         entry.groups_withheld = Some(evaluated.groups_withheld);
         entry.cells_withheld = Some(evaluated.cells_withheld);
         entry.rule = Some(serde_json::to_string(&permit.disclosure().rules()).expect("rules serialise"));
-        entry.result_hash = Some(evaluated.result_hash);
-        entry.plan_hash = Some(evaluated.plan_hash);
+        entry.result_hash = Some(evaluated.result_hash.clone());
+        entry.plan_hash = Some(evaluated.plan_hash.clone());
         entry.snapshot = self.snapshot_of(&access, permit.plan());
+        let evaluated = self.charge(&principal, &access, permit, evaluated, entry)?;
 
         let handle = uuid::Uuid::new_v4().to_string();
         let ttl = Duration::from_secs(self.limits.statement_ttl_seconds);
@@ -273,6 +274,71 @@ impl Core {
             handle,
             schema,
             rows: evaluated.rows,
+        })
+    }
+
+    /// Charges the project's release budget ([`crate::budget`]) the cells `evaluated` releases
+    /// (the non-NULL values of its checked columns) and says in its metadata what is left; or,
+    /// where they do not fit, spends what is left, records a request for the board and refuses. The
+    /// metadata is added after the result's hash, which stays a function of the data alone
+    /// (replays compute it again).
+    fn charge(
+        &self,
+        principal: &Principal,
+        access: &ProjectAccess,
+        permit: &Permit,
+        evaluated: Evaluated,
+        entry: &mut Entry,
+    ) -> Result<Evaluated, Error> {
+        let checked: Vec<usize> = permit
+            .checked_columns()
+            .iter()
+            .filter_map(|c| evaluated.schema.index_of(c).ok())
+            .collect();
+        let cells: u64 = evaluated
+            .batches
+            .iter()
+            .flat_map(|b| {
+                checked
+                    .iter()
+                    .map(|&i| (b.num_rows() - b.column(i).null_count()) as u64)
+            })
+            .sum();
+        entry.cells_released = Some(cells);
+        if !self.budgets.enabled() {
+            return Ok(evaluated);
+        }
+        let granted = self.registry.budget_granted(&access.project)?;
+        let standing = match self.budgets.charge(&access.project, granted, cells) {
+            Ok(Some(standing)) => standing,
+            Ok(None) => return Ok(evaluated),
+            Err(exhausted) => {
+                // Nothing is released, but what was left is spent, and the record says so.
+                entry.cells_released = Some(exhausted.spent);
+                let now = self.clock.now().to_rfc3339();
+                self.registry.request_budget(
+                    &access.project,
+                    &principal.user,
+                    exhausted.budget,
+                    exhausted.budget,
+                    &now,
+                )?;
+                return Err(exhausted.into());
+            }
+        };
+        let mut metadata = evaluated.schema.metadata().clone();
+        metadata.extend(standing.metadata());
+        let schema: SchemaRef = Arc::new(evaluated.schema.as_ref().clone().with_metadata(metadata));
+        let batches = evaluated
+            .batches
+            .into_iter()
+            .map(|b| b.with_schema(Arc::clone(&schema)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(Evaluated {
+            schema,
+            batches,
+            ..evaluated
         })
     }
 

@@ -129,6 +129,8 @@ pub struct Core {
     /// Load limits: memory pools, query slots, per-user rates.
     pub limiter: Arc<Limits>,
     pub metrics: Metrics,
+    /// Each project's release budget and what it has released ([`crate::budget`]).
+    pub budgets: crate::budget::Budgets,
     /// Baselines (`crate::baselines`) computed once and reused across queries.
     pub baselines: crate::baselines::Baselines,
     /// The plans of repeated statements.
@@ -206,11 +208,13 @@ impl Core {
         disclosure: &crate::config::DisclosureConfig,
         limits: LimitsConfig,
     ) -> Self {
+        let budgets = crate::budget::Budgets::new(disclosure.release_budget_cells, audit.released_cells());
         Self {
             clock,
             registry,
             engine,
             audit,
+            budgets,
             rules: Rules::from(disclosure),
             dataset_rules: disclosure.datasets.clone(),
             limiter: Arc::new(Limits::new(&limits)),
@@ -422,7 +426,20 @@ impl Core {
         let outcome = self.execute(call, sql, &mut who, &mut entry, &mut cancelled).await;
         who.fill(&mut entry);
         cancelled.disarm();
-        Ok(self.record(entry, started, outcome).await?.0)
+        // A result whose record cannot be written is not released: its charge is given back.
+        let charged = match (&outcome, &entry.project, entry.cells_released) {
+            (Ok(_), Some(project), Some(cells)) => Some((project.clone(), cells)),
+            _ => None,
+        };
+        match self.record(entry, started, outcome).await {
+            Ok((planned, _)) => Ok(planned),
+            Err(e) => {
+                if let Some((project, cells)) = charged {
+                    self.budgets.refund(&project, cells);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Authorises, admits (rate, concurrency) and runs the query under its deadline.

@@ -75,6 +75,10 @@ pub struct Project {
     pub grants: Vec<Grant>,
     pub approvals: Vec<Approval>,
     pub requested: Vec<Grant>,
+    /// Cells the board has granted beyond the gateway's base release budget.
+    pub budget_granted: u64,
+    /// A request for more cells waits for the board.
+    pub budget_requested: bool,
 }
 
 fn invalid(message: impl Into<String>) -> RegistryError {
@@ -616,6 +620,8 @@ fn list_projects_where(conn: &Connection, id: Option<&str>) -> Result<Vec<Projec
                 })
             })?
             .collect::<Result<_, _>>()?;
+        p.budget_granted = super::budget::granted(conn, &p.id)?;
+        p.budget_requested = super::budget::requested(conn, &p.id)?;
     }
     Ok(projects)
 }

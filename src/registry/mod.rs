@@ -17,6 +17,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rules::{Action, OrganisationFacts, ProjectFacts, RuleSet, UserFacts};
 
 pub mod admin;
+pub mod budget;
 pub mod rules;
 mod schema;
 pub mod seed;
@@ -89,6 +90,10 @@ pub enum Refusal {
     ConflictOfInterest(String),
     #[error("safe-projects/not-submitted: project {0} is {1}; the board decides only on submitted projects")]
     NotSubmitted(String, String),
+    #[error(
+        "safe-projects/budget-state: project {0} is {1}; release budget is granted only to approved or active projects"
+    )]
+    BudgetState(String, String),
     #[error("{0}: refused by this environment's access rules")]
     Rule(String),
     #[error("registry/invalid: {0}")]
@@ -310,7 +315,7 @@ impl Registry {
             "safe-people/role-admin" => Refusal::MissingRole("admin"),
             "safe-people/role-auditor" => Refusal::MissingRole("auditor"),
             "safe-projects/board-role" => match action {
-                Action::Decide(role) => Refusal::BoardRole(role.to_owned()),
+                Action::Decide(role) | Action::GrantBudget(role) => Refusal::BoardRole(role.to_owned()),
                 _ => Refusal::Rule(rule),
             },
             "safe-projects/not-a-member" => Refusal::NotAMember(project_id()),
@@ -331,6 +336,9 @@ impl Registry {
             "safe-projects/ended" => Refusal::Ended(project_id(), facts.map(|p| p.end_date).unwrap_or(today)),
             "safe-projects/organisation-not-party" => Refusal::OrganisationNotParty(project_id()),
             "safe-projects/conflict-of-interest" => Refusal::ConflictOfInterest(project_id()),
+            "safe-projects/budget-state" => {
+                Refusal::BudgetState(project_id(), facts.map(|p| p.state.clone()).unwrap_or_default())
+            }
             "safe-projects/not-submitted" => {
                 Refusal::NotSubmitted(project_id(), facts.map(|p| p.state.clone()).unwrap_or_default())
             }

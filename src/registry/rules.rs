@@ -57,6 +57,8 @@ pub enum Action {
     Administer,
     /// A board decision in one board role.
     Decide(&'static str),
+    /// A board grant of more release budget, in one board role.
+    GrantBudget(&'static str),
     Audit,
 }
 
@@ -67,6 +69,7 @@ impl Action {
             Action::Query => "query",
             Action::Administer => "administer",
             Action::Decide(_) => "decide",
+            Action::GrantBudget(_) => "grant_budget",
             Action::Audit => "audit",
         }
     }
@@ -275,7 +278,7 @@ impl RuleSet {
             ("today".to_owned(), day(today)),
             ("training_cutoff".to_owned(), day(training_cutoff)),
         ];
-        if let Action::Decide(role) = action {
+        if let Action::Decide(role) | Action::GrantBudget(role) = action {
             context.push(("role".to_owned(), RestrictedExpression::new_string(role.to_owned())));
         }
         let action_uid = uid("Action", action.name());

@@ -72,6 +72,24 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE approvals ADD COLUMN comment TEXT NOT NULL DEFAULT ''",
     // 4: a grant may name a dataset version (NULL: the latest served).
     "ALTER TABLE grants ADD COLUMN version TEXT",
+    // 5: release budgets: the board's grants of more cells, and the requests for them recorded
+    // when a project's budget ran out (open until a grant answers them).
+    "CREATE TABLE budget_grants (
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        cells INTEGER NOT NULL CHECK (cells > 0),
+        role TEXT NOT NULL,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        comment TEXT NOT NULL,
+        decided_at TEXT NOT NULL
+    );
+    CREATE TABLE budget_requests (
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        user_id TEXT NOT NULL,
+        requested_at TEXT NOT NULL,
+        cells_released INTEGER NOT NULL,
+        budget INTEGER NOT NULL,
+        answered_at TEXT
+    );",
 ];
 
 pub(super) fn migrate(conn: &Connection) -> Result<(), RegistryError> {

@@ -5,6 +5,7 @@
 mod admin;
 mod attacks;
 mod audit;
+mod budget;
 mod corpus;
 mod crash;
 mod flight_sql;
