@@ -132,8 +132,9 @@ impl Core {
     /// Runs `ready`'s `variant` (interruptible, so a deadline or a departed client stops it):
     /// a physical plan kept from an earlier run if one is free, else one planned now with
     /// disclosure functions of its own. With a `baselines` scope, baselines already computed
-    /// in that scope are reused ([`crate::baselines`]); replays compute everything afresh. Returns the plan (with the permit that reports what it withheld) to
-    /// be given back once the result is shaped.
+    /// in that scope are reused ([`crate::baselines`]); replays compute everything afresh.
+    /// Returns the plan (with the permit that reports what it withheld) to be given back once
+    /// the result is shaped.
     pub(super) async fn run_plan(
         &self,
         session: &SessionContext,
@@ -279,8 +280,8 @@ impl Core {
 
     /// Charges the project's release budget ([`crate::budget`]) the cells `evaluated` releases
     /// (the non-NULL values of its checked columns) and says in its metadata what is left; or,
-    /// where they do not fit, spends what is left, records a request for the board and refuses. The
-    /// metadata is added after the result's hash, which stays a function of the data alone
+    /// where they do not fit, spends what is left, records a request for the board and refuses.
+    /// The metadata is added after the result's hash, which stays a function of the data alone
     /// (replays compute it again).
     fn charge(
         &self,
