@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use chrono::{DateTime, FixedOffset};
+use datafusion::prelude::SessionContext;
 
 use crate::audit::{Checkpoint, Entry, Receipt, Record};
 use crate::disclosure::Rules;
 use crate::error::Error;
-use crate::gateway::{CallContext, Core};
+use crate::gateway::{CallContext, Core, Evaluated};
 use crate::policy;
 use crate::registry::{Principal, Refusal, RegistryError};
 
@@ -76,6 +77,51 @@ fn refuse(message: String) -> Error {
 }
 
 impl Core {
+    /// Computes a recorded query again, on the data it ran on: checks that every dataset of
+    /// `snapshot` still has its recorded content hash (refusing, under `rule`-data-changed, if
+    /// not), then plans, checks and executes `sql` as `project` under `rules` (the recorded
+    /// rules, which already include every tightening that applied at the time). `what` names
+    /// the record in refusals. Replays and reviewed releases ([`crate::review`]) both use it.
+    pub(crate) async fn recompute(
+        &self,
+        project: &str,
+        sql: &str,
+        rules: Rules,
+        snapshot: &BTreeMap<String, String>,
+        what: &str,
+        rule: &str,
+    ) -> Result<(SessionContext, policy::Permit, Evaluated), Error> {
+        // The project's grants as they are now: a dataset whose granted version changed has
+        // changed for the recomputation too.
+        let access = self.registry.project_data(project)?;
+        for (dataset, hash) in snapshot {
+            match self.engine.fingerprint_now(&access, dataset) {
+                Some(now) if &now == hash => {}
+                Some(now) => {
+                    return Err(refuse(format!(
+                        "{rule}-data-changed: dataset {dataset} has changed since {what} was written (then {hash}, now {now}); the query cannot be computed again on the data it ran on"
+                    )));
+                }
+                None => {
+                    return Err(refuse(format!(
+                        "{rule}-data-changed: dataset {dataset}, read by {what}, is no longer served"
+                    )));
+                }
+            }
+        }
+        let session = self.engine.session(&access)?;
+        let permit = policy::plan_and_check_with(
+            &session,
+            sql,
+            rules,
+            &BTreeMap::new(),
+            &policy::StatementLimits::from(&self.limits),
+        )
+        .await?;
+        let evaluated = self.evaluate(&session, &permit).await?;
+        Ok((session, permit, evaluated))
+    }
+
     /// Safe People for an auditor, filling in who they are on `entry`.
     fn auditor(&self, call: &CallContext, entry: &mut Entry) -> Result<Principal, Error> {
         let subject = call.authenticated.clone()?;
@@ -204,7 +250,8 @@ impl Core {
         let e = record.entry;
         // An execution record describes its result as fully as the release that repeats it (and
         // is the durable one should a power cut take the release's record).
-        if !matches!(e.call.as_str(), "query.release" | "query.execute") || e.decision != "accepted" {
+        if !matches!(e.call.as_str(), "query.release" | "query.execute" | "release.publish") || e.decision != "accepted"
+        {
             return Err(refuse(format!(
                 "audit/replay-not-a-release: record {seq} is {} ({}), not an executed or released query; replay a query.execute or query.release record",
                 e.call, e.decision
@@ -221,24 +268,6 @@ impl Core {
                 "audit/replay-no-snapshot: record {seq} names no data snapshot, so the data cannot be shown to be the same"
             )));
         }
-        // The project's grants as they are now: a dataset whose granted version changed has
-        // changed for the replay too.
-        let access = self.registry.project_data(project)?;
-        for (dataset, hash) in &e.snapshot {
-            match self.engine.fingerprint_now(&access, dataset) {
-                Some(now) if &now == hash => {}
-                Some(now) => {
-                    return Err(refuse(format!(
-                        "audit/replay-data-changed: dataset {dataset} has changed since record {seq} was written (then {hash}, now {now}); the query cannot be replayed on the data it ran on"
-                    )));
-                }
-                None => {
-                    return Err(refuse(format!(
-                        "audit/replay-data-changed: dataset {dataset}, read by record {seq}, is no longer served"
-                    )));
-                }
-            }
-        }
         let rules: Rules = serde_json::from_str(rules).map_err(|_| {
             refuse(format!(
                 "audit/replay-incomplete: the rules of record {seq} cannot be read"
@@ -247,17 +276,16 @@ impl Core {
         entry.project = Some(project.clone());
         entry.sql = Some(sql.clone());
         entry.snapshot = e.snapshot.clone();
-        let session = self.engine.session(&access)?;
-        // The recorded rules already include every tightening that applied at the time.
-        let permit = policy::plan_and_check_with(
-            &session,
-            sql,
-            rules,
-            &BTreeMap::new(),
-            &policy::StatementLimits::from(&self.limits),
-        )
-        .await?;
-        let evaluated = self.evaluate(&session, &permit).await?;
+        let (_, _, evaluated) = self
+            .recompute(
+                project,
+                sql,
+                rules,
+                &e.snapshot,
+                &format!("record {seq}"),
+                "audit/replay",
+            )
+            .await?;
         let confirmed = &evaluated.result_hash == recorded;
         entry.result_hash = Some(evaluated.result_hash.clone());
         entry.plan_hash = Some(evaluated.plan_hash.clone());

@@ -50,6 +50,27 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::admin_client::AdminCommand,
     },
+    /// Researchers: ask for the release of a result's withheld cells, follow and fetch it
+    /// (ReviewService).
+    Release {
+        #[command(flatten)]
+        connection: crate::admin_client::Connection,
+        /// Print the service's replies as JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: crate::review_client::ReleaseCommand,
+    },
+    /// Output checkers: review release requests (ReviewService).
+    Review {
+        #[command(flatten)]
+        connection: crate::admin_client::Connection,
+        /// Print the service's replies as JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: crate::review_client::ReviewCommand,
+    },
     /// Auditor tools.
     Audit {
         #[command(subcommand)]
@@ -188,6 +209,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { .. } => anyhow::bail!("serve needs --demo or --config FILE"),
         Command::Admin { connection, command } => crate::admin_client::run(&connection, command).await?,
+        Command::Release {
+            connection,
+            json,
+            command,
+        } => crate::review_client::release(&connection, json, command).await?,
+        Command::Review {
+            connection,
+            json,
+            command,
+        } => crate::review_client::review(&connection, json, command).await?,
         Command::Audit {
             command: AuditCommand::Verify { dir, public_key },
         } => {

@@ -35,6 +35,8 @@ pub mod plans;
 pub mod policy;
 pub mod recent;
 pub mod registry;
+pub mod review;
+pub mod review_client;
 pub mod server;
 pub mod telemetry;
 

@@ -239,6 +239,15 @@ impl Gateway {
             AdminServiceServer::new(AdminApi::new(Arc::clone(&self.core))),
             Arc::clone(&self.verifier),
             require_tool,
+            metrics.clone(),
+        );
+        let review = Authenticate::new(
+            api::proto::review_service_server::ReviewServiceServer::new(api::review::ReviewApi::new(Arc::clone(
+                &self.core,
+            )))
+            .max_encoding_message_size(64 * 1024 * 1024),
+            Arc::clone(&self.verifier),
+            require_tool,
             metrics,
         );
         // gRPC health for probes: SERVING while up, NOT_SERVING once shutdown begins. It says
@@ -288,6 +297,7 @@ impl Gateway {
             .add_service(reflection_v1alpha)
             .add_service(flight)
             .add_service(admin)
+            .add_service(review)
             .add_service(audit_service)
             .serve_with_incoming_shutdown(incoming, shutdown);
         let outcome = drain(serve, shutdown_began, self.shutdown_grace).await;

@@ -10,6 +10,7 @@ pub mod client;
 pub mod flight_sql;
 mod metadata;
 pub mod proto;
+pub mod review;
 
 use tonic::{Code, Status};
 

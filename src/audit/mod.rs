@@ -120,14 +120,17 @@ pub struct Receipt {
     pub hash: String,
 }
 
-/// Cells charged per project by the `query.execute` records among `records`: released by the
-/// accepted ones, spent by those refused for not fitting. The release records that repeat an
+/// Cells charged per project by the `query.execute` and `release.publish` (a reviewed release,
+/// [`crate::review`]) records among `records`: released by the accepted ones, spent by those
+/// refused for not fitting. The release records that repeat an
 /// execution at DoGet are not counted again.
 fn released_cells(records: &[Record]) -> std::collections::BTreeMap<String, u64> {
     let mut released = std::collections::BTreeMap::new();
     for r in records {
         let e = &r.entry;
-        if let ("query.execute", Some(project), Some(cells)) = (e.call.as_str(), &e.project, e.cells_released) {
+        if let ("query.execute" | "release.publish", Some(project), Some(cells)) =
+            (e.call.as_str(), &e.project, e.cells_released)
+        {
             *released.entry(project.clone()).or_insert(0u64) += cells;
         }
     }

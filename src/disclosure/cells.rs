@@ -43,7 +43,7 @@ impl CellRule {
             ),
             false => (None, vec![]),
         };
-        let threshold = self.rules.threshold as i64;
+        let (threshold, floor) = (self.rules.threshold as i64, self.rules.withhold_below());
         let base = self.rules.rounding as i64;
         let perturb = |count: i64, keys: &[Int64Array], i: usize| -> i64 {
             let noise = match ptable {
@@ -59,9 +59,9 @@ impl CellRule {
                 match &u_value {
                     // The condition leaves out few people: as if it were not there.
                     Some(u) if left_out > 0 && left_out < threshold => {
-                        (g >= threshold && !u.is_null(i)).then(|| perturb(u.value(i), &u_keys, i))
+                        (g >= floor && !u.is_null(i)).then(|| perturb(u.value(i), &u_keys, i))
                     }
-                    _ => (c >= threshold && !value.is_null(i)).then(|| perturb(value.value(i), &cell_keys, i)),
+                    _ => (c >= floor && !value.is_null(i)).then(|| perturb(value.value(i), &cell_keys, i)),
                 }
             })
             .collect();
@@ -113,7 +113,7 @@ impl CellRule {
             .collect::<DFResult<Vec<_>>>()?;
         let people = &arrays[2 + perturbations..];
         let contributors = fewest_people(&people[..people.len() / 2], rows)?;
-        let threshold = self.rules.threshold as i64;
+        let threshold = self.rules.withhold_below();
         let sd = self.rules.noise_percent as f64 / 100.0;
         let salt = u64::from(mean);
         let mut withheld = 0;

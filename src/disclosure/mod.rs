@@ -67,6 +67,15 @@ pub struct Rules {
     /// …and its variance V, in hundredths.
     #[serde(default)]
     pub count_noise_variance_hundredths: u64,
+    /// Set only for a result that two output checkers approved ([`crate::review`]): groups and
+    /// cells are withheld below this many people instead of `threshold` (everything else,
+    /// low-effect conditions included, still judged by `threshold`). 0 for every other query.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub release_floor: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Rules {
@@ -81,7 +90,17 @@ impl Rules {
         noise_percent: 50,
         count_noise_max: 3,
         count_noise_variance_hundredths: 200,
+        release_floor: 0,
     };
+
+    /// Fewest people behind a group or cell that is not withheld: the threshold, or for a
+    /// reviewed release its floor.
+    pub fn withhold_below(&self) -> i64 {
+        match self.release_floor {
+            0 => self.threshold as i64,
+            floor => floor.min(self.threshold) as i64,
+        }
+    }
 
     /// The p-table of counts, or None where counts are not perturbed (D 0).
     pub fn ptable(&self) -> Result<Option<PTable>, ptable::PTableError> {
@@ -110,6 +129,7 @@ impl From<&DisclosureConfig> for Rules {
             noise_percent: c.noise_percent,
             count_noise_max: c.count_noise_max,
             count_noise_variance_hundredths: (c.count_noise_variance * 100.0).round() as u64,
+            release_floor: 0,
         }
     }
 }
@@ -175,6 +195,7 @@ impl Rules {
             noise_percent: self.noise_percent.max(o.noise_percent.unwrap_or(0)),
             count_noise_max: self.count_noise_max,
             count_noise_variance_hundredths: self.count_noise_variance_hundredths,
+            release_floor: self.release_floor,
         }
     }
 }
@@ -484,7 +505,7 @@ impl ScalarUDFImpl for CellRule {
             .iter()
             .map(|a| a.to_array(rows))
             .collect::<DFResult<Vec<_>>>()?;
-        let threshold = self.rules.threshold as i64;
+        let threshold = self.rules.withhold_below();
         let out: ArrayRef = match self.kind {
             Kind::KeepGroup => {
                 let people = fewest_people(&arrays, rows)?;

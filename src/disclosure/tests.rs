@@ -19,6 +19,7 @@ fn overrides_only_tighten() {
             noise_percent: 80,
             count_noise_max: 3,
             count_noise_variance_hundredths: 200,
+            release_floor: 0,
         }
     );
 }

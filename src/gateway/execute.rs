@@ -283,7 +283,7 @@ impl Core {
     /// where they do not fit, spends what is left, records a request for the board and refuses.
     /// The metadata is added after the result's hash, which stays a function of the data alone
     /// (replays compute it again).
-    fn charge(
+    pub(crate) fn charge(
         &self,
         principal: &Principal,
         access: &ProjectAccess,

@@ -303,7 +303,7 @@ impl Core {
 
     /// Records the outcome of a call; an accepted one as `durability` says, anything else
     /// durably. A call whose record cannot be written fails.
-    async fn record_as<T>(
+    pub(crate) async fn record_as<T>(
         &self,
         mut entry: Entry,
         started: Instant,
@@ -355,9 +355,24 @@ impl Core {
         project: Option<&str>,
         change: impl FnOnce(&rusqlite::Connection, &Principal, chrono::NaiveDate) -> Result<T, RegistryError>,
     ) -> Result<T, Error> {
+        self.change(call, &format!("admin.{name}"), detail, action, project, change)
+            .await
+    }
+
+    /// A change to the registry recorded as call `call_name`, made as [`Core::admin`] makes one
+    /// (output checking's requests and reviews are changes too).
+    pub(crate) async fn change<T>(
+        &self,
+        call: &CallContext,
+        call_name: &str,
+        detail: &impl serde::Serialize,
+        action: Action,
+        project: Option<&str>,
+        change: impl FnOnce(&rusqlite::Connection, &Principal, chrono::NaiveDate) -> Result<T, RegistryError>,
+    ) -> Result<T, Error> {
         let started = Instant::now();
         let mut who = Who::of(call);
-        let mut entry = who.entry(&format!("admin.{name}"));
+        let mut entry = who.entry(call_name);
         entry.detail = serde_json::to_string(detail).ok();
         let principal = match self.principal(call, &mut who) {
             Ok(p) => p,
@@ -384,6 +399,17 @@ impl Core {
                 Ok(self.record(entry, started, Err::<T, _>(e.into())).await?.0)
             }
         }
+    }
+
+    /// Safe People for a call that is neither a query nor a change: who is calling, filled in
+    /// on `entry` (whose project, if set, is kept).
+    pub(crate) fn caller(&self, call: &CallContext, entry: &mut Entry) -> Result<Principal, Error> {
+        let mut who = Who::of(call);
+        let outcome = self.principal(call, &mut who);
+        let project = entry.project.take();
+        who.fill(entry);
+        entry.project = project.or(entry.project.take());
+        outcome
     }
 
     /// Confirms the caller's identity (handshake, SqlInfo, catalogue listing).

@@ -12,10 +12,11 @@ use serde::{Deserialize, Serialize};
 use super::{BOARD_ROLES, Refusal, RegistryError};
 
 /// Roles a user may hold.
-pub const ROLES: [&str; 6] = [
+pub const ROLES: [&str; 7] = [
     "researcher",
     "admin",
     "auditor",
+    "output-checker",
     "board:caldicott_guardian",
     "board:ccio",
     "board:public_representative",

@@ -18,6 +18,7 @@ use rules::{Action, OrganisationFacts, ProjectFacts, RuleSet, UserFacts};
 
 pub mod admin;
 pub mod budget;
+pub mod releases;
 pub mod rules;
 mod schema;
 pub mod seed;
@@ -86,7 +87,9 @@ pub enum Refusal {
     Ended(String, NaiveDate),
     #[error("safe-projects/organisation-not-party: your organisation is not a party to project {0}")]
     OrganisationNotParty(String),
-    #[error("safe-projects/conflict-of-interest: you are a member of project {0}, so you cannot decide on it")]
+    #[error(
+        "safe-projects/conflict-of-interest: you are a member of project {0}, so you cannot decide on it or review its outputs"
+    )]
     ConflictOfInterest(String),
     #[error("safe-projects/not-submitted: project {0} is {1}; the board decides only on submitted projects")]
     NotSubmitted(String, String),
@@ -314,6 +317,7 @@ impl Registry {
             "safe-people/role-researcher" => Refusal::MissingRole("researcher"),
             "safe-people/role-admin" => Refusal::MissingRole("admin"),
             "safe-people/role-auditor" => Refusal::MissingRole("auditor"),
+            "safe-people/role-output-checker" => Refusal::MissingRole("output-checker"),
             "safe-projects/board-role" => match action {
                 Action::Decide(role) | Action::GrantBudget(role) => Refusal::BoardRole(role.to_owned()),
                 _ => Refusal::Rule(rule),
@@ -587,6 +591,23 @@ pub(crate) fn grants(conn: &Connection, project: &str) -> Result<BTreeMap<String
 }
 
 impl Registry {
+    /// Requires `action` of `principal` on `project` under the rules (on the reader connection:
+    /// for calls that change nothing in the registry).
+    pub fn authorise_on(
+        &self,
+        principal: &Principal,
+        action: Action,
+        project: &str,
+        today: NaiveDate,
+    ) -> Result<(), RegistryError> {
+        self.with_conn(|conn| {
+            let user = user_facts(conn, &principal.user)?;
+            let facts =
+                project_facts(conn, project)?.ok_or_else(|| Refusal::NotFound(format!("no project {project}")))?;
+            self.decide(&user, action, Some((&facts, conn)), today)
+        })
+    }
+
     /// A project's grants, cohort and disclosure overrides as they are now, with no check of
     /// who asks: for an auditor's replay of a query the project ran.
     pub fn project_data(&self, project: &str) -> Result<ProjectAccess, RegistryError> {

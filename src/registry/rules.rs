@@ -59,6 +59,8 @@ pub enum Action {
     Decide(&'static str),
     /// A board grant of more release budget, in one board role.
     GrantBudget(&'static str),
+    /// An output checker's reading of, or decision on, a release request of a project.
+    Review,
     Audit,
 }
 
@@ -70,6 +72,7 @@ impl Action {
             Action::Administer => "administer",
             Action::Decide(_) => "decide",
             Action::GrantBudget(_) => "grant_budget",
+            Action::Review => "review",
             Action::Audit => "audit",
         }
     }
@@ -460,6 +463,19 @@ mod tests {
             decide(&alice(), Action::Audit, None).unwrap_err(),
             "safe-people/role-auditor"
         );
+        assert_eq!(
+            decide(&alice(), Action::Review, Some(&project())).unwrap_err(),
+            "safe-people/role-output-checker"
+        );
+        let mut checker = alice();
+        checker.roles = vec!["output-checker".into()];
+        assert_eq!(
+            decide(&checker, Action::Review, Some(&project())).unwrap_err(),
+            "safe-projects/conflict-of-interest"
+        );
+        let mut other = project();
+        other.members = vec!["bob".into()];
+        assert_eq!(decide(&checker, Action::Review, Some(&other)), Ok(()));
         let mut board = alice();
         board.roles = vec!["board:ccio".into()];
         let mut submitted = project();

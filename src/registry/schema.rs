@@ -90,6 +90,33 @@ const MIGRATIONS: &[&str] = &[
         budget INTEGER NOT NULL,
         answered_at TEXT
     );",
+    // 6: output checking: requests to release a result's withheld cells, and the checkers'
+    // reviews of them (`registry::releases`).
+    "CREATE TABLE release_requests (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        author TEXT NOT NULL REFERENCES users(id),
+        receipt_seq INTEGER NOT NULL,
+        sql TEXT NOT NULL,
+        rules TEXT NOT NULL,
+        snapshot TEXT NOT NULL,
+        result_hash TEXT NOT NULL,
+        justification TEXT NOT NULL,
+        state TEXT NOT NULL,
+        round INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        released_seq INTEGER,
+        released_hash TEXT
+    );
+    CREATE TABLE release_reviews (
+        request_id INTEGER NOT NULL REFERENCES release_requests(id),
+        round INTEGER NOT NULL,
+        checker TEXT NOT NULL REFERENCES users(id),
+        decision TEXT NOT NULL,
+        comment TEXT NOT NULL,
+        decided_at TEXT NOT NULL
+    );",
 ];
 
 pub(super) fn migrate(conn: &Connection) -> Result<(), RegistryError> {

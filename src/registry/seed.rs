@@ -39,7 +39,7 @@ pub const DEMO_DATASETS: [(&str, &[&str]); 4] = [
 ];
 
 /// Demo users: id, organisation, roles.
-pub const DEMO_USERS: [(&str, &str, &[&str]); 9] = [
+pub const DEMO_USERS: [(&str, &str, &[&str]); 11] = [
     ("alice", "ecc", &["researcher"]),
     ("bob", "provide", &["researcher"]),
     ("carol", "lapsed", &["researcher"]),
@@ -49,6 +49,8 @@ pub const DEMO_USERS: [(&str, &str, &[&str]); 9] = [
     ("guardian", "ecc", &["board:caldicott_guardian"]),
     ("ccio", "provide", &["board:ccio"]),
     ("public-rep", "ecc", &["board:public_representative"]),
+    ("checker", "ecc", &["output-checker"]),
+    ("checker2", "provide", &["output-checker"]),
 ];
 
 /// id, title, state, start, end, datasets, board roles that approved.

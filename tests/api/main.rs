@@ -18,4 +18,5 @@ mod operations;
 mod oracles;
 mod perturbation;
 mod property;
+mod review;
 mod versions;
