@@ -154,6 +154,18 @@ pub enum AdminCommand {
         #[arg(long, default_value = "")]
         comment: String,
     },
+    /// Sign (or with --reject refuse) a change that widens an approved project, in one board
+    /// role; the third role's signature applies it.
+    SignChange {
+        project: String,
+        change: u64,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        reject: bool,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// approved -> active.
     Activate { id: String },
     /// Suspend an approved or active project.
@@ -326,6 +338,22 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
             };
             client.grant_release_budget(m).await?
         }
+        AdminCommand::SignChange {
+            project,
+            change,
+            role,
+            reject,
+            comment,
+        } => {
+            let m = pb::ChangeDecision {
+                project,
+                change,
+                role,
+                reject,
+                comment,
+            };
+            client.sign_change(m).await?
+        }
         AdminCommand::Activate { id } => client.activate_project(state(id)).await?,
         AdminCommand::SuspendProject { id } => client.suspend_project(state(id)).await?,
         AdminCommand::End { id } => client.end_project(state(id)).await?,
@@ -429,6 +457,21 @@ fn print_project(p: &pb::Project) {
         println!(
             "board         {} {} by {} on {}{comment}",
             a.role, a.decision, a.user, a.decided_at
+        );
+    }
+    for c in &p.pending_changes {
+        let signed: Vec<&str> = c.signatures.iter().map(|s| s.role.as_str()).collect();
+        println!(
+            "pending       change {}: {} (by {} on {}); signed by {}",
+            c.id,
+            c.change,
+            c.requested_by,
+            c.requested_at,
+            if signed.is_empty() {
+                "none yet".to_owned()
+            } else {
+                signed.join(", ")
+            }
         );
     }
 }

@@ -11,6 +11,7 @@ use super::proto::{self as pb};
 use super::{call_context, status};
 use crate::gateway::Core;
 use crate::registry::admin::{self, Approval, Grant, Organisation, Project, User};
+use crate::registry::changes::{self, Widening};
 use crate::registry::rules::Action;
 use crate::registry::{BOARD_ROLES, Refusal, RegistryError};
 
@@ -46,6 +47,22 @@ impl AdminApi {
             .await
             .map(|value| Response::new(R::from(value)))
             .map_err(status)
+    }
+}
+
+/// Applies a widening change to project `id` (`available`: the engine's datasets and columns,
+/// which a grant needs).
+fn apply(
+    c: &rusqlite::Connection,
+    id: &str,
+    change: &Widening,
+    available: Option<&std::collections::BTreeMap<String, Vec<String>>>,
+) -> Result<Project, RegistryError> {
+    match change {
+        Widening::Member { user } => admin::add_member(c, id, user),
+        Widening::Grant { dataset, columns } => {
+            admin::grant(c, id, dataset, columns, available.unwrap_or(&Default::default()))
+        }
     }
 }
 
@@ -167,7 +184,7 @@ impl AdminService for AdminApi {
             admin::project(c, &id)
         })
         .await
-        .map(|p| p.map(|p| self.budgeted(p)))
+        .map(|p| p.map(|p| self.described(p)))
     }
 
     async fn list_projects(
@@ -180,7 +197,7 @@ impl AdminService for AdminApi {
             })
             .await?;
         let projects = std::mem::take(&mut listed.get_mut().projects);
-        listed.get_mut().projects = projects.into_iter().map(|p| self.budgeted(p)).collect();
+        listed.get_mut().projects = projects.into_iter().map(|p| self.described(p)).collect();
         Ok(listed)
     }
 
@@ -202,27 +219,18 @@ impl AdminService for AdminApi {
 
     async fn grant_release_budget(&self, r: Request<pb::BudgetGrant>) -> Result<Response<pb::Project>, Status> {
         let g = r.get_ref().clone();
-        let role = match board_role(&g.role) {
-            Ok(role) => role,
-            Err(e) => {
-                return self
-                    .call(r, "grant_release_budget", Action::Connect, None, |_, _, _| {
-                        Err::<pb::Project, _>(e)
-                    })
-                    .await;
-            }
-        };
-        self.call(
+        self.board(
             r,
             "grant_release_budget",
-            Action::GrantBudget(role),
-            Some(&g.project),
-            |c, principal, today| {
+            &g.role,
+            Action::GrantBudget,
+            &g.project,
+            |c, principal, role, today| {
                 crate::registry::budget::grant(c, &g.project, role, &principal.user, g.cells, &g.comment, today)
             },
         )
         .await
-        .map(|p| p.map(|p| self.budgeted(p)))
+        .map(|p| p.map(|p| self.described(p)))
     }
 
     async fn activate_project(&self, r: Request<pb::ProjectStateRequest>) -> Result<Response<pb::Project>, Status> {
@@ -251,10 +259,16 @@ impl AdminService for AdminApi {
 
     async fn add_member(&self, r: Request<pb::MemberRequest>) -> Result<Response<pb::Project>, Status> {
         let (id, user) = (r.get_ref().project.clone(), r.get_ref().user.clone());
-        self.call(r, "add_member", Action::Administer, Some(&id), |c, _, _| {
-            admin::add_member(c, &id, &user)
+        let now = self.core.clock.now().to_rfc3339();
+        self.call(r, "add_member", Action::Administer, Some(&id), |c, principal, _| {
+            let change = Widening::Member { user };
+            match changes::held(c, &id)? {
+                true => changes::hold(c, &id, &change, &principal.user, &now, |c, w| apply(c, &id, w, None)),
+                false => apply(c, &id, &change, None),
+            }
         })
         .await
+        .map(|p| p.map(|p| self.described(p)))
     }
 
     async fn remove_member(&self, r: Request<pb::MemberRequest>) -> Result<Response<pb::Project>, Status> {
@@ -268,10 +282,56 @@ impl AdminService for AdminApi {
     async fn grant_dataset(&self, r: Request<pb::GrantRequest>) -> Result<Response<pb::Project>, Status> {
         let g = r.get_ref().clone();
         let available = self.core.engine.columns();
-        self.call(r, "grant_dataset", Action::Administer, Some(&g.project), |c, _, _| {
-            admin::grant(c, &g.project, &g.dataset, &g.columns, &available)
-        })
+        let now = self.core.clock.now().to_rfc3339();
+        self.call(
+            r,
+            "grant_dataset",
+            Action::Administer,
+            Some(&g.project),
+            |c, principal, _| {
+                let change = Widening::Grant {
+                    dataset: g.dataset,
+                    columns: g.columns,
+                };
+                let id = &g.project;
+                match changes::held(c, id)? {
+                    true => changes::hold(c, id, &change, &principal.user, &now, |c, w| {
+                        apply(c, id, w, Some(&available))
+                    }),
+                    false => apply(c, id, &change, Some(&available)),
+                }
+            },
+        )
         .await
+        .map(|p| p.map(|p| self.described(p)))
+    }
+
+    async fn sign_change(&self, r: Request<pb::ChangeDecision>) -> Result<Response<pb::Project>, Status> {
+        let d = r.get_ref().clone();
+        let available = self.core.engine.columns();
+        let now = self.core.clock.now().to_rfc3339();
+        self.board(
+            r,
+            "sign_change",
+            &d.role,
+            Action::SignChange,
+            &d.project,
+            |c, principal, role, _| {
+                changes::sign(
+                    c,
+                    &d.project,
+                    d.change,
+                    role,
+                    &principal.user,
+                    !d.reject,
+                    &d.comment,
+                    &now,
+                    |c, w| apply(c, &d.project, w, Some(&available)),
+                )
+            },
+        )
+        .await
+        .map(|p| p.map(|p| self.described(p)))
     }
 
     async fn revoke_dataset(&self, r: Request<pb::GrantRequest>) -> Result<Response<pb::Project>, Status> {
@@ -284,8 +344,23 @@ impl AdminService for AdminApi {
 }
 
 impl AdminApi {
-    /// A project as the registry has it, with its release budget as the gateway counts it.
-    fn budgeted(&self, mut p: pb::Project) -> pb::Project {
+    /// A project as the registry has it, with its release budget as the gateway counts it and
+    /// the changes that wait for its board.
+    fn described(&self, mut p: pb::Project) -> pb::Project {
+        p.pending_changes = self
+            .core
+            .registry
+            .with_conn(|c| changes::pending(c, &p.id))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| pb::PendingChange {
+                id: c.id,
+                change: c.change,
+                requested_by: c.requested_by,
+                requested_at: c.requested_at,
+                signatures: c.signatures.into_iter().map(Into::into).collect(),
+            })
+            .collect();
         let budgets = &self.core.budgets;
         if budgets.enabled() {
             let granted = self.core.registry.budget_granted(&p.id).unwrap_or(0);
@@ -309,22 +384,49 @@ impl AdminApi {
     async fn decision(&self, r: Request<pb::DecisionRequest>, approve: bool) -> Result<Response<pb::Project>, Status> {
         let d = r.get_ref().clone();
         let name = if approve { "approve_project" } else { "reject_project" };
-        let role = match board_role(&d.role) {
+        self.board(
+            r,
+            name,
+            &d.role,
+            Action::Decide,
+            &d.project,
+            |c, principal, role, today| admin::decide(c, &d.project, role, &principal.user, approve, &d.comment, today),
+        )
+        .await
+    }
+
+    /// A call made in one board role: the role must be one of the three (otherwise refused, and
+    /// audited like any other call); then the rules judge `action` in that role on `project`.
+    #[allow(clippy::too_many_arguments)]
+    async fn board<M, T, R>(
+        &self,
+        r: Request<M>,
+        name: &str,
+        role: &str,
+        action: fn(&'static str) -> Action,
+        project: &str,
+        change: impl FnOnce(
+            &rusqlite::Connection,
+            &crate::registry::Principal,
+            &'static str,
+            chrono::NaiveDate,
+        ) -> Result<T, RegistryError>,
+    ) -> Result<Response<R>, Status>
+    where
+        M: serde::Serialize,
+        R: From<T>,
+    {
+        let role = match board_role(role) {
             Ok(role) => role,
-            // Not a board role: refused, and audited like any other call.
             Err(e) => {
                 return self
-                    .call(r, name, Action::Connect, None, |_, _, _| Err::<pb::Project, _>(e))
+                    .call(r, name, Action::Connect, None, |_, _, _| Err::<T, _>(e))
                     .await;
             }
         };
-        self.call(
-            r,
-            name,
-            Action::Decide(role),
-            Some(&d.project),
-            |c, principal, today| admin::decide(c, &d.project, role, &principal.user, approve, &d.comment, today),
-        )
+        self.call(r, name, action(role), Some(project), |c, principal, today| {
+            change(c, principal, role, today)
+        })
         .await
     }
 }
@@ -458,6 +560,7 @@ impl From<Project> for pb::Project {
             release_budget_cells: 0,
             cells_released: 0,
             budget_requested: p.budget_requested,
+            pending_changes: vec![],
         }
     }
 }

@@ -18,6 +18,7 @@ use rules::{Action, OrganisationFacts, ProjectFacts, RuleSet, UserFacts};
 
 pub mod admin;
 pub mod budget;
+pub mod changes;
 pub mod releases;
 pub mod rules;
 mod schema;
@@ -319,7 +320,9 @@ impl Registry {
             "safe-people/role-auditor" => Refusal::MissingRole("auditor"),
             "safe-people/role-output-checker" => Refusal::MissingRole("output-checker"),
             "safe-projects/board-role" => match action {
-                Action::Decide(role) | Action::GrantBudget(role) => Refusal::BoardRole(role.to_owned()),
+                Action::Decide(role) | Action::GrantBudget(role) | Action::SignChange(role) => {
+                    Refusal::BoardRole(role.to_owned())
+                }
                 _ => Refusal::Rule(rule),
             },
             "safe-projects/not-a-member" => Refusal::NotAMember(project_id()),

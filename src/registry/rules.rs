@@ -59,6 +59,8 @@ pub enum Action {
     Decide(&'static str),
     /// A board grant of more release budget, in one board role.
     GrantBudget(&'static str),
+    /// A board member's signature of a change that widens an approved project, in one role.
+    SignChange(&'static str),
     /// An output checker's reading of, or decision on, a release request of a project.
     Review,
     Audit,
@@ -72,6 +74,7 @@ impl Action {
             Action::Administer => "administer",
             Action::Decide(_) => "decide",
             Action::GrantBudget(_) => "grant_budget",
+            Action::SignChange(_) => "sign_change",
             Action::Review => "review",
             Action::Audit => "audit",
         }
@@ -281,7 +284,7 @@ impl RuleSet {
             ("today".to_owned(), day(today)),
             ("training_cutoff".to_owned(), day(training_cutoff)),
         ];
-        if let Action::Decide(role) | Action::GrantBudget(role) = action {
+        if let Action::Decide(role) | Action::GrantBudget(role) | Action::SignChange(role) = action {
             context.push(("role".to_owned(), RestrictedExpression::new_string(role.to_owned())));
         }
         let action_uid = uid("Action", action.name());
@@ -476,6 +479,25 @@ mod tests {
         let mut other = project();
         other.members = vec!["bob".into()];
         assert_eq!(decide(&checker, Action::Review, Some(&other)), Ok(()));
+        let mut board_member = alice();
+        board_member.roles = vec!["board:ccio".into()];
+        assert_eq!(
+            decide(&board_member, Action::SignChange("board:ccio"), Some(&project())).unwrap_err(),
+            "safe-projects/conflict-of-interest"
+        );
+        assert_eq!(
+            decide(
+                &board_member,
+                Action::SignChange("board:caldicott_guardian"),
+                Some(&other)
+            )
+            .unwrap_err(),
+            "safe-projects/board-role"
+        );
+        assert_eq!(
+            decide(&board_member, Action::SignChange("board:ccio"), Some(&other)),
+            Ok(())
+        );
         let mut board = alice();
         board.roles = vec!["board:ccio".into()];
         let mut submitted = project();

@@ -117,6 +117,24 @@ const MIGRATIONS: &[&str] = &[
         comment TEXT NOT NULL,
         decided_at TEXT NOT NULL
     );",
+    // 7: board review of changes that widen an approved project (`registry::changes`).
+    "CREATE TABLE pending_changes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        project_id TEXT NOT NULL REFERENCES projects(id),
+        change TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        requested_at TEXT NOT NULL,
+        state TEXT NOT NULL
+    );
+    CREATE TABLE change_signatures (
+        change_id INTEGER NOT NULL REFERENCES pending_changes(id),
+        role TEXT NOT NULL,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        decision TEXT NOT NULL,
+        decided_at TEXT NOT NULL,
+        comment TEXT NOT NULL,
+        PRIMARY KEY (change_id, role)
+    );",
 ];
 
 pub(super) fn migrate(conn: &Connection) -> Result<(), RegistryError> {

@@ -6,6 +6,7 @@ mod admin;
 mod attacks;
 mod audit;
 mod budget;
+mod changes;
 mod corpus;
 mod crash;
 mod flight_sql;

@@ -139,7 +139,12 @@ async fn a_withheld_result_is_reviewed_by_two_checkers_released_fetched_and_repl
         project: PROJECT.into(),
         user: "dave".into(),
     };
-    admin.add_member(authed(member, &gw.token("admin"))).await.unwrap();
+    let held = admin
+        .add_member(authed(member, &gw.token("admin")))
+        .await
+        .unwrap()
+        .into_inner();
+    crate::changes::sign_all(&gw, held.pending_changes[0].id).await;
     for who in ["alice", "dave"] {
         let err = svc
             .show_review(authed(pb::ReleaseRef { id }, &gw.token(who)))
