@@ -259,7 +259,7 @@ impl AdminService for AdminApi {
 
     async fn add_member(&self, r: Request<pb::MemberRequest>) -> Result<Response<pb::Project>, Status> {
         let (id, user) = (r.get_ref().project.clone(), r.get_ref().user.clone());
-        let now = self.core.clock.now().to_rfc3339();
+        let now = self.now();
         self.call(r, "add_member", Action::Administer, Some(&id), |c, principal, _| {
             let change = Widening::Member { user };
             match changes::held(c, &id)? {
@@ -282,7 +282,7 @@ impl AdminService for AdminApi {
     async fn grant_dataset(&self, r: Request<pb::GrantRequest>) -> Result<Response<pb::Project>, Status> {
         let g = r.get_ref().clone();
         let available = self.core.engine.columns();
-        let now = self.core.clock.now().to_rfc3339();
+        let now = self.now();
         self.call(
             r,
             "grant_dataset",
@@ -309,7 +309,7 @@ impl AdminService for AdminApi {
     async fn sign_change(&self, r: Request<pb::ChangeDecision>) -> Result<Response<pb::Project>, Status> {
         let d = r.get_ref().clone();
         let available = self.core.engine.columns();
-        let now = self.core.clock.now().to_rfc3339();
+        let now = self.now();
         self.board(
             r,
             "sign_change",
@@ -344,6 +344,11 @@ impl AdminService for AdminApi {
 }
 
 impl AdminApi {
+    /// The time a change is recorded with, to the second.
+    fn now(&self) -> String {
+        self.core.clock.now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    }
+
     /// A project as the registry has it, with its release budget as the gateway counts it and
     /// the changes that wait for its board.
     fn described(&self, mut p: pb::Project) -> pb::Project {

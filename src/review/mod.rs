@@ -59,7 +59,7 @@ type Published = (
 );
 
 fn now(core: &Core) -> String {
-    core.clock.now().to_rfc3339()
+    core.clock.now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 impl Core {
