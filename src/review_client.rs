@@ -49,7 +49,8 @@ pub enum ReleaseCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ReviewCommand {
-    /// The requests you may review now.
+    /// The requests you may review now (output checkers), and the changes to approved projects
+    /// that wait for your signature (board members).
     List,
     /// A request with every cell's true value, its release value, what the author saw and the
     /// rule outcome.
@@ -244,7 +245,23 @@ pub async fn review(c: &Connection, json_out: bool, command: ReviewCommand) -> a
                 .list_releases(pb::ListReleasesRequest { queue: true })
                 .await?
                 .into_inner();
-            return show(json_out, &list, |l| print_list(&l.requests));
+            return show(json_out, &list, |l| {
+                print_list(&l.requests);
+                for c in &l.changes {
+                    println!(
+                        "change {} to {}: {} (by {} on {}); sign as {} with `admin sign-change {} {} --role {}`",
+                        c.change,
+                        c.project,
+                        c.description,
+                        c.requested_by,
+                        c.requested_at,
+                        c.role,
+                        c.project,
+                        c.change,
+                        c.role
+                    );
+                }
+            });
         }
         ReviewCommand::Show { id } => {
             let v = client.show_review(pb::ReleaseRef { id }).await?.into_inner();

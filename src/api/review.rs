@@ -128,13 +128,25 @@ impl ReviewService for ReviewApi {
         &self,
         r: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
-        let list = self
+        let queue = self
             .core
             .releases(&call_context(&r), r.get_ref().queue)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListReleasesResponse {
-            requests: list.into_iter().map(Into::into).collect(),
+            requests: queue.releases.into_iter().map(Into::into).collect(),
+            changes: queue
+                .changes
+                .into_iter()
+                .map(|(project, c, role)| pb::ChangeToSign {
+                    project,
+                    change: c.id,
+                    description: c.change,
+                    requested_by: c.requested_by,
+                    requested_at: c.requested_at,
+                    role: role.to_owned(),
+                })
+                .collect(),
         }))
     }
 

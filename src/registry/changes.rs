@@ -69,6 +69,23 @@ pub fn hold(
     project(conn, id)
 }
 
+/// Every change waiting for the board, by project, oldest first.
+pub fn all_pending(conn: &Connection) -> Result<Vec<(String, PendingChange)>, RegistryError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT project_id FROM pending_changes WHERE state = 'pending' ORDER BY project_id",
+    )?;
+    let projects = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut all = Vec::new();
+    for project in projects {
+        for change in pending(conn, &project)? {
+            all.push((project.clone(), change));
+        }
+    }
+    Ok(all)
+}
+
 /// The changes to `id` that wait for the board, oldest first.
 pub fn pending(conn: &Connection, id: &str) -> Result<Vec<PendingChange>, RegistryError> {
     let mut stmt = conn.prepare_cached(

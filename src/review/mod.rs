@@ -14,7 +14,8 @@
 //!
 //! Who may do what is for the rules (`review` for checkers, `query` for authors, who must still
 //! be live members of the project); the states are kept by [`crate::registry::releases`]. Every
-//! call is recorded before its reply.
+//! call is recorded before its reply. A board member's queue also lists the changes to approved
+//! projects that wait for their signature ([`crate::registry::changes`]).
 
 mod view;
 
@@ -27,10 +28,18 @@ use crate::audit::{Durability, Entry};
 use crate::disclosure::Rules;
 use crate::error::Error;
 use crate::gateway::{CallContext, Core, Released};
+use crate::registry::changes::{self, PendingChange};
 use crate::registry::releases::{self, NewRelease, RELEASED, Release};
 use crate::registry::rules::Action;
-use crate::registry::{Principal, Refusal, RegistryError};
+use crate::registry::{BOARD_ROLES, Principal, Refusal, RegistryError};
 pub use view::{CellView, ReviewView, RowView};
+
+/// What waits for one reviewer: release requests, and changes to sign in a board role.
+#[derive(Debug, Default)]
+pub struct Queue {
+    pub releases: Vec<Release>,
+    pub changes: Vec<(String, PendingChange, &'static str)>,
+}
 
 /// Taken while a request is published, so that one is published (and charged) once.
 static PUBLISHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -152,27 +161,42 @@ impl Core {
         Ok(self.record(entry, started, outcome).await?.0)
     }
 
-    /// The caller's own requests (`queue` false), or those they may review now (`queue` true,
-    /// for output checkers).
-    pub async fn releases(&self, call: &CallContext, queue: bool) -> Result<Vec<Release>, Error> {
+    /// The caller's own requests (`queue` false), or what waits for their review (`queue`
+    /// true): the requests an output checker may review now, and the changes a board member
+    /// may sign in a role they hold and have not signed in.
+    pub async fn releases(&self, call: &CallContext, queue: bool) -> Result<Queue, Error> {
         let name = if queue { "review.list" } else { "release.list" };
         self.about(call, name, 0, async |principal, _| {
             if !queue {
-                return Ok(self.registry.with_conn(|c| releases::by_author(c, &principal.user))?);
+                let releases = self.registry.with_conn(|c| releases::by_author(c, &principal.user))?;
+                return Ok(Queue {
+                    releases,
+                    changes: vec![],
+                });
             }
-            if !principal.has_role(OUTPUT_CHECKER) {
+            let roles: Vec<&'static str> = BOARD_ROLES.into_iter().filter(|r| principal.has_role(r)).collect();
+            if !principal.has_role(OUTPUT_CHECKER) && roles.is_empty() {
                 return Err(RegistryError::from(Refusal::MissingRole(OUTPUT_CHECKER)).into());
             }
             let today = self.clock.today();
-            let waiting = self.registry.with_conn(|c| releases::queue(c, &principal.user))?;
-            Ok(waiting
-                .into_iter()
-                .filter(|r| {
-                    self.registry
-                        .authorise_on(&principal, Action::Review, &r.request.project, today)
-                        .is_ok()
-                })
-                .collect())
+            let may = |action, project: &str| self.registry.authorise_on(&principal, action, project, today).is_ok();
+            let mut queue = Queue::default();
+            if principal.has_role(OUTPUT_CHECKER) {
+                let waiting = self.registry.with_conn(|c| releases::queue(c, &principal.user))?;
+                queue.releases = waiting
+                    .into_iter()
+                    .filter(|r| may(Action::Review, &r.request.project))
+                    .collect();
+            }
+            for (project, change) in self.registry.with_conn(|c| changes::all_pending(c))? {
+                for role in &roles {
+                    let signed = change.signatures.iter().any(|s| s.role == *role);
+                    if !signed && may(Action::SignChange(role), &project) {
+                        queue.changes.push((project.clone(), change.clone(), role));
+                    }
+                }
+            }
+            Ok(queue)
         })
         .await
     }

@@ -80,6 +80,26 @@ async fn widening_an_active_project_waits_for_its_board_and_narrowing_does_not()
     let id = change.id;
     assert!(gw.query_as("alice", PROJECT, GP).await.is_err(), "held, not applied");
 
+    // It waits in each board member's review queue, in the role they hold.
+    let review = sde_gateway::api::proto::review_service_client::ReviewServiceClient::new(gw.channel().await);
+    let waiting = |user: &str| {
+        let request = authed(pb::ListReleasesRequest { queue: true }, &gw.token(user));
+        let mut review = review.clone();
+        async move { review.list_releases(request).await.unwrap().into_inner().changes }
+    };
+    let queued = waiting("guardian").await;
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(
+        (queued[0].change, queued[0].role.as_str(), queued[0].project.as_str()),
+        (id, "board:caldicott_guardian", PROJECT)
+    );
+    let err = review
+        .clone()
+        .list_releases(authed(pb::ListReleasesRequest { queue: true }, &gw.token("alice")))
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("safe-people/role-output-checker"), "{err:?}");
+
     // Only in a board role the signer holds; not twice in one role.
     let err = admin
         .sign_change(authed(sign(id, "board:ccio", false), &gw.token("guardian")))
@@ -108,6 +128,11 @@ async fn widening_an_active_project_waits_for_its_board_and_narrowing_does_not()
         .await
         .unwrap_err();
     assert!(err.message().contains("already signed"), "{err:?}");
+    assert!(
+        waiting("guardian").await.is_empty(),
+        "signed: no longer in the guardian's queue"
+    );
+    assert_eq!(waiting("public-rep").await.len(), 1);
 
     // The third signature applies it.
     let (user, role) = BOARD[2];

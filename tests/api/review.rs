@@ -324,6 +324,8 @@ async fn a_withheld_result_is_reviewed_by_two_checkers_released_fetched_and_repl
         assert!(calls.iter().any(|c| c == call), "no {call} record");
     }
     assert_eq!(calls.iter().filter(|c| *c == "release.publish").count(), 1);
+    let key = sde_gateway::audit::PublicKey::load(&gw.path(sde_gateway::demo::AUDIT_PUBLIC_KEY)).unwrap();
+    sde_gateway::audit::verify_dir(&gw.config.audit.dir, &key).expect("the log verifies");
 }
 
 #[tokio::test(flavor = "multi_thread")]
