@@ -150,18 +150,21 @@ fn print_view(v: &pb::ReviewView) {
     println!();
     let keys = v.key_columns.join(", ");
     println!(
-        "{:<30} {:<16} {:>12} {:>12} {:>12}  OUTCOME",
+        "{:<30} {:>7} {:<16} {:>12} {:>12} {:>12}  OUTCOME",
         if keys.is_empty() { "(no keys)" } else { &keys },
+        "PEOPLE",
         "COLUMN",
         "TRUE",
         "RELEASE",
         "AUTHOR SAW"
     );
     for row in &v.rows {
+        let people = if row.people.is_empty() { "?" } else { &row.people };
         for c in &row.cells {
             println!(
-                "{:<30} {:<16} {:>12} {:>12} {:>12}  {}",
+                "{:<30} {:>7} {:<16} {:>12} {:>12} {:>12}  {}",
                 row.keys.join(", "),
+                people,
                 c.column,
                 c.true_value,
                 c.release_value,

@@ -78,6 +78,7 @@ fn view(release: Release, view: ReviewView) -> pb::ReviewView {
             .into_iter()
             .map(|r| pb::ReviewRow {
                 keys: r.keys,
+                people: r.people,
                 cells: r
                     .cells
                     .into_iter()

@@ -17,6 +17,7 @@
 //! call is recorded before its reply. A board member's queue also lists the changes to approved
 //! projects that wait for their signature ([`crate::registry::changes`]).
 
+mod people;
 mod view;
 
 use std::time::Instant;
@@ -319,12 +320,14 @@ impl Core {
                 .collect()
                 .await
                 .map_err(|e| Error::Internal(format!("true values of release request {id}: {e}")))?;
+            let people = people::per_group(&session, &r.sql).await?;
             let view = view::compare(
                 permit.checked_columns(),
                 recorded.threshold,
                 &author.batches,
                 &proposed.batches,
                 &truth,
+                people,
             )?;
             entry.rule = Some(format!(
                 "review of release request {id}: {} rows shown, {} cells and {} groups withheld from the author",

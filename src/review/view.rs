@@ -26,6 +26,9 @@ pub struct CellView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowView {
     pub keys: Vec<String>,
+    /// The distinct people behind the row's group ([`super::people`]); empty where that cannot
+    /// be said.
+    pub people: String,
     pub cells: Vec<CellView>,
 }
 
@@ -38,13 +41,13 @@ pub struct ReviewView {
 const NULL: &str = "NULL";
 
 /// One result as rows of displayed values, by column name.
-struct Table {
+pub(super) struct Table {
     columns: Vec<String>,
     rows: Vec<Vec<Option<String>>>,
 }
 
 impl Table {
-    fn of(batches: &[RecordBatch]) -> Result<Table, Error> {
+    pub(super) fn of(batches: &[RecordBatch]) -> Result<Table, Error> {
         let columns = batches
             .first()
             .map(|b| b.schema().fields().iter().map(|f| f.name().clone()).collect())
@@ -102,14 +105,16 @@ fn shown(v: &Option<String>) -> String {
 }
 
 /// The checker's view of `proposed` (the release), beside `author` (what the author received)
-/// and `truth` (the values without disclosure control). `checked` are the columns under
-/// disclosure control; `threshold` is quoted in the outcomes.
+/// and `truth` (the values without disclosure control), with `people` behind each group where
+/// known (the group columns' names, and their table with a `people` column). `checked` are the
+/// columns under disclosure control; `threshold` is quoted in the outcomes.
 pub fn compare(
     checked: &[String],
     threshold: u64,
     author: &[RecordBatch],
     proposed: &[RecordBatch],
     truth: &[RecordBatch],
+    people: Option<(Vec<String>, Table)>,
 ) -> Result<ReviewView, Error> {
     let (author, proposed, truth) = (Table::of(author)?, Table::of(proposed)?, Table::of(truth)?);
     let key_columns: Vec<String> = proposed
@@ -120,6 +125,17 @@ pub fn compare(
         .collect();
     let values: Vec<&String> = proposed.columns.iter().filter(|c| checked.contains(c)).collect();
     let (mut author_rows, mut truth_rows) = (author.by_key(&key_columns), truth.by_key(&key_columns));
+    // People by group, where the groups are exactly the result's key columns.
+    let people: HashMap<Vec<Option<String>>, String> = people
+        .filter(|(names, _)| names.len() == key_columns.len() && key_columns.iter().all(|k| names.contains(k)))
+        .map(|(_, t)| {
+            t.rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (t.key(r, &key_columns), shown(&t.value(Some(i), "people"))))
+                .collect()
+        })
+        .unwrap_or_default();
     let rows = proposed
         .rows
         .iter()
@@ -147,6 +163,7 @@ pub fn compare(
                 })
                 .collect();
             RowView {
+                people: people.get(&key).cloned().unwrap_or_default(),
                 keys: key.iter().map(shown).collect(),
                 cells,
             }
@@ -188,7 +205,24 @@ mod tests {
         let author = table(&["A", "B"], &[Some(20), None]);
         let proposed = table(&["A", "B", "C"], &[Some(20), Some(5), Some(0)]);
         let truth = table(&["C", "B", "A"], &[Some(2), Some(6), Some(21)]);
-        let v = compare(&["n".into()], 10, &author, &proposed, &truth).unwrap();
+        let people = Table {
+            columns: vec!["district".into(), "people".into()],
+            rows: [("B", "6"), ("A", "21"), ("C", "2")]
+                .iter()
+                .map(|(d, n)| vec![Some(d.to_string()), Some(n.to_string())])
+                .collect(),
+        };
+        let v = compare(
+            &["n".into()],
+            10,
+            &author,
+            &proposed,
+            &truth,
+            Some((vec!["district".into()], people)),
+        )
+        .unwrap();
+        let by_group: Vec<&str> = v.rows.iter().map(|r| r.people.as_str()).collect();
+        assert_eq!(by_group, vec!["21", "6", "2"]);
         assert_eq!(v.key_columns, vec!["district".to_owned()]);
         let cells: Vec<(&str, &str, &str, &str)> = v
             .rows

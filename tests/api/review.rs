@@ -179,6 +179,7 @@ async fn a_withheld_result_is_reviewed_by_two_checkers_released_fetched_and_repl
         let cell = &row.cells[0];
         let district = &row.keys[0];
         // One row a person in patients: the true count is the group's people.
+        assert_eq!(row.people, cell.true_value, "{row:?}");
         let truth: i64 = cell.true_value.parse().unwrap();
         let release: i64 = cell.release_value.parse().unwrap();
         match author_saw.iter().find(|(d, _)| d == district) {
