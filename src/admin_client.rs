@@ -31,13 +31,15 @@ pub struct Connection {
     /// Name the server certificate must carry.
     #[arg(long, visible_alias = "domain", default_value = "localhost", global = true)]
     pub server_name: String,
+    #[command(flatten)]
+    pub client: crate::api::client::ClientCert,
 }
 
 impl Connection {
     /// An AdminService client over TLS carrying the caller's token.
     pub async fn open(&self) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
         let bearer = Bearer::from_file(&self.token)?;
-        let channel = tls_channel(&self.addr, &self.ca, &self.server_name, None).await?;
+        let channel = tls_channel(&self.addr, &self.ca, &self.server_name, None, &self.client).await?;
         Ok(AdminServiceClient::with_interceptor(channel, bearer))
     }
 }

@@ -87,6 +87,8 @@ pub enum Command {
         /// Name the gateway's certificate is issued for.
         #[arg(long, default_value = "localhost")]
         domain: String,
+        #[command(flatten)]
+        client: crate::api::client::ClientCert,
     },
     /// Sign a token for a user, for deployments without an identity provider: with the private
     /// half of `identity.public_key`, for the issuer and audience the config names, checked by
@@ -241,7 +243,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(UNSIGNED_TAIL_EXIT);
             }
         }
-        Command::Health { addr, ca, domain } => health(addr, &ca, &domain).await?,
+        Command::Health {
+            addr,
+            ca,
+            domain,
+            client,
+        } => health(addr, &ca, &domain, &client).await?,
         Command::Ingest { spec } => {
             let started = std::time::Instant::now();
             let report = tokio::task::spawn_blocking(move || crate::ingest::run(&spec)).await??;
@@ -267,10 +274,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// One gRPC health check over TLS, bounded to a few seconds.
-async fn health(addr: SocketAddr, ca: &std::path::Path, domain: &str) -> anyhow::Result<()> {
+async fn health(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    domain: &str,
+    client: &crate::api::client::ClientCert,
+) -> anyhow::Result<()> {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     let timeout = Some(std::time::Duration::from_secs(3));
-    let channel = crate::api::client::tls_channel(&format!("https://{addr}"), ca, domain, timeout).await?;
+    let channel = crate::api::client::tls_channel(&format!("https://{addr}"), ca, domain, timeout, client).await?;
     let reply = HealthClient::new(channel)
         .check(HealthCheckRequest { service: String::new() })
         .await?

@@ -77,7 +77,7 @@ pub enum ReviewCommand {
 
 async fn open(c: &Connection) -> anyhow::Result<ReviewServiceClient<InterceptedService<Channel, Bearer>>> {
     let bearer = Bearer::from_file(&c.token)?;
-    let channel = tls_channel(&c.addr, &c.ca, &c.server_name, None).await?;
+    let channel = tls_channel(&c.addr, &c.ca, &c.server_name, None, &c.client).await?;
     Ok(ReviewServiceClient::with_interceptor(channel, bearer).max_decoding_message_size(64 * 1024 * 1024))
 }
 

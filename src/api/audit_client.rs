@@ -23,6 +23,8 @@ pub struct Connection {
     /// File holding the auditor's token (JWT).
     #[arg(long, visible_alias = "token", default_value = ".sde-demo/tokens/auditor.jwt")]
     pub token_file: PathBuf,
+    #[command(flatten)]
+    pub client: crate::api::client::ClientCert,
 }
 
 /// The decisions an audit record can hold: a call accepted, refused by a rule or failed; a query
@@ -60,7 +62,7 @@ pub type Client = AuditServiceClient<InterceptedService<Channel, Bearer>>;
 
 async fn connect(c: &Connection) -> anyhow::Result<Client> {
     let bearer = Bearer::from_file(&c.token_file)?;
-    let channel = tls_channel(&c.server, &c.ca, &c.domain, None).await?;
+    let channel = tls_channel(&c.server, &c.ca, &c.domain, None, &c.client).await?;
     Ok(AuditServiceClient::with_interceptor(channel, bearer))
 }
 

@@ -29,8 +29,9 @@ pub const AUDIT_PUBLIC_KEY: &str = "audit.pub";
 pub const DEFAULT_PEOPLE: usize = 20_000;
 pub const DEFAULT_SEED: u64 = 2026;
 /// Approved client tools: the demo CA issues each a client certificate, `tls/clients/<tool>.pem`
-/// and `.key`, whose subject CN names the tool.
-pub const DEMO_TOOLS: [&str; 2] = ["dbeaver", "adbc-python"];
+/// and `.key`, whose subject CN names the tool (`sde-cli`: the gateway's own command line, for
+/// `--client-cert` where mutual TLS is required).
+pub const DEMO_TOOLS: [&str; 3] = ["dbeaver", "adbc-python", "sde-cli"];
 /// Demo tokens are valid for a day and re-issued at every start.
 const TOKEN_LIFETIME_SECS: i64 = 24 * 3600;
 
@@ -125,7 +126,8 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
     let served = data_dir.parent().map(|p| p.join("served"));
 
     let tls = dir.join("tls");
-    if !tls.join("server.pem").exists() || !tls.join("clients").join(format!("{}.pem", DEMO_TOOLS[0])).exists() {
+    let issued = |tool: &str| tls.join("clients").join(format!("{tool}.pem")).exists();
+    if !tls.join("server.pem").exists() || !DEMO_TOOLS.iter().all(|t| issued(t)) {
         make_certificates(&tls)?;
     }
     let keys = dir.join("keys");

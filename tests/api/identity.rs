@@ -398,3 +398,73 @@ async fn issue_token_signs_a_token_the_gateway_accepts_and_refuses_what_it_would
         assert!(!out.status.success() && stderr.contains("chmod 600"), "{stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_client_auth_required_the_gateways_own_commands_present_a_client_certificate() {
+    let gw = spawn_with_client_auth(ClientAuth::Required, None).await;
+    let run = |args: &[&str], cert: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sde-gateway"));
+        command.args(args).arg("--ca").arg(gw.path("tls/ca.pem"));
+        if cert {
+            command
+                .arg("--client-cert")
+                .arg(gw.path("tls/clients/sde-cli.pem"))
+                .arg("--client-key")
+                .arg(gw.path("tls/clients/sde-cli.key"));
+        }
+        let out = command.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let addr = gw.addr.to_string();
+    let health = ["health", "--addr", addr.as_str()];
+    assert!(!run(&health, false).0, "no certificate, no handshake");
+    let (ok, err) = run(&health, true);
+    assert!(ok, "{err}");
+
+    let token = gw.path("tokens/admin.jwt");
+    let admin = [
+        "admin",
+        "orgs",
+        "--addr",
+        addr.as_str(),
+        "--token",
+        token.to_str().unwrap(),
+    ];
+    let (ok, err) = run(&admin, true);
+    assert!(ok, "{err}");
+    let last = records(&gw).pop().unwrap();
+    assert_eq!(
+        (last.entry.call.as_str(), last.entry.client_tool.as_deref()),
+        ("admin.list_organisations", Some("sde-cli"))
+    );
+
+    let token = gw.path("tokens/auditor.jwt");
+    let audit = [
+        "audit",
+        "show",
+        "--limit",
+        "1",
+        "--server",
+        addr.as_str(),
+        "--token-file",
+        token.to_str().unwrap(),
+    ];
+    let (ok, err) = run(&audit, true);
+    assert!(ok, "{err}");
+    // Refusals read as the rule and its message, not as a gRPC dump.
+    let token = gw.path("tokens/alice.jwt");
+    let refused = [
+        "admin",
+        "orgs",
+        "--addr",
+        addr.as_str(),
+        "--token",
+        token.to_str().unwrap(),
+    ];
+    let (ok, err) = run(&refused, true);
+    assert!(!ok);
+    assert!(
+        err.starts_with("error: safe-people/role-admin: this call needs the admin role (PermissionDenied)"),
+        "{err}"
+    );
+}
