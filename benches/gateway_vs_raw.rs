@@ -123,10 +123,15 @@ async fn bench_project(config: &GatewayConfig, columns: &std::collections::BTree
 }
 
 async fn flight_client(dir: &Path, addr: std::net::SocketAddr) -> FlightSqlServiceClient<Channel> {
-    let channel =
-        sde_gateway::api::client::tls_channel(&format!("https://{addr}"), &dir.join("tls/ca.pem"), "localhost", None)
-            .await
-            .unwrap();
+    let channel = sde_gateway::api::client::tls_channel(
+        &format!("https://{addr}"),
+        &dir.join("tls/ca.pem"),
+        "localhost",
+        None,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let mut client = FlightSqlServiceClient::new(channel);
     client.set_token(std::fs::read_to_string(dir.join(format!("tokens/{USER}.jwt"))).unwrap());
     client.set_header("x-sde-project", PROJECT);
@@ -359,10 +364,15 @@ async fn parquet_vs_memory(raw: &SessionContext) {
 /// The floors under any query through the gateway, medians in milliseconds: a bare gRPC call
 /// over TLS (the health check), and a small append made durable on the disk the world is on.
 async fn floors(dir: &Path, addr: std::net::SocketAddr) -> (f64, f64) {
-    let channel =
-        sde_gateway::api::client::tls_channel(&format!("https://{addr}"), &dir.join("tls/ca.pem"), "localhost", None)
-            .await
-            .unwrap();
+    let channel = sde_gateway::api::client::tls_channel(
+        &format!("https://{addr}"),
+        &dir.join("tls/ca.pem"),
+        "localhost",
+        None,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let check = tonic_health::pb::HealthCheckRequest::default();
     let mut calls = Vec::new();

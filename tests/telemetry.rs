@@ -331,9 +331,15 @@ async fn the_binary_exports_spans_and_flushes_them_at_sigterm() {
     serving.await.expect("the gateway starts");
 
     let url = format!("https://127.0.0.1:{port}");
-    let channel = sde_gateway::api::client::tls_channel(&url, &dir.path().join("tls/ca.pem"), "localhost", None)
-        .await
-        .unwrap();
+    let channel = sde_gateway::api::client::tls_channel(
+        &url,
+        &dir.path().join("tls/ca.pem"),
+        "localhost",
+        None,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let mut client = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
     client.set_token(std::fs::read_to_string(dir.path().join("tokens/alice.jwt")).unwrap());
     client.set_header("x-sde-project", PROJECT);
