@@ -33,6 +33,9 @@ pub struct Connection {
     pub server_name: String,
     #[command(flatten)]
     pub client: crate::api::client::ClientCert,
+    /// Print the service's replies as JSON (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
 impl Connection {
@@ -205,7 +208,7 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
     let project = match command {
         AdminCommand::Orgs => {
             let list = client.list_organisations(pb::ListOrganisationsRequest {}).await?;
-            print_orgs(&list.into_inner().organisations);
+            emit(connection.json, &list.into_inner().organisations[..], print_orgs);
             return Ok(());
         }
         AdminCommand::CreateOrg {
@@ -223,24 +226,40 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 dspt_expiry,
                 accreditation: String::new(),
             };
-            print_orgs(&[client.create_organisation(org).await?.into_inner()]);
+            emit(
+                connection.json,
+                &[client.create_organisation(org).await?.into_inner()][..],
+                print_orgs,
+            );
             return Ok(());
         }
         AdminCommand::SuspendOrg { id, withdraw, reason } => {
             let m = pb::SuspendOrganisationRequest { id, withdraw, reason };
-            print_orgs(&[client.suspend_organisation(m).await?.into_inner()]);
+            emit(
+                connection.json,
+                &[client.suspend_organisation(m).await?.into_inner()][..],
+                print_orgs,
+            );
             return Ok(());
         }
         AdminCommand::ReinstateOrg { id } => {
             let m = pb::ReinstateOrganisationRequest { id };
-            print_orgs(&[client.reinstate_organisation(m).await?.into_inner()]);
+            emit(
+                connection.json,
+                &[client.reinstate_organisation(m).await?.into_inner()][..],
+                print_orgs,
+            );
             return Ok(());
         }
         AdminCommand::Users { org } => {
             let m = pb::ListUsersRequest {
                 organisation: org.unwrap_or_default(),
             };
-            print_users(&client.list_users(m).await?.into_inner().users);
+            emit(
+                connection.json,
+                &client.list_users(m).await?.into_inner().users[..],
+                print_users,
+            );
             return Ok(());
         }
         AdminCommand::CreateUser {
@@ -260,7 +279,11 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 training_date: trained_on,
                 suspended: false,
             };
-            print_users(&[client.create_user(user).await?.into_inner()]);
+            emit(
+                connection.json,
+                &[client.create_user(user).await?.into_inner()][..],
+                print_users,
+            );
             return Ok(());
         }
         AdminCommand::SuspendUser { id, reinstate } => {
@@ -269,18 +292,24 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 suspended: !reinstate,
                 reason: String::new(),
             };
-            print_users(&[client.suspend_user(m).await?.into_inner()]);
+            emit(
+                connection.json,
+                &[client.suspend_user(m).await?.into_inner()][..],
+                print_users,
+            );
             return Ok(());
         }
         AdminCommand::Projects => {
-            let list = client.list_projects(pb::ListProjectsRequest {}).await?;
-            println!("{:<20} {:<10} {:<11} {:<11} TITLE", "ID", "STATE", "START", "END");
-            for p in list.into_inner().projects {
-                println!(
-                    "{:<20} {:<10} {:<11} {:<11} {}",
-                    p.id, p.state, p.start_date, p.end_date, p.title
-                );
-            }
+            let list = client.list_projects(pb::ListProjectsRequest {}).await?.into_inner();
+            emit(connection.json, &list.projects[..], |projects| {
+                println!("{:<20} {:<10} {:<11} {:<11} TITLE", "ID", "STATE", "START", "END");
+                for p in projects {
+                    println!(
+                        "{:<20} {:<10} {:<11} {:<11} {}",
+                        p.id, p.state, p.start_date, p.end_date, p.title
+                    );
+                }
+            });
             return Ok(());
         }
         AdminCommand::Project { id } => client.get_project(pb::ProjectRef { id }).await?,
@@ -388,8 +417,16 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
             client.revoke_dataset(m).await?
         }
     };
-    print_project(&project.into_inner());
+    emit(connection.json, &project.into_inner(), print_project);
     Ok(())
+}
+
+/// Prints `value` as JSON (`--json`), or as `text` does.
+fn emit<T: serde::Serialize + ?Sized>(json: bool, value: &T, text: impl FnOnce(&T)) {
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(value).expect("replies serialise")),
+        false => text(value),
+    }
 }
 
 fn print_orgs(orgs: &[pb::Organisation]) {

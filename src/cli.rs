@@ -55,9 +55,6 @@ pub enum Command {
     Release {
         #[command(flatten)]
         connection: crate::admin_client::Connection,
-        /// Print the service's replies as JSON.
-        #[arg(long, global = true)]
-        json: bool,
         #[command(subcommand)]
         command: crate::review_client::ReleaseCommand,
     },
@@ -65,9 +62,6 @@ pub enum Command {
     Review {
         #[command(flatten)]
         connection: crate::admin_client::Connection,
-        /// Print the service's replies as JSON.
-        #[arg(long, global = true)]
-        json: bool,
         #[command(subcommand)]
         command: crate::review_client::ReviewCommand,
     },
@@ -211,16 +205,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { .. } => anyhow::bail!("serve needs --demo or --config FILE"),
         Command::Admin { connection, command } => crate::admin_client::run(&connection, command).await?,
-        Command::Release {
-            connection,
-            json,
-            command,
-        } => crate::review_client::release(&connection, json, command).await?,
-        Command::Review {
-            connection,
-            json,
-            command,
-        } => crate::review_client::review(&connection, json, command).await?,
+        Command::Release { connection, command } => {
+            crate::review_client::release(&connection, connection.json, command).await?
+        }
+        Command::Review { connection, command } => {
+            crate::review_client::review(&connection, connection.json, command).await?
+        }
         Command::Audit {
             command: AuditCommand::Verify { dir, public_key },
         } => {

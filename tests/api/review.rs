@@ -386,6 +386,10 @@ async fn a_rejected_request_is_final_and_the_cli_drives_the_queue() {
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["state"], "rejected");
 
+    let (ok, out) = cli("admin", &["admin", "--json", "project", PROJECT]);
+    assert!(ok, "{out}");
+    let project: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(project["id"], PROJECT);
     let (ok, out) = cli("alice", &["release", "status", &id.to_string()]);
     assert!(
         ok && out.contains("release request") && out.contains("rejected") && out.contains("exploratory output"),
