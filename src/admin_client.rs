@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -10,6 +11,10 @@ use tonic::transport::Channel;
 use crate::api::client::{Bearer, tls_channel};
 use crate::api::proto::admin_service_client::AdminServiceClient;
 use crate::api::proto::{self as pb};
+use crate::registry::admin::ROLES;
+
+/// The Data Security and Protection Toolkit statuses.
+const DSPT: [&str; 3] = ["standards_met", "approaching_standards", "not_met"];
 
 /// Where the gateway is and who is calling.
 #[derive(Debug, Args)]
@@ -58,12 +63,25 @@ pub enum AdminCommand {
         name: String,
         #[arg(long)]
         ico: String,
-        /// DSPT status: standards_met, approaching_standards or not_met.
-        #[arg(long, default_value = "standards_met")]
+        /// DSPT status.
+        #[arg(long, default_value = "standards_met", value_parser = PossibleValuesParser::new(DSPT))]
         dspt_status: String,
         /// DSPT expiry, YYYY-MM-DD.
         #[arg(long)]
         dspt_expiry: String,
+    },
+    /// Change an organisation: only the fields given.
+    UpdateOrg {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        ico: Option<String>,
+        #[arg(long, value_parser = PossibleValuesParser::new(DSPT))]
+        dspt_status: Option<String>,
+        /// DSPT expiry, YYYY-MM-DD.
+        #[arg(long)]
+        dspt_expiry: Option<String>,
     },
     /// Suspend (or with --withdraw, withdraw) an organisation's accreditation.
     SuspendOrg {
@@ -87,9 +105,8 @@ pub enum AdminCommand {
         org: String,
         #[arg(long, default_value = "")]
         name: String,
-        /// Roles, comma separated: researcher, admin, auditor, board:caldicott_guardian, board:ccio,
-        /// board:public_representative.
-        #[arg(long, value_delimiter = ',')]
+        /// Roles, comma separated.
+        #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(ROLES))]
         roles: Vec<String>,
         /// Accreditation expiry, YYYY-MM-DD.
         #[arg(long)]
@@ -97,6 +114,23 @@ pub enum AdminCommand {
         /// Date of the last data protection training, YYYY-MM-DD.
         #[arg(long)]
         trained_on: String,
+    },
+    /// Change a user: only the fields given (--roles replaces the roles).
+    UpdateUser {
+        id: String,
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Roles, comma separated.
+        #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(ROLES))]
+        roles: Option<Vec<String>>,
+        /// Accreditation expiry, YYYY-MM-DD.
+        #[arg(long)]
+        accredited_until: Option<String>,
+        /// Date of the last data protection training, YYYY-MM-DD.
+        #[arg(long)]
+        trained_on: Option<String>,
     },
     /// Suspend a user (or reinstate with --reinstate).
     SuspendUser {
@@ -230,6 +264,52 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
                 connection.json,
                 &[client.create_organisation(org).await?.into_inner()][..],
                 print_orgs,
+            );
+            return Ok(());
+        }
+        AdminCommand::UpdateOrg {
+            id,
+            name,
+            ico,
+            dspt_status,
+            dspt_expiry,
+        } => {
+            let listed = client.list_organisations(pb::ListOrganisationsRequest {}).await?;
+            let Some(mut org) = listed.into_inner().organisations.into_iter().find(|o| o.id == id) else {
+                anyhow::bail!("registry/not-found: no organisation {id}");
+            };
+            set(&mut org.name, name);
+            set(&mut org.ico_registration, ico);
+            set(&mut org.dspt_status, dspt_status);
+            set(&mut org.dspt_expiry, dspt_expiry);
+            emit(
+                connection.json,
+                &[client.update_organisation(org).await?.into_inner()][..],
+                print_orgs,
+            );
+            return Ok(());
+        }
+        AdminCommand::UpdateUser {
+            id,
+            org,
+            name,
+            roles,
+            accredited_until,
+            trained_on,
+        } => {
+            let listed = client.list_users(pb::ListUsersRequest::default()).await?;
+            let Some(mut user) = listed.into_inner().users.into_iter().find(|u| u.id == id) else {
+                anyhow::bail!("registry/not-found: no user {id}");
+            };
+            set(&mut user.organisation, org);
+            set(&mut user.display_name, name);
+            set(&mut user.roles, roles);
+            set(&mut user.accreditation_expiry, accredited_until);
+            set(&mut user.training_date, trained_on);
+            emit(
+                connection.json,
+                &[client.update_user(user).await?.into_inner()][..],
+                print_users,
             );
             return Ok(());
         }
@@ -419,6 +499,13 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> anyhow::Resu
     };
     emit(connection.json, &project.into_inner(), print_project);
     Ok(())
+}
+
+/// Replaces `field` with `value` where one was given.
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
+    }
 }
 
 /// Prints `value` as JSON (`--json`), or as `text` does.

@@ -493,3 +493,49 @@ async fn admin_and_audit_take_the_same_connection_flags_anywhere() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_updates_only_the_fields_given_and_lists_valid_values() {
+    let gw = spawn_gateway().await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sde-gateway"))
+            .args(["admin", "--json", "--addr"])
+            .arg(gw.addr.to_string())
+            .arg("--ca")
+            .arg(gw.path("tls/ca.pem"))
+            .arg("--token")
+            .arg(gw.path("tokens/admin.jwt"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, out) = cli(&["update-user", "dave", "--trained-on", "2026-11-30"]);
+    assert_eq!(code, Some(0), "{out}");
+    let user: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(user[0]["training_date"], "2026-11-30");
+    assert_eq!(
+        user[0]["roles"],
+        serde_json::json!(["researcher"]),
+        "roles untouched: {out}"
+    );
+    assert_eq!(user[0]["organisation"], "ecc");
+
+    let (code, out) = cli(&["update-user", "dave", "--roles", "superuser"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("possible values: researcher, admin, auditor, output-checker"),
+        "{out}"
+    );
+    let (code, out) = cli(&["update-org", "lapsed", "--dspt-expiry", "2027-03-31"]);
+    assert_eq!(code, Some(0), "{out}");
+    let org: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (org[0]["dspt_expiry"].as_str(), org[0]["name"].as_str()),
+        (Some("2027-03-31"), Some("Lapsed Analytics Ltd"))
+    );
+    let (code, out) = cli(&["update-user", "nobody", "--name", "x"]);
+    assert_eq!(code, Some(1));
+    assert!(out.starts_with("error: registry/not-found: no user nobody"), "{out}");
+}
