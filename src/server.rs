@@ -67,6 +67,8 @@ pub struct Gateway {
     metrics_listener: Option<(TcpListener, SocketAddr)>,
     shutdown_grace: std::time::Duration,
     client_auth: ClientAuth,
+    /// Results' strings as plain `Utf8` (`data.string_view = false`).
+    plain_strings: bool,
 }
 
 /// Refuses a secret file (a private key) that the file's group or others may read: whoever can
@@ -194,6 +196,7 @@ impl Gateway {
             metrics_listener,
             shutdown_grace: std::time::Duration::from_secs(config.limits.shutdown_grace_seconds),
             client_auth: config.tls.client_auth,
+            plain_strings: !config.data.string_view,
         })
     }
 
@@ -229,7 +232,7 @@ impl Gateway {
             metrics.clone(),
         );
         let flight = Authenticate::new(
-            FlightServiceServer::new(FlightSqlApi::new(Arc::clone(&self.core)))
+            FlightServiceServer::new(FlightSqlApi::new(Arc::clone(&self.core)).with_plain_strings(self.plain_strings))
                 .max_decoding_message_size(16 * 1024 * 1024),
             Arc::clone(&self.verifier),
             require_tool,

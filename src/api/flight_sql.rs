@@ -37,11 +37,30 @@ const KEYS_CALL: &str = "metadata.keys";
 #[derive(Clone)]
 pub struct FlightSqlApi {
     core: Arc<Core>,
+    /// Results with plain `Utf8` strings (`data.string_view = false`, [`super::strings`]).
+    plain_strings: bool,
 }
 
 impl FlightSqlApi {
     pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
+        Self {
+            core,
+            plain_strings: false,
+        }
+    }
+
+    /// Sends strings as plain `Utf8` rather than `Utf8View`.
+    pub fn with_plain_strings(mut self, plain: bool) -> Self {
+        self.plain_strings = plain;
+        self
+    }
+
+    /// A result's schema as this service sends it.
+    fn wire(&self, schema: SchemaRef) -> SchemaRef {
+        match self.plain_strings {
+            true => super::strings::plain(&schema),
+            false => schema,
+        }
     }
 
     /// A metadata call: the caller must be known and allowed, and the call is audited.
@@ -142,7 +161,8 @@ impl FlightSqlService for FlightSqlApi {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let call = call_context(&request);
-        let planned = self.core.plan_query(&call, &query.query).await.map_err(status)?;
+        let mut planned = self.core.plan_query(&call, &query.query).await.map_err(status)?;
+        planned.schema = self.wire(planned.schema);
         planned_info(request.into_inner(), planned)
     }
 
@@ -154,7 +174,13 @@ impl FlightSqlService for FlightSqlApi {
         let call = call_context(&request);
         let handle = handle_of(&ticket.statement_handle);
         let released = self.core.run_query(&call, &handle).await.map_err(status)?;
-        let mut response = Response::new(batch_stream(released.schema, released.batches));
+        let schema = self.wire(Arc::clone(&released.schema));
+        let batches = match self.plain_strings {
+            true => super::strings::plain_batches(&schema, released.batches)
+                .map_err(|e| Status::internal(format!("cannot send the result as plain strings: {e}")))?,
+            false => released.batches,
+        };
+        let mut response = Response::new(batch_stream(schema, batches));
         let md = response.metadata_mut();
         md.insert(RECEIPT_SEQ_HEADER, MetadataValue::from(released.receipt.seq));
         if let Ok(hash) = MetadataValue::try_from(released.receipt.hash.as_str()) {
@@ -309,6 +335,7 @@ impl FlightSqlService for FlightSqlApi {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let call = call_context(&request);
         let (handle, schema) = self.core.prepare(&call, &query.query).await.map_err(status)?;
+        let schema = self.wire(schema);
         let IpcMessage(dataset_schema) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
             .try_into()
             .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?;
@@ -326,7 +353,8 @@ impl FlightSqlService for FlightSqlApi {
     ) -> Result<Response<FlightInfo>, Status> {
         let call = call_context(&request);
         let handle = handle_of(&cmd.prepared_statement_handle);
-        let planned = self.core.execute_prepared(&call, &handle).await.map_err(status)?;
+        let mut planned = self.core.execute_prepared(&call, &handle).await.map_err(status)?;
+        planned.schema = self.wire(planned.schema);
         planned_info(request.into_inner(), planned)
     }
 

@@ -11,6 +11,7 @@ pub mod flight_sql;
 mod metadata;
 pub mod proto;
 pub mod review;
+mod strings;
 
 use tonic::{Code, Status};
 

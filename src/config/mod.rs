@@ -171,6 +171,14 @@ pub struct DataConfig {
     /// rebuilds the copy at the next start.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub served_sort_by: std::collections::BTreeMap<String, Vec<String>>,
+    /// Strings in results as Arrow `Utf8View` (true, the default: what DataFusion computes) or
+    /// as plain `Utf8` (false), for clients and SQL layers that cannot read string views.
+    #[serde(default = "string_view_default")]
+    pub string_view: bool,
+}
+
+fn string_view_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -210,6 +210,7 @@ pub fn prepare(opts: &DemoOptions, now: DateTime<Utc>) -> Result<GatewayConfig, 
             // Researchers filter patients by district and age most: those queries read a
             // fraction of the copy.
             served_sort_by: [("patients".to_owned(), vec!["district".to_owned(), "age".to_owned()])].into(),
+            string_view: true,
         },
         audit: demo_audit(dir)?,
         disclosure: DisclosureConfig {

@@ -788,3 +788,48 @@ async fn a_pathway_question_is_answered_cell_by_cell() {
     eprintln!("pathway: {released} of {} sources released", want.len());
     assert!(released >= 1, "no cell released");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_string_view_off_strings_come_back_as_plain_utf8_and_replay_the_same() {
+    use datafusion::arrow::datatypes::DataType;
+    let gw = spawn_gateway_with(|c| c.data.string_view = false).await;
+    let mut client = gw.client("alice", PROJECT).await;
+    let sql = "SELECT district, COUNT(*) AS n FROM patients GROUP BY district ORDER BY district";
+    let (schema, batches) = query_described(&mut client, sql).await.unwrap();
+    assert_eq!(schema.field_with_name("district").unwrap().data_type(), &DataType::Utf8);
+    assert!(schema.metadata().contains_key("sde.rules"), "metadata kept: {schema:?}");
+    assert_eq!(batches[0].column(0).data_type(), &DataType::Utf8);
+    // Prepared statements (what ADBC sends) announce plain strings too.
+    let mut prepared = client.prepare(sql.to_owned(), None).await.unwrap();
+    let dataset = prepared.dataset_schema().unwrap().clone();
+    assert_eq!(
+        dataset.field_with_name("district").unwrap().data_type(),
+        &DataType::Utf8
+    );
+    let info = prepared.execute().await.unwrap();
+    assert_eq!(
+        info.try_decode_schema()
+            .unwrap()
+            .field_with_name("district")
+            .unwrap()
+            .data_type(),
+        &DataType::Utf8
+    );
+
+    // The result hash is of the result as computed: the execution record replays.
+    let executed = sde_gateway::audit::verify(&gw.audit_log())
+        .unwrap()
+        .into_iter()
+        .rfind(|r| r.entry.call == "query.execute" && r.entry.decision == "accepted")
+        .unwrap();
+    let mut audit = sde_gateway::api::proto::audit_service_client::AuditServiceClient::new(gw.channel().await);
+    let replay = audit
+        .replay(authed(
+            sde_gateway::api::proto::ReplayRequest { seq: executed.seq },
+            &gw.token("auditor"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replay.confirmed, "{replay:?}");
+}
