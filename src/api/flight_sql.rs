@@ -6,8 +6,11 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
-use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::DoPutPreparedStatementResult;
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
     CommandGetCatalogs, CommandGetCrossReference, CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys,
@@ -19,6 +22,7 @@ use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeReques
 use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
+use datafusion::common::ScalarValue;
 use futures::{Stream, TryStreamExt, stream};
 use prost::Message;
 use tonic::metadata::MetadataValue;
@@ -334,15 +338,69 @@ impl FlightSqlService for FlightSqlApi {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let call = call_context(&request);
-        let (handle, schema) = self.core.prepare(&call, &query.query).await.map_err(status)?;
+        let (handle, schema, parameters) = self.core.prepare(&call, &query.query).await.map_err(status)?;
         let schema = self.wire(schema);
-        let IpcMessage(dataset_schema) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
-            .try_into()
-            .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?;
+        let encode = |schema: &Schema| -> Result<_, Status> {
+            let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+                .try_into()
+                .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?;
+            Ok(bytes)
+        };
+        // Parameters are untyped: whatever a client binds becomes a literal of its own type.
+        let parameter_schema = match parameters {
+            0 => Default::default(),
+            n => encode(&Schema::new(
+                (1..=n)
+                    .map(|i| Field::new(format!("${i}"), DataType::Null, true))
+                    .collect::<Vec<_>>(),
+            ))?,
+        };
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.into_bytes().into(),
-            dataset_schema,
-            parameter_schema: Default::default(),
+            dataset_schema: encode(&schema)?,
+            parameter_schema,
+        })
+    }
+
+    /// Bound parameters for a prepared statement: one row, kept for its next execution.
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        let call = call_context(&request);
+        let data = request.into_inner().map_err(FlightError::from);
+        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(data)
+            .try_collect()
+            .await
+            .map_err(|e| {
+                Status::invalid_argument(format!(
+                    "safe-outputs/invalid-query: the bound parameters cannot be read: {e}"
+                ))
+            })?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let values = match (rows, batches.iter().find(|b| b.num_rows() > 0)) {
+            (0, _) => vec![],
+            (1, Some(batch)) => batch
+                .columns()
+                .iter()
+                .map(|c| ScalarValue::try_from_array(c, 0))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "safe-outputs/invalid-query: a bound parameter cannot be read: {e}"
+                    ))
+                })?,
+            (n, _) => {
+                return Err(Status::invalid_argument(format!(
+                    "safe-outputs/invalid-query: bind one row of parameters to a query ({n} were sent); run it once for each"
+                )));
+            }
+        };
+        let handle = handle_of(&query.prepared_statement_handle);
+        self.core.bind_prepared(&call, &handle, values).await.map_err(status)?;
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(query.prepared_statement_handle),
         })
     }
 

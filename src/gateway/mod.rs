@@ -72,6 +72,9 @@ struct Prepared {
     user: String,
     project: String,
     sql: String,
+    /// Placeholders the SQL has, and the values last bound to them (DoPut).
+    parameters: usize,
+    bound: Option<Vec<datafusion::common::ScalarValue>>,
     created: Instant,
 }
 
@@ -519,7 +522,7 @@ impl Core {
 
     /// CreatePreparedStatement: authorise, plan and check (so a refused query is refused here),
     /// and remember the SQL; returns a handle and the result schema.
-    pub async fn prepare(&self, call: &CallContext, sql: &str) -> Result<(String, SchemaRef), Error> {
+    pub async fn prepare(&self, call: &CallContext, sql: &str) -> Result<(String, SchemaRef, usize), Error> {
         let started = Instant::now();
         let mut who = Who::of(call);
         let outcome = self.prepare_inner(call, sql, &mut who).await;
@@ -528,10 +531,24 @@ impl Core {
         Ok(self.record(entry, started, outcome).await?.0)
     }
 
-    async fn prepare_inner(&self, call: &CallContext, sql: &str, who: &mut Who) -> Result<(String, SchemaRef), Error> {
+    async fn prepare_inner(
+        &self,
+        call: &CallContext,
+        sql: &str,
+        who: &mut Who,
+    ) -> Result<(String, SchemaRef, usize), Error> {
         let (principal, access) = self.access(call, who)?;
         let session = self.engine.session(&access)?;
-        let permit = self.check(&session, &access, sql).await?;
+        // A statement with parameters is checked here with each bound to NULL (so what the SQL
+        // itself asks is refused now), and checked again, whole, with the values bound.
+        let limits = StatementLimits::from(&self.limits);
+        let parameters = policy::statement::parameters(sql, &limits)?;
+        let nulls = vec![datafusion::common::ScalarValue::Null; parameters];
+        let checked = match parameters {
+            0 => sql.to_owned(),
+            _ => policy::statement::bind(sql, &nulls, &limits)?,
+        };
+        let permit = self.check(&session, &access, &checked).await?;
         let schema: SchemaRef = Arc::new(permit.plan().schema().as_arrow().clone());
         let handle = uuid::Uuid::new_v4().to_string();
         let ttl = Duration::from_secs(self.limits.statement_ttl_seconds.max(3600));
@@ -543,10 +560,44 @@ impl Core {
                 user: principal.user,
                 project: access.project,
                 sql: sql.to_owned(),
+                parameters,
+                bound: None,
                 created: Instant::now(),
             },
         );
-        Ok((handle, schema))
+        Ok((handle, schema, parameters))
+    }
+
+    /// DoPut of a prepared statement's parameters: keeps `values` for the caller's statement
+    /// `handle`, to be bound at its next execution (and checked then, bound).
+    pub async fn bind_prepared(
+        &self,
+        call: &CallContext,
+        handle: &str,
+        values: Vec<datafusion::common::ScalarValue>,
+    ) -> Result<(), Error> {
+        let started = Instant::now();
+        let mut who = Who::of(call);
+        let count = values.len();
+        let outcome = self.access(call, &mut who).and_then(|(principal, access)| {
+            let mut prepared = self.prepared.lock().expect("prepared lock");
+            let p = prepared
+                .get_mut(handle)
+                .filter(|p| p.user == principal.user && p.project == access.project)
+                .ok_or(Error::UnknownStatement)?;
+            if count != p.parameters {
+                return Err(policy::PolicyError::Sql(format!(
+                    "the statement takes {} parameters; {count} were bound",
+                    p.parameters
+                ))
+                .into());
+            }
+            p.bound = Some(values);
+            Ok(())
+        });
+        let mut entry = who.entry("query.bind");
+        entry.detail = Some(format!("{{\"parameters\":{count}}}"));
+        Ok(self.record(entry, started, outcome).await?.0)
     }
 
     /// Executes a prepared statement (as [`Core::plan_query`]) for the user who prepared it.
@@ -557,10 +608,22 @@ impl Core {
             prepared
                 .get(handle)
                 .filter(|p| Some(&p.user) == owner.as_ref() && Some(&p.project) == call.project.as_ref())
-                .map(|p| p.sql.clone())
+                .map(|p| match (p.parameters, &p.bound) {
+                    (0, _) => Ok(p.sql.clone()),
+                    (_, Some(values)) => policy::statement::bind(&p.sql, values, &StatementLimits::from(&self.limits)),
+                    (n, None) => Err(policy::PolicyError::Sql(format!(
+                        "the statement takes {n} parameters: bind them before executing it"
+                    ))),
+                })
         };
         match sql {
-            Some(sql) => self.plan_query(call, &sql).await,
+            Some(Ok(sql)) => self.plan_query(call, &sql).await,
+            Some(Err(e)) => {
+                let started = Instant::now();
+                let mut who = Who::of(call);
+                let outcome = self.access(call, &mut who).and(Err::<Planned, _>(e.into()));
+                Ok(self.record(who.entry("query.execute"), started, outcome).await?.0)
+            }
             // Unknown, or not this caller's: authenticate and audit the call all the same.
             None => {
                 let started = Instant::now();

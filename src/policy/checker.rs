@@ -102,7 +102,7 @@ impl Checker {
                         advice: "they release values row by row; use GROUP BY with COUNT, SUM or AVG",
                     }),
                     Expr::ScalarVariable(..) => Some(PolicyError::Unsupported("session variables are not available")),
-                    Expr::Placeholder(_) => Some(PolicyError::Unsupported("parameters ($1) are not supported; write values into the query")),
+                    Expr::Placeholder(_) => Some(PolicyError::Unsupported("parameters ($1, ?) need a prepared statement with their values bound; otherwise write the values into the query")),
                     Expr::Unnest(_) => Some(PolicyError::Unsupported("UNNEST is not supported")),
                     Expr::OuterReferenceColumn(..) => Some(PolicyError::Unsupported(
                         "correlated subqueries are not supported; use a JOIN on person_id",

@@ -43,6 +43,7 @@ use datafusion::sql::sqlparser::ast::{self, Expr, Query, SetExpr, TableFactor, V
 use super::PolicyError;
 use crate::config::LimitsConfig;
 
+mod bind;
 pub mod functions;
 pub mod parse;
 
@@ -109,6 +110,38 @@ pub fn admit(state: &SessionState, sql: &str, limits: &StatementLimits) -> Resul
         gate(state, &statement, limits)?;
         Ok(statement)
     })
+}
+
+/// Parses `sql` (within the parse budget, on the gate's stack) and calls `f` on the statement.
+fn parsed<T>(
+    sql: &str,
+    limits: &StatementLimits,
+    f: impl FnOnce(&mut DFStatement) -> Result<T, PolicyError>,
+) -> Result<T, PolicyError> {
+    if sql.len() > limits.max_sql_bytes {
+        return Err(PolicyError::TooLong(sql.len(), limits.max_sql_bytes));
+    }
+    // The parse needs only the parser's options, not a project's catalogue.
+    let state = datafusion::execution::SessionStateBuilder::new().build();
+    stacker::grow(stack_bytes(limits.max_sql_bytes), || {
+        let mut statement = parse::parse(&state, sql, limits)?;
+        f(&mut statement)
+    })
+}
+
+/// The number of parameters (`?` or `$n` placeholders) `sql` takes.
+pub fn parameters(sql: &str, limits: &StatementLimits) -> Result<usize, PolicyError> {
+    parsed(sql, limits, bind::count)
+}
+
+/// `sql` with its placeholders replaced by literals of `values` ([`bind`]): the SQL that is
+/// then admitted, checked, run and recorded like any other.
+pub fn bind(
+    sql: &str,
+    values: &[datafusion::common::ScalarValue],
+    limits: &StatementLimits,
+) -> Result<String, PolicyError> {
+    parsed(sql, limits, |statement| bind::bind(statement, values))
 }
 
 /// The complexity bounds and the function allowlist, on a parsed statement.

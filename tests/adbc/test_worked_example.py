@@ -121,3 +121,19 @@ def test_user_without_the_right_is_refused():
         with pytest.raises(Exception, match="safe-projects/not-a-member"):
             cur.execute("SELECT COUNT(*) FROM patients")
             cur.fetch_arrow_table()
+
+
+def test_bound_parameters_answer_as_literals_and_stay_values():
+    sql = "SELECT district, COUNT(*) AS n FROM patients WHERE age >= ? GROUP BY district ORDER BY district"
+    with connect() as conn, conn.cursor() as cur:
+        cur.execute(sql, (90,))
+        bound = cur.fetch_arrow_table().to_pylist()
+        cur.execute(sql.replace("?", "90"))
+        literal = cur.fetch_arrow_table().to_pylist()
+        assert bound == literal and bound, bound
+        # A quote in a parameter stays inside the string: no row matches it.
+        cur.execute("SELECT COUNT(*) AS n FROM patients WHERE district = ?", ("Colchester' OR '1'='1",))
+        assert cur.fetch_arrow_table().to_pylist() == [{"n": None}]
+        with pytest.raises(Exception, match="safe-outputs/aggregate-only"):
+            cur.execute("SELECT person_id FROM patients WHERE age > ?", (90,))
+            cur.fetch_arrow_table()

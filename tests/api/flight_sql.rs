@@ -833,3 +833,134 @@ async fn with_string_view_off_strings_come_back_as_plain_utf8_and_replay_the_sam
         .into_inner();
     assert!(replay.confirmed, "{replay:?}");
 }
+
+/// Prepares `sql`, binds one row of `params` (if any), executes and fetches.
+async fn prepared_run(
+    mut client: arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+    sql: String,
+    params: Vec<(&'static str, std::sync::Arc<dyn Array>)>,
+) -> Result<Vec<RecordBatch>, tonic::Status> {
+    use datafusion::arrow::datatypes::{Field, Schema};
+    let mut prepared = client.prepare(sql, None).await.map_err(status)?;
+    if !params.is_empty() {
+        let fields: Vec<Field> = params
+            .iter()
+            .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+            .collect();
+        let columns = params.into_iter().map(|(_, a)| a).collect();
+        let batch = RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), columns).unwrap();
+        prepared.set_parameters(batch).map_err(status)?;
+    }
+    let info = prepared.execute().await.map_err(status)?;
+    let stream = client
+        .do_get(info.endpoint[0].ticket.clone().unwrap())
+        .await
+        .map_err(status)?;
+    futures::TryStreamExt::try_collect::<Vec<RecordBatch>>(stream)
+        .await
+        .map_err(status)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bound_parameters_are_literals_checked_with_the_query_and_recorded_bound() {
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use std::sync::Arc;
+    let gw = spawn_gateway().await;
+    let mut client = gw.client("alice", PROJECT).await;
+    let base = client.clone();
+    let run =
+        |sql: &str, params: Vec<(&'static str, Arc<dyn Array>)>| prepared_run(base.clone(), sql.to_owned(), params);
+    let pretty = |b: &[RecordBatch]| {
+        datafusion::arrow::util::pretty::pretty_format_batches(b)
+            .unwrap()
+            .to_string()
+    };
+
+    // A bound value answers as the same literal would.
+    let by_age = "SELECT district, COUNT(*) AS n FROM patients WHERE age >= ? GROUP BY district ORDER BY district";
+    let bound = run(by_age, vec![("age", Arc::new(Int64Array::from(vec![90])))])
+        .await
+        .unwrap();
+    let literal = query(&mut client, &by_age.replace('?', "90")).await.unwrap();
+    assert_eq!(pretty(&bound), pretty(&literal));
+    let numbered = "SELECT COUNT(*) AS n FROM patients WHERE age >= $1 AND age < $2";
+    let params = vec![
+        ("lo", Arc::new(Int64Array::from(vec![60])) as Arc<dyn Array>),
+        ("hi", Arc::new(Int64Array::from(vec![70])) as Arc<dyn Array>),
+    ];
+    let bound = run(numbered, params).await.unwrap();
+    let literal = query(
+        &mut client,
+        "SELECT COUNT(*) AS n FROM patients WHERE age >= 60 AND age < 70",
+    )
+    .await
+    .unwrap();
+    assert_eq!(pretty(&bound), pretty(&literal));
+
+    // A parameter is a value, never SQL: quotes, comments and statements stay inside one
+    // string literal, and a column's name is a string, not the column.
+    let tricks = ["Colchester' OR 1=1 --", "x'; DROP TABLE patients; --", "person_id"];
+    for trick in tricks {
+        let by_district = "SELECT COUNT(*) AS n FROM patients WHERE district = ?";
+        let got = run(by_district, vec![("d", Arc::new(StringArray::from(vec![trick])))])
+            .await
+            .unwrap();
+        assert!(
+            got[0].column(0).is_null(0) || pretty(&got).contains("| 0 "),
+            "{trick}: {}",
+            pretty(&got)
+        );
+    }
+    let err = run(
+        "SELECT ? AS who, COUNT(*) AS n FROM patients GROUP BY 1",
+        vec![("c", Arc::new(StringArray::from(vec!["person_id"])))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        array_value_to_string(err[0].column(0), 0).unwrap(),
+        "person_id",
+        "the string, not the column"
+    );
+    // What the SQL itself asks is refused at prepare, as without parameters.
+    let err = run("SELECT person_id FROM patients WHERE age > ?", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // Unbound, or bound to too few values: a clear refusal.
+    let err = run(by_age, vec![]).await.unwrap_err();
+    assert!(err.message().contains("bind them before executing"), "{err:?}");
+    let err = run(numbered, vec![("lo", Arc::new(Int64Array::from(vec![60])))])
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("takes 2 parameters; 1 were bound"), "{err:?}");
+
+    // The audit log holds the bound SQL, which replays without the parameters.
+    let records = sde_gateway::audit::verify(&gw.audit_log()).unwrap();
+    let executed = records
+        .iter()
+        .filter(|r| r.entry.call == "query.execute" && r.entry.decision == "accepted")
+        .find_map(|r| {
+            r.entry
+                .sql
+                .as_deref()
+                .filter(|s| s.contains("DROP TABLE"))
+                .map(|s| (r.seq, s.to_owned()))
+        })
+        .expect("the bound statement is recorded");
+    assert!(
+        executed.1.contains("district = 'x''; DROP TABLE patients; --'"),
+        "{}",
+        executed.1
+    );
+    let mut audit = sde_gateway::api::proto::audit_service_client::AuditServiceClient::new(gw.channel().await);
+    let replay = audit
+        .replay(authed(
+            sde_gateway::api::proto::ReplayRequest { seq: executed.0 },
+            &gw.token("auditor"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replay.confirmed, "{replay:?}");
+}
