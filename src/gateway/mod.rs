@@ -597,7 +597,8 @@ impl Core {
         });
         let mut entry = who.entry("query.bind");
         entry.detail = Some(format!("{{\"parameters\":{count}}}"));
-        Ok(self.record(entry, started, outcome).await?.0)
+        self.record(entry, started, outcome).await?;
+        Ok(())
     }
 
     /// Executes a prepared statement (as [`Core::plan_query`]) for the user who prepared it.
