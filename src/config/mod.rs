@@ -99,6 +99,14 @@ pub struct IdentityConfig {
     /// Clock skew tolerated on `exp`, in seconds.
     #[serde(default = "default_leeway")]
     pub leeway_seconds: u64,
+    /// The claim that names the user, as the registry knows them: `sub` (the default), or
+    /// another string claim such as `preferred_username` or `oid`.
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+}
+
+fn default_user_claim() -> String {
+    "sub".into()
 }
 
 impl Default for IdentityConfig {
@@ -113,6 +121,7 @@ impl Default for IdentityConfig {
             jwks_min_refresh_seconds: default_jwks_min_refresh(),
             jwks_cache_seconds: default_jwks_cache(),
             leeway_seconds: default_leeway(),
+            user_claim: default_user_claim(),
         }
     }
 }

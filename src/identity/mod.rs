@@ -54,6 +54,9 @@ pub struct Claims {
     pub aud: String,
     pub exp: i64,
     pub iat: i64,
+    /// Any other claims, of which `identity.user_claim` may name the user.
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The identity a verified token proves: only the user id. Everything else about the user is
@@ -107,6 +110,8 @@ pub struct TokenVerifier {
     leeway: i64,
     clock: SharedClock,
     verified: Recent<Arc<Verified>>,
+    /// The claim naming the user (`identity.user_claim`).
+    user_claim: String,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -155,6 +160,7 @@ impl TokenVerifier {
             leeway: config.leeway_seconds as i64,
             clock,
             verified: Recent::new(VERIFIED_TOKENS),
+            user_claim: config.user_claim.clone(),
         })
     }
 
@@ -221,13 +227,25 @@ impl TokenVerifier {
     fn check(&self, token: &str, key: Arc<DecodingKey>) -> Result<Verified, IdentityError> {
         let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
-        if data.claims.sub.is_empty() {
+        let claims = data.claims;
+        let user = match self.user_claim.as_str() {
+            "sub" => claims.sub,
+            claim => match claims.other.get(claim) {
+                Some(serde_json::Value::String(user)) => user.clone(),
+                _ => {
+                    return Err(IdentityError::Invalid(format!(
+                        "the token has no `{claim}` claim naming the user"
+                    )));
+                }
+            },
+        };
+        if user.is_empty() {
             return Err(IdentityError::Invalid("empty subject".into()));
         }
         Ok(Verified {
             key,
-            user: data.claims.sub,
-            exp: data.claims.exp,
+            user,
+            exp: claims.exp,
         })
     }
 }
@@ -268,12 +286,25 @@ impl TokenIssuer {
     }
 
     pub fn issue(&self, user: &str, issued_at: i64, lifetime_secs: i64) -> String {
+        self.issue_with(user, issued_at, lifetime_secs, serde_json::Map::new())
+    }
+
+    /// A token for subject `sub` carrying `other` claims too (as providers add
+    /// `preferred_username`, `email`, …).
+    pub fn issue_with(
+        &self,
+        sub: &str,
+        issued_at: i64,
+        lifetime_secs: i64,
+        other: serde_json::Map<String, serde_json::Value>,
+    ) -> String {
         let claims = Claims {
-            sub: user.into(),
+            sub: sub.into(),
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
             iat: issued_at,
             exp: issued_at + lifetime_secs,
+            other,
         };
         jsonwebtoken::encode(&self.header, &claims, &self.key).expect("claims always encode")
     }

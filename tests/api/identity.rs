@@ -53,6 +53,49 @@ impl JwksServer {
         Self { url, keys, hits }
     }
 
+    /// The same over HTTPS, with a certificate for 127.0.0.1 from `ca`, as a real provider
+    /// serves its key set.
+    async fn start_tls(ca: &OtherCa) -> Self {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        let cert = params
+            .signed_by(&key, &Issuer::from_params(&ca.params, &ca.key))
+            .unwrap();
+        let tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}/.well-known/jwks.json", listener.local_addr().unwrap());
+        let keys = Arc::new(Mutex::new(r#"{"keys":[]}"#.to_owned()));
+        let hits = Arc::new(AtomicU64::new(0));
+        let (k, h) = (Arc::clone(&keys), Arc::clone(&hits));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (k, h, acceptor) = (Arc::clone(&k), Arc::clone(&h), acceptor.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |_| {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let body = k.lock().unwrap().clone();
+                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body)))) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { url, keys, hits }
+    }
+
     fn publish(&self, keys: &[&ProviderKey]) {
         let keys: Vec<_> = keys.iter().map(|k| k.jwk()).collect();
         *self.keys.lock().unwrap() = serde_json::json!({ "keys": keys }).to_string();
@@ -467,4 +510,54 @@ async fn with_client_auth_required_the_gateways_own_commands_present_a_client_ce
         err.starts_with("error: safe-people/role-admin: this call needs the admin role (PermissionDenied)"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oidc_provider_over_https_names_users_by_the_configured_claim() {
+    // The provider: its key set over HTTPS under its own CA, tokens whose `sub` is opaque and
+    // whose `preferred_username` is the registry's user id.
+    let ca = OtherCa::new("identity provider CA");
+    let jwks = JwksServer::start_tls(&ca).await;
+    let key = ProviderKey::new("idp-2026-12");
+    jwks.publish(&[&key]);
+    let ca_path = std::env::temp_dir().join(format!("idp-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let (url, ca_file) = (jwks.url.clone(), ca_path.clone());
+    let gw = spawn_gateway_with(move |c| {
+        c.identity.public_key = None;
+        c.identity.jwks_url = Some(url);
+        c.identity.jwks_ca = Some(ca_file);
+        c.identity.user_claim = "preferred_username".into();
+    })
+    .await;
+    assert!(jwks.hits() >= 1, "the key set was fetched over https");
+    let token = |claims: serde_json::Value| {
+        TokenIssuer::new(
+            key.key.serialize_pem().as_bytes(),
+            "ES256",
+            demo::DEMO_ISSUER,
+            demo::DEMO_AUDIENCE,
+        )
+        .unwrap()
+        .with_key_id(&key.kid)
+        .issue_with(
+            "f3c9a1e0-opaque-subject",
+            chrono::Utc::now().timestamp(),
+            600,
+            claims.as_object().unwrap().clone(),
+        )
+    };
+    query_with_token(&gw, token(serde_json::json!({ "preferred_username": "alice" })))
+        .await
+        .expect("alice, named by preferred_username");
+    let last = records(&gw).pop().unwrap();
+    assert_eq!(last.entry.user.as_deref(), Some("alice"));
+    let err = query_with_token(&gw, token(serde_json::json!({}))).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("no `preferred_username` claim"), "{err:?}");
+    let err = query_with_token(&gw, token(serde_json::json!({ "preferred_username": 7 })))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let _ = std::fs::remove_file(ca_path);
 }
