@@ -265,6 +265,7 @@ async fn right_kid_with_the_wrong_key_or_algorithm_is_refused() {
                 aud: "aud".into(),
                 exp: now + 600,
                 iat: now,
+                other: Default::default(),
             },
             &jsonwebtoken::EncodingKey::from_secret(&secret),
         )
