@@ -326,3 +326,69 @@ fn a_dataset_or_column_not_granted_is_not_in_the_access() {
     assert!(!access.grants.contains_key("gp_events"));
     assert!(!access.grants["patients"].contains(&"age".to_owned()));
 }
+
+#[test]
+fn a_release_request_moves_only_as_airlock_allows() {
+    use super::releases::{self, NewRelease};
+    let (reg, _dir) = demo_registry();
+    reg.with_conn(|c| {
+        let new = NewRelease {
+            project: "ews-asc-linkage".into(),
+            author: "alice".into(),
+            receipt: 7,
+            sql: "SELECT 1".into(),
+            rules: "{}".into(),
+            snapshot: Default::default(),
+            result_hash: "h".into(),
+            justification: "Table 2".into(),
+        };
+        let id = releases::create(c, &new, "t0")?.id;
+        let state = |c: &Connection| releases::get(c, id).map(|r| r.state);
+        let refused = |r: Result<releases::Release, RegistryError>| match r {
+            Err(e) => refusal(e).to_string(),
+            Ok(r) => panic!("expected a refusal, the request is {}", r.state),
+        };
+        // The author never reviews; a checker decides once a round; returns need a comment.
+        assert!(refused(releases::review(c, id, "alice", "approve", "", "t1")).contains("an author never reviews"));
+        assert!(refused(releases::review(c, id, "checker", "maybe", "", "t1")).contains("decision must be one of"));
+        releases::review(c, id, "checker", "approve", "", "t1")?;
+        assert_eq!(state(c)?, releases::PARTIALLY_REVIEWED);
+        assert!(refused(releases::review(c, id, "checker", "approve", "", "t2")).contains("already reviewed"));
+        assert!(refused(releases::review(c, id, "checker2", "return", " ", "t2")).contains("needs a comment"));
+        releases::review(c, id, "checker2", "return", "which table?", "t2")?;
+        assert_eq!(state(c)?, releases::RETURNED);
+        assert!(refused(releases::review(c, id, "checker2", "approve", "", "t3")).contains("is returned"));
+        assert!(refused(releases::releasable(c, id, "alice")).contains("is returned"));
+        // Only the author resubmits; a new round, where the first approval no longer counts.
+        assert!(matches!(
+            refusal(releases::resubmit(c, id, "bob", "", "t3").unwrap_err()),
+            Refusal::NotFound(_)
+        ));
+        let r = releases::resubmit(c, id, "alice", "", "t3")?;
+        assert_eq!(
+            (r.state.as_str(), r.round, r.request.justification.as_str()),
+            (releases::SUBMITTED, 2, "Table 2")
+        );
+        releases::review(c, id, "checker", "approve", "", "t4")?;
+        assert_eq!(state(c)?, releases::PARTIALLY_REVIEWED, "one approval in this round");
+        releases::review(c, id, "checker2", "approve", "", "t5")?;
+        assert_eq!(state(c)?, releases::REVIEWED);
+        assert!(refused(releases::review(c, id, "dave", "approve", "", "t6")).contains("is reviewed"));
+        releases::releasable(c, id, "alice")?;
+        assert!(matches!(
+            refusal(releases::releasable(c, id, "bob").unwrap_err()),
+            Refusal::NotFound(_)
+        ));
+        releases::mark_released(c, id, 42, "hash", "t6")?;
+        assert!(refused(releases::mark_released(c, id, 43, "hash", "t7")).contains("no longer reviewed"));
+        assert!(refused(releases::withdraw(c, id, "alice", "t7")).contains("is released"));
+        // A rejection is final.
+        let other = releases::create(c, &new, "t8")?.id;
+        releases::review(c, other, "checker", "reject", "not for release", "t8")?;
+        assert!(refused(releases::review(c, other, "checker2", "approve", "", "t9")).contains("is rejected"));
+        assert!(refused(releases::withdraw(c, other, "alice", "t9")).contains("is rejected"));
+        assert!(refused(releases::resubmit(c, other, "alice", "", "t9")).contains("is rejected"));
+        Ok(())
+    })
+    .unwrap();
+}

@@ -223,9 +223,31 @@ impl Core {
         .await
     }
 
+    /// The project of the caller's own request `id`, before a change to it is authorised (so a
+    /// request of someone else's is not found, whoever asks, and its project is not named).
+    async fn own_request(&self, call: &CallContext, name: &str, id: u64) -> Result<String, Error> {
+        let started = Instant::now();
+        let mut entry = Entry {
+            call: name.into(),
+            detail: Some(format!("{{\"id\":{id}}}")),
+            ..Default::default()
+        };
+        let outcome = self.caller(call, &mut entry).and_then(|principal| {
+            Ok(self
+                .registry
+                .with_conn(|c| releases::of_author(c, id, &principal.user))?
+                .request
+                .project)
+        });
+        match outcome {
+            Ok(project) => Ok(project),
+            Err(e) => Ok(self.record(entry, started, Err::<String, _>(e)).await?.0),
+        }
+    }
+
     /// The author withdraws request `id`.
     pub async fn withdraw_release(&self, call: &CallContext, id: u64) -> Result<Release, Error> {
-        let project = self.project_of_request(id)?;
+        let project = self.own_request(call, "release.withdraw", id).await?;
         let at = now(self);
         self.change(
             call,
@@ -240,7 +262,7 @@ impl Core {
 
     /// The author resubmits returned request `id`.
     pub async fn resubmit_release(&self, call: &CallContext, id: u64, justification: &str) -> Result<Release, Error> {
-        let project = self.project_of_request(id)?;
+        let project = self.own_request(call, "release.resubmit", id).await?;
         let at = now(self);
         self.change(
             call,

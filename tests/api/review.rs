@@ -116,6 +116,13 @@ async fn a_withheld_result_is_reviewed_by_two_checkers_released_fetched_and_repl
         .into_inner();
     assert_eq!((request.state.as_str(), request.round), ("submitted", 1));
     let id = request.id;
+    // Someone else's request is not found, and its project is not named.
+    let err = svc
+        .withdraw_release(authed(pb::ReleaseRef { id }, &gw.token("dave")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(!err.message().contains(PROJECT), "{err:?}");
 
     // Neither the author nor a member of the project may review, even holding the role.
     let err = svc
