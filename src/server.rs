@@ -232,8 +232,11 @@ impl Gateway {
             metrics.clone(),
         );
         let flight = Authenticate::new(
-            FlightServiceServer::new(FlightSqlApi::new(Arc::clone(&self.core)).with_plain_strings(self.plain_strings))
-                .max_decoding_message_size(16 * 1024 * 1024),
+            FlightServiceServer::new(api::poll::Polled::new(
+                FlightSqlApi::new(Arc::clone(&self.core)).with_plain_strings(self.plain_strings),
+                std::time::Duration::from_secs(self.core.limits.statement_ttl_seconds),
+            ))
+            .max_decoding_message_size(16 * 1024 * 1024),
             Arc::clone(&self.verifier),
             require_tool,
             metrics.clone(),
@@ -256,12 +259,12 @@ impl Gateway {
         // gRPC health for probes: SERVING while up, NOT_SERVING once shutdown begins. It says
         // nothing but that, so it needs no token and is not audited.
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<FlightServiceServer<FlightSqlApi>>().await;
+        health.set_serving::<FlightServiceServer<api::poll::Polled>>().await;
         let (began, shutdown_began) = tokio::sync::watch::channel(false);
         let shutdown = async move {
             shutdown.await;
             tracing::info!("shutdown: no new calls; in-flight calls may finish");
-            health.set_not_serving::<FlightServiceServer<FlightSqlApi>>().await;
+            health.set_not_serving::<FlightServiceServer<api::poll::Polled>>().await;
             let _ = began.send(true);
         };
         // Reflection lists the sde.v1 services, so `grpcurl` can call them without the .proto

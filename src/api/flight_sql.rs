@@ -59,8 +59,13 @@ impl FlightSqlApi {
         self
     }
 
+    /// The walk this service adapts.
+    pub(super) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
     /// A result's schema as this service sends it.
-    fn wire(&self, schema: SchemaRef) -> SchemaRef {
+    pub(super) fn wire(&self, schema: SchemaRef) -> SchemaRef {
         match self.plain_strings {
             true => super::strings::plain(&schema),
             false => schema,
@@ -110,7 +115,7 @@ fn handle_of(bytes: &[u8]) -> String {
 }
 
 /// The FlightInfo of an executed statement: its ticket, schema (with disclosure metadata) and size.
-fn planned_info(descriptor: FlightDescriptor, planned: Planned) -> Result<Response<FlightInfo>, Status> {
+pub(super) fn planned_info(descriptor: FlightDescriptor, planned: Planned) -> Result<Response<FlightInfo>, Status> {
     let ticket = TicketStatementQuery {
         statement_handle: planned.handle.into_bytes().into(),
     };

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod flight_sql;
 mod metadata;
+pub mod poll;
 pub mod proto;
 pub mod review;
 mod strings;

@@ -37,6 +37,7 @@ use datafusion::prelude::SessionContext;
 
 mod execute;
 mod prepared;
+pub mod progress;
 
 /// Project sessions kept at most (each a catalogue of a few table providers).
 const SESSIONS: usize = 256;
@@ -241,6 +242,7 @@ impl Core {
 
     /// Runs one step of the walk in its own span, timing it.
     fn step<T>(&self, name: &'static str, f: impl FnOnce() -> T) -> T {
+        progress::reached(name);
         let started = Instant::now();
         let out = step_span(name).in_scope(f);
         self.metrics.step(name, started.elapsed());
@@ -248,6 +250,7 @@ impl Core {
     }
 
     async fn step_async<T>(&self, name: &'static str, f: impl Future<Output = T>) -> T {
+        progress::reached(name);
         let started = Instant::now();
         let out = f.instrument(step_span(name)).await;
         self.metrics.step(name, started.elapsed());

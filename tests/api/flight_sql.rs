@@ -964,3 +964,80 @@ async fn bound_parameters_are_literals_checked_with_the_query_and_recorded_bound
         .into_inner();
     assert!(replay.confirmed, "{replay:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poll_flight_info_runs_a_query_with_rising_progress_and_binds_the_poll_to_its_caller() {
+    use arrow_flight::flight_service_client::FlightServiceClient;
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    use prost::Message;
+    let gw = spawn_gateway().await;
+    let request = |message, user: &str| {
+        let mut r = authed(message, &gw.token(user));
+        r.metadata_mut().insert("x-sde-project", PROJECT.parse().unwrap());
+        r
+    };
+    let mut flight = FlightServiceClient::new(gw.channel().await);
+    let sql = "SELECT a.service_type, COUNT(DISTINCT a.person_id) AS people FROM asc_services a JOIN patients p ON p.person_id = a.person_id GROUP BY a.service_type ORDER BY a.service_type";
+    let command = CommandStatementQuery {
+        query: sql.into(),
+        transaction_id: None,
+    };
+    let descriptor = arrow_flight::FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+    let mut poll = flight
+        .poll_flight_info(request(descriptor, "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = vec![poll.progress.unwrap()];
+    assert!(poll.info.is_none() && poll.flight_descriptor.is_some(), "{poll:?}");
+    // Someone else cannot follow (or take) alice's query.
+    let next = poll.flight_descriptor.clone().unwrap();
+    let err = flight.poll_flight_info(request(next, "dave")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    while let Some(next) = poll.flight_descriptor.clone() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        poll = flight
+            .poll_flight_info(request(next, "alice"))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.push(poll.progress.unwrap());
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "progress never goes back: {seen:?}"
+    );
+    assert_eq!(*seen.last().unwrap(), 1.0, "{seen:?}");
+    let info = poll.info.unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let mut client = gw.client("alice", PROJECT).await;
+    let stream = client.do_get(ticket).await.unwrap();
+    let polled: Vec<RecordBatch> = futures::TryStreamExt::try_collect(stream).await.unwrap();
+    let direct = query(&mut client, sql).await.unwrap();
+    let pretty = |b: &[RecordBatch]| {
+        datafusion::arrow::util::pretty::pretty_format_batches(b)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(pretty(&polled), pretty(&direct));
+
+    // A refused query is refused at the poll that finds it done, with its rule.
+    let refused = CommandStatementQuery {
+        query: "SELECT person_id FROM patients".into(),
+        transaction_id: None,
+    };
+    let descriptor = arrow_flight::FlightDescriptor::new_cmd(refused.as_any().encode_to_vec());
+    let mut poll = flight
+        .poll_flight_info(request(descriptor, "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = loop {
+        let next = poll.flight_descriptor.clone().unwrap();
+        match flight.poll_flight_info(request(next, "alice")).await {
+            Ok(p) => poll = p.into_inner(),
+            Err(e) => break e,
+        }
+    };
+    assert!(err.message().starts_with("safe-outputs/aggregate-only"), "{err:?}");
+}
