@@ -509,7 +509,7 @@ fn set<T>(field: &mut T, value: Option<T>) {
 }
 
 /// Prints `value` as JSON (`--json`), or as `text` does.
-fn emit<T: serde::Serialize + ?Sized>(json: bool, value: &T, text: impl FnOnce(&T)) {
+pub(crate) fn emit<T: serde::Serialize + ?Sized>(json: bool, value: &T, text: impl FnOnce(&T)) {
     match json {
         true => println!("{}", serde_json::to_string_pretty(value).expect("replies serialise")),
         false => text(value),

@@ -205,12 +205,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { .. } => anyhow::bail!("serve needs --demo or --config FILE"),
         Command::Admin { connection, command } => crate::admin_client::run(&connection, command).await?,
-        Command::Release { connection, command } => {
-            crate::review_client::release(&connection, connection.json, command).await?
-        }
-        Command::Review { connection, command } => {
-            crate::review_client::review(&connection, connection.json, command).await?
-        }
+        Command::Release { connection, command } => crate::review_client::release(&connection, command).await?,
+        Command::Review { connection, command } => crate::review_client::review(&connection, command).await?,
         Command::Audit {
             command: AuditCommand::Verify { dir, public_key },
         } => {

@@ -11,7 +11,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::admin_client::Connection;
+use crate::admin_client::{Connection, emit};
 use crate::api::client::{Bearer, tls_channel};
 use crate::api::proto::review_service_client::ReviewServiceClient;
 use crate::api::proto::{self as pb};
@@ -79,20 +79,6 @@ async fn open(c: &Connection) -> anyhow::Result<ReviewServiceClient<InterceptedS
     let bearer = Bearer::from_file(&c.token)?;
     let channel = tls_channel(&c.addr, &c.ca, &c.server_name, None, &c.client).await?;
     Ok(ReviewServiceClient::with_interceptor(channel, bearer).max_decoding_message_size(64 * 1024 * 1024))
-}
-
-fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}
-
-/// Prints `value` as JSON (`--json`) or as `text` does.
-fn show<T: serde::Serialize>(json_out: bool, value: &T, text: impl FnOnce(&T)) -> anyhow::Result<()> {
-    if json_out {
-        return json(value);
-    }
-    text(value);
-    Ok(())
 }
 
 fn print_list(list: &[pb::ReleaseRequest]) {
@@ -180,7 +166,8 @@ fn batches(ipc: &[u8]) -> anyhow::Result<Vec<RecordBatch>> {
 }
 
 /// Runs one `release` command.
-pub async fn release(c: &Connection, json_out: bool, command: ReleaseCommand) -> anyhow::Result<()> {
+pub async fn release(c: &Connection, command: ReleaseCommand) -> anyhow::Result<()> {
+    let json_out = c.json;
     let mut client = open(c).await?;
     let request = match command {
         ReleaseCommand::Request { receipt, why } => {
@@ -196,7 +183,8 @@ pub async fn release(c: &Connection, json_out: bool, command: ReleaseCommand) ->
                 .list_releases(pb::ListReleasesRequest { queue: false })
                 .await?
                 .into_inner();
-            return show(json_out, &list, |l| print_list(&l.requests));
+            emit(json_out, &list, |l| print_list(&l.requests));
+            return Ok(());
         }
         ReleaseCommand::Status { id } => client.get_release(pb::ReleaseRef { id }).await?,
         ReleaseCommand::Withdraw { id } => client.withdraw_release(pb::ReleaseRef { id }).await?,
@@ -221,26 +209,28 @@ pub async fn release(c: &Connection, json_out: bool, command: ReleaseCommand) ->
                 None if json_out => {}
                 None => println!("{}", datafusion::arrow::util::pretty::pretty_format_batches(&rows)?),
             }
-            if json_out {
-                return json(&serde_json::json!({
-                    "request": released.request,
-                    "receipt_seq": released.receipt_seq,
-                    "receipt_hash": released.receipt_hash,
-                }));
-            }
-            println!(
-                "released by audit record {} ({})",
-                released.receipt_seq, released.receipt_hash
-            );
+            let receipt = serde_json::json!({
+                "request": released.request,
+                "receipt_seq": released.receipt_seq,
+                "receipt_hash": released.receipt_hash,
+            });
+            emit(json_out, &receipt, |_| {
+                println!(
+                    "released by audit record {} ({})",
+                    released.receipt_seq, released.receipt_hash
+                )
+            });
             return Ok(());
         }
     };
     let request = request.into_inner();
-    show(json_out, &request, print_request)
+    emit(json_out, &request, print_request);
+    Ok(())
 }
 
 /// Runs one `review` command.
-pub async fn review(c: &Connection, json_out: bool, command: ReviewCommand) -> anyhow::Result<()> {
+pub async fn review(c: &Connection, command: ReviewCommand) -> anyhow::Result<()> {
+    let json_out = c.json;
     let mut client = open(c).await?;
     let (id, decision, comment) = match command {
         ReviewCommand::List => {
@@ -248,7 +238,7 @@ pub async fn review(c: &Connection, json_out: bool, command: ReviewCommand) -> a
                 .list_releases(pb::ListReleasesRequest { queue: true })
                 .await?
                 .into_inner();
-            return show(json_out, &list, |l| {
+            emit(json_out, &list, |l| {
                 print_list(&l.requests);
                 for c in &l.changes {
                     println!(
@@ -265,10 +255,12 @@ pub async fn review(c: &Connection, json_out: bool, command: ReviewCommand) -> a
                     );
                 }
             });
+            return Ok(());
         }
         ReviewCommand::Show { id } => {
             let v = client.show_review(pb::ReleaseRef { id }).await?.into_inner();
-            return show(json_out, &v, print_view);
+            emit(json_out, &v, print_view);
+            return Ok(());
         }
         ReviewCommand::Approve { id, comment } => (id, "approve", comment),
         ReviewCommand::Return { id, comment } => (id, "return", comment),
@@ -282,5 +274,6 @@ pub async fn review(c: &Connection, json_out: bool, command: ReviewCommand) -> a
         })
         .await?
         .into_inner();
-    show(json_out, &r, print_request)
+    emit(json_out, &r, print_request);
+    Ok(())
 }

@@ -60,6 +60,20 @@ pub struct Approval {
     pub comment: String,
 }
 
+impl Approval {
+    /// A board decision from a row of `role, user_id, decision, decided_at, comment` (of
+    /// `approvals` or `change_signatures`).
+    pub(super) fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
+        Ok(Approval {
+            role: r.get(0)?,
+            user: r.get(1)?,
+            decision: r.get(2)?,
+            decided_at: r.get(3)?,
+            comment: r.get(4)?,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Project {
     pub id: String,
@@ -611,15 +625,7 @@ fn list_projects_where(conn: &Connection, id: Option<&str>) -> Result<Vec<Projec
             "SELECT role, user_id, decision, decided_at, comment FROM approvals WHERE project_id = ?1 ORDER BY role",
         )?;
         p.approvals = stmt
-            .query_map(params![p.id], |r| {
-                Ok(Approval {
-                    role: r.get(0)?,
-                    user: r.get(1)?,
-                    decision: r.get(2)?,
-                    decided_at: r.get(3)?,
-                    comment: r.get(4)?,
-                })
-            })?
+            .query_map(params![p.id], Approval::from_row)?
             .collect::<Result<_, _>>()?;
         p.budget_granted = super::budget::granted(conn, &p.id)?;
         p.budget_requested = super::budget::requested(conn, &p.id)?;

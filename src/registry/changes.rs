@@ -111,15 +111,7 @@ pub fn pending(conn: &Connection, id: &str) -> Result<Vec<PendingChange>, Regist
     )?;
     for c in &mut changes {
         c.signatures = stmt
-            .query_map(params![c.id as i64], |r| {
-                Ok(Approval {
-                    role: r.get(0)?,
-                    user: r.get(1)?,
-                    decision: r.get(2)?,
-                    decided_at: r.get(3)?,
-                    comment: r.get(4)?,
-                })
-            })?
+            .query_map(params![c.id as i64], Approval::from_row)?
             .collect::<Result<_, _>>()?;
     }
     Ok(changes)
